@@ -1,0 +1,569 @@
+"""Tests for batcher.py: run with `python -m unittest`. Fakes record calls, timestamps and
+peak concurrency; the only network is a tiny HTTP stub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Any, TypeVar
+from unittest import mock
+
+from google import genai
+from google.genai import errors, types
+
+import batcher
+from batcher import BatchedEmbedder, Batcher, Retrier, embed_content, log_outputs
+
+T = TypeVar("T")
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOLERANCE_S = 0.05  # scheduling slack allowed on timing assertions
+logging.getLogger("batcher").setLevel(logging.CRITICAL)  # retries are expected here: keep the output clean
+
+
+def api_error(code: int, retry_delay: str | None = None) -> errors.APIError:
+    status = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}[code]
+    body: dict[str, Any] = {"code": code, "message": f"fake {code}", "status": status}
+    if retry_delay:
+        body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
+    cls = errors.ClientError if code < 500 else errors.ServerError
+    return cls(code, {"error": body})
+
+
+class SpyClient:
+    """A fake client.aio.models: records every call's texts, start time and peak concurrency.
+
+    fail(texts, call_number) may return an exception to raise for that call.
+    """
+
+    def __init__(
+        self, *, latency_s: float = 0.0, fail: Callable[[list[str], int], Exception | None] | None = None
+    ) -> None:
+        self.aio = self.models = self
+        self.latency_s = latency_s
+        self.fail = fail
+        self.calls: list[list[str]] = []
+        self.started_at: list[float] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    async def embed_content(
+        self, *, model: str, contents: list[str], config: types.EmbedContentConfig | None = None
+    ) -> types.EmbedContentResponse:
+        self.calls.append(list(contents))
+        call_number = len(self.calls)
+        self.started_at.append(time.monotonic())
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency_s)
+            if self.fail and (exc := self.fail(list(contents), call_number)):
+                raise exc
+            return types.EmbedContentResponse(
+                embeddings=[types.ContentEmbedding(values=[float(len(text))]) for text in contents]
+            )
+        finally:
+            self.in_flight -= 1
+
+
+class CountingQueue(asyncio.Queue[Any]):
+    """An asyncio.Queue that counts awaited get() calls (each may arm a timer)."""
+
+    awaited_gets = 0
+
+    async def get(self) -> Any:
+        self.awaited_gets += 1
+        return await super().get()
+
+
+async def drain(queue: asyncio.Queue[Any]) -> list[Any]:
+    items = []
+    while (item := await queue.get()) is not None:
+        items.append(item)
+    return items
+
+
+async def feed(queue: asyncio.Queue[Any], items: list[Any], gaps_s: Callable[[], float] = lambda: 0.0) -> None:
+    for item in items:
+        await queue.put(item)
+        if (gap := gaps_s()) > 0:
+            await asyncio.sleep(gap)
+    await queue.put(None)
+
+
+class BatcherTest(unittest.IsolatedAsyncioTestCase):
+    async def run_batcher(
+        self, batcher_: Batcher[Any], items: list[Any], gaps_s: Callable[[], float] = lambda: 0.0
+    ) -> list[list[Any]]:
+        inputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
+        batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(feed(inputs, items, gaps_s))
+            tg.create_task(batcher_.batch(inputs, batches))
+            result = tg.create_task(drain(batches))
+        return result.result()
+
+    async def test_full_batch_leaves_without_waiting_for_timeout(self) -> None:
+        started = time.monotonic()
+        batches = await self.run_batcher(Batcher(4, timedelta(seconds=10)), list(range(8)))
+        self.assertEqual(batches, [[0, 1, 2, 3], [4, 5, 6, 7]])
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    async def test_timeout_counts_from_the_batch_first_item_not_the_last_batch(self) -> None:
+        inputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        task = asyncio.create_task(Batcher(8, timedelta(seconds=0.2)).batch(inputs, batches))
+        await asyncio.sleep(0.3)  # idle longer than the timeout: must not count
+        put_at = time.monotonic()
+        await inputs.put("a")
+        batch = await batches.get()
+        waited = time.monotonic() - put_at
+        self.assertEqual(batch, ["a"])
+        self.assertAlmostEqual(waited, 0.2, delta=TOLERANCE_S)
+        await inputs.put(None)
+        self.assertIsNone(await batches.get())
+        await task
+
+    async def test_idle_batcher_waits_with_one_get_and_no_timer(self) -> None:
+        inputs = CountingQueue(maxsize=4)
+        batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        task = asyncio.create_task(Batcher(8, timedelta(milliseconds=5)).batch(inputs, batches))
+        await asyncio.sleep(0.2)  # forty timeouts long
+        self.assertEqual(inputs.awaited_gets, 1)
+        self.assertTrue(batches.empty())
+        await inputs.put(None)
+        self.assertIsNone(await batches.get())
+        await task
+
+    async def test_waiting_items_are_taken_without_a_wait_per_item(self) -> None:
+        inputs = CountingQueue()
+        for i in range(1000):
+            inputs.put_nowait(i)
+        inputs.put_nowait(None)
+        batches: asyncio.Queue[Any] = asyncio.Queue()
+        await Batcher(100, timedelta(seconds=1)).batch(inputs, batches)
+        self.assertEqual(inputs.awaited_gets, 11)  # one per batch (its first item), one for the sentinel
+        self.assertEqual(batches.qsize(), 11)
+
+    async def test_sentinel_flushes_the_partial_batch_and_is_passed_on(self) -> None:
+        batcher_: Batcher[int] = Batcher(8, timedelta(seconds=10))
+        self.assertEqual(await self.run_batcher(batcher_, [1, 2, 3]), [[1, 2, 3]])
+        self.assertEqual(batcher_.counts.flushed_at_end, 1)
+
+    async def test_empty_stream_gives_no_batch(self) -> None:
+        self.assertEqual(await self.run_batcher(Batcher(8, timedelta(seconds=1)), []), [])
+
+    async def test_counts_full_timed_out_and_flushed_batches(self) -> None:
+        batcher_: Batcher[int] = Batcher(2, timedelta(milliseconds=20))
+        gaps = iter([0.0, 0.0, 0.06, 0.0, 0.0])  # [0, 1] full; [2] times out; [3, 4] full; [5] at end
+        await self.run_batcher(batcher_, list(range(6)), lambda: next(gaps, 0.0))
+        counts = batcher_.counts
+        self.assertEqual((counts.full, counts.timed_out, counts.flushed_at_end, counts.items), (2, 1, 1, 6))
+
+    async def test_stress_no_item_lost_duplicated_or_reordered(self) -> None:
+        rng = random.Random(7)
+        items = list(range(2000))
+        for batch_size, timeout_ms in [(1, 0.2), (7, 0.5), (64, 1.0), (100, 0.3)]:
+            # No gap, a bare yield (1 ns), or a gap near the timeout: arrivals race the timer.
+            gaps = lambda: rng.choice([0.0, 0.0, 1e-9, 1e-9, 0.0002, 0.0005])  # noqa: E731
+            batches = await self.run_batcher(Batcher(batch_size, timedelta(milliseconds=timeout_ms)), items, gaps)
+            self.assertEqual([item for batch in batches for item in batch], items)
+            self.assertTrue(all(1 <= len(batch) <= batch_size for batch in batches))
+
+    def test_invalid_settings_name_the_bad_value(self) -> None:
+        for size in (0, 101):
+            with self.assertRaisesRegex(ValueError, f"batch_size must be 1..100, got {size}"):
+                Batcher(size, timedelta(seconds=1))
+        with self.assertRaisesRegex(ValueError, "timeout must be > 0"):
+            Batcher(8, timedelta(0))
+        with self.assertRaisesRegex(ValueError, "max_attempts must be >= 1, got 0"):
+            Retrier(max_attempts=0)
+
+    async def test_adaptive_keeps_batches_full_when_arrivals_are_fast(self) -> None:
+        rng = random.Random(3)
+        batcher_: Batcher[int] = Batcher(8, timedelta(seconds=0.5), adaptive=True)
+        batches = await self.run_batcher(batcher_, list(range(400)), lambda: rng.expovariate(2000))
+        self.assertEqual([len(b) for b in batches], [8] * 50)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready, so
+    hours of slow arrivals run in milliseconds with exact times (no I/O, no threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = 0.0
+
+    def time(self) -> float:
+        return self._now
+
+    def _run_once(self) -> None:
+        scheduled: list[Any] = self._scheduled  # type: ignore[attr-defined]
+        while scheduled and scheduled[0].cancelled():
+            heapq.heappop(scheduled)._scheduled = False
+            self._timer_cancelled_count -= 1  # type: ignore[attr-defined]
+        if not self._ready and scheduled:  # type: ignore[attr-defined]
+            self._now = max(self._now, scheduled[0].when())
+        super()._run_once()  # type: ignore[misc]
+
+
+def run_in_virtual_time(coro: Coroutine[Any, Any, T]) -> T:
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def batch_latencies(batcher_: Batcher[float], arrivals: list[float]) -> list[float]:
+    """Feeds items at the given loop times; returns each item's wait until its batch left."""
+    loop = asyncio.get_running_loop()
+    inputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
+    batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
+
+    async def arrive() -> None:
+        for at in arrivals:
+            await asyncio.sleep(at - loop.time())
+            await inputs.put(loop.time())
+        await inputs.put(None)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(arrive())
+        tg.create_task(batcher_.batch(inputs, batches))
+        waits = []
+        while (batch := await batches.get()) is not None:
+            waits += [loop.time() - arrived for arrived in batch]
+    return waits
+
+
+class AdaptiveBatcherTest(unittest.TestCase):
+    """In virtual time: exact, and slow arrival rates cost no real seconds."""
+
+    def test_adaptive_flushes_at_once_once_it_has_seen_that_arrivals_are_slow(self) -> None:
+        batcher_: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
+        waits = run_in_virtual_time(batch_latencies(batcher_, [100.0 * i for i in range(1, 11)]))
+        self.assertEqual(waits[0], 1.0)  # nothing learnt yet: the full timeout
+        self.assertEqual(max(waits[1:]), 0.0)
+
+    def test_adaptive_cuts_latency_at_slow_poisson_arrivals_with_at_most_5_percent_more_calls(self) -> None:
+        rng = random.Random(11)
+        arrivals = list(itertools.accumulate(rng.expovariate(0.01) for _ in range(3000)))  # 1 per 100 s
+        fixed: Batcher[float] = Batcher(8, timedelta(seconds=1))
+        adaptive: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
+        fixed_waits = run_in_virtual_time(batch_latencies(fixed, arrivals))
+        adaptive_waits = run_in_virtual_time(batch_latencies(adaptive, arrivals))
+        self.assertGreater(statistics.mean(fixed_waits), 0.95)
+        self.assertLess(statistics.mean(adaptive_waits), 0.05)
+        self.assertLessEqual(adaptive.counts.batches, 1.05 * fixed.counts.batches)
+
+    def test_adaptive_batches_stay_as_full_as_fixed_at_fast_arrivals(self) -> None:
+        rng = random.Random(5)
+        arrivals = list(itertools.accumulate(rng.expovariate(500) for _ in range(5000)))
+        fixed: Batcher[float] = Batcher(8, timedelta(seconds=1))
+        adaptive: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
+        run_in_virtual_time(batch_latencies(fixed, arrivals))
+        run_in_virtual_time(batch_latencies(adaptive, arrivals))
+        self.assertEqual(adaptive.counts.batches, fixed.counts.batches)
+
+
+class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
+    async def run_stage(self, client: SpyClient, batches: list[list[str]], **kwargs: Any) -> list[tuple[str, Any]]:
+        batch_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
+        output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(feed(batch_queue, batches))
+            tg.create_task(embed_content(client, batch_queue, output_queue, **kwargs))
+            outputs = tg.create_task(drain(output_queue))
+        return outputs.result()
+
+    async def test_calls_stay_within_concurrency_and_every_result_arrives_once(self) -> None:
+        client = SpyClient(latency_s=0.02)
+        batches = [[f"b{b}-{i}" for i in range(5)] for b in range(40)]
+        outputs = await self.run_stage(client, batches, concurrency=4)
+        self.assertEqual(client.peak_in_flight, 4)
+        self.assertEqual(sorted(c for c, _ in outputs), sorted(t for b in batches for t in b))
+        self.assertTrue(all(e.values == [float(len(c))] for c, e in outputs))
+
+    async def test_document_call_without_keywords_still_works(self) -> None:
+        client = SpyClient()
+        outputs = await self.run_stage(client, [["a", "bb"]])
+        self.assertEqual([(c, e.values) for c, e in outputs], [("a", [1.0]), ("bb", [2.0])])
+
+    async def test_transient_errors_are_retried_until_success(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(503) if n <= 2 else None)
+        retrier = Retrier(base_delay_s=0.001)
+        outputs = await self.run_stage(client, [["a", "b"]], retrier=retrier)
+        self.assertEqual(len(client.calls), 3)
+        self.assertEqual(retrier.retries, 2)
+        self.assertTrue(all(isinstance(e, types.ContentEmbedding) for _, e in outputs))
+
+    async def test_exhausted_attempts_fail_the_items_and_the_run_completes(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(503) if "x" in texts else None)
+        outputs = await self.run_stage(client, [["x"], ["ok"]], retrier=Retrier(max_attempts=3, base_delay_s=0.001))
+        results = dict(outputs)
+        self.assertIsInstance(results["x"], errors.ServerError)
+        self.assertIsInstance(results["ok"], types.ContentEmbedding)
+        self.assertEqual(sum(call == ["x"] for call in client.calls), 3)
+
+    async def test_connection_errors_are_transient(self) -> None:
+        client = SpyClient(fail=lambda texts, n: ConnectionResetError("reset") if n == 1 else None)
+        outputs = await self.run_stage(client, [["a"]], retrier=Retrier(base_delay_s=0.001))
+        self.assertIsInstance(outputs[0][1], types.ContentEmbedding)
+
+    async def test_server_retry_delay_pauses_every_concurrent_call(self) -> None:
+        failed_at: list[float] = []
+
+        def fail(texts: list[str], n: int) -> Exception | None:
+            if n == 1:
+                failed_at.append(time.monotonic())
+                return api_error(429, retry_delay="0.300s")
+            return None
+
+        client = SpyClient(latency_s=0.01, fail=fail)
+        await self.run_stage(client, [[f"t{i}"] for i in range(12)], concurrency=4, retrier=Retrier(base_delay_s=0.001))
+        later = [t for t in client.started_at if t > failed_at[0]]
+        self.assertTrue(later)
+        self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
+
+    async def test_one_bad_text_in_100_is_isolated_by_bisection_within_budget(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(400) if "bad" in texts else None)
+        texts = [f"t{i}" for i in range(100)]
+        texts[37] = "bad"
+        outputs = await self.run_stage(client, [texts])
+        failed = [c for c, e in outputs if isinstance(e, Exception)]
+        self.assertEqual(failed, ["bad"])
+        self.assertLessEqual(len(client.calls) - 1, 2 * math.ceil(math.log2(100)) + 1)
+        self.assertEqual(len(outputs), 100)
+
+    async def test_not_found_fails_the_batch_without_bisecting(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(404))
+        outputs = await self.run_stage(client, [[f"t{i}" for i in range(50)]])
+        self.assertEqual(len(client.calls), 1)
+        self.assertTrue(all(isinstance(e, errors.ClientError) and e.code == 404 for _, e in outputs))
+
+    def test_retry_delay_read_from_retry_info_or_retry_after(self) -> None:
+        self.assertEqual(batcher.server_retry_delay_s(api_error(429, retry_delay="1.5s")), 1.5)
+        with_header = errors.ClientError(429, {"error": {"code": 429}}, SimpleNamespace(headers={"retry-after": "7"}))
+        self.assertEqual(batcher.server_retry_delay_s(with_header), 7.0)
+        self.assertIsNone(batcher.server_retry_delay_s(api_error(503)))
+
+    async def test_simulated_client_returns_real_types_and_rejects_over_100_texts(self) -> None:
+        client = batcher.SimulatedClient()
+        config = types.EmbedContentConfig(output_dimensionality=5)
+        response = await client.aio.models.embed_content(model="m", contents=["a", "b"], config=config)
+        self.assertIsInstance(response, types.EmbedContentResponse)
+        assert response.embeddings is not None
+        self.assertEqual([len(e.values or []) for e in response.embeddings], [5, 5])
+        again = await client.aio.models.embed_content(model="m", contents=["a"], config=config)
+        assert again.embeddings is not None
+        self.assertEqual(again.embeddings[0].values, response.embeddings[0].values)
+        with self.assertRaises(errors.ClientError):
+            await client.aio.models.embed_content(model="m", contents=["a"] * 101)
+
+
+class LoggerTest(unittest.IsolatedAsyncioTestCase):
+    async def test_prints_one_line_per_item_as_in_the_document(self) -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        stats = batcher.RunStats()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            await asyncio.gather(
+                feed(
+                    queue, [("input-7", types.ContentEmbedding(values=[0.1, -0.2, 0.3])), ("input-8", api_error(400))]
+                ),
+                log_outputs(queue, stats=stats),
+            )
+        self.assertEqual(
+            out.getvalue().splitlines(),
+            ["Content: input-7 -> Embedding: [0.1, -0.2, 0.3]", "Failed: input-8 -> 400 INVALID_ARGUMENT: fake 400"],
+        )
+        self.assertEqual((stats.succeeded, stats.failed), (1, 1))
+
+
+class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
+    async def test_each_caller_gets_its_own_embedding_from_shared_batches(self) -> None:
+        client = SpyClient(latency_s=0.01)
+        async with BatchedEmbedder(client, batch_size=10, timeout=timedelta(milliseconds=20)) as embedder:
+            results = await asyncio.gather(*(embedder.embed("x" * n) for n in range(1, 31)))
+        self.assertEqual([r.values for r in results], [[float(n)] for n in range(1, 31)])
+        self.assertEqual([len(call) for call in client.calls], [10, 10, 10])
+
+    async def test_only_the_caller_whose_item_failed_gets_the_error(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(400) if "bad" in texts else None)
+        async with BatchedEmbedder(client, batch_size=8, timeout=timedelta(milliseconds=20)) as embedder:
+            results = await asyncio.gather(*(embedder.embed(t) for t in ["a", "bad", "c", "d"]), return_exceptions=True)
+        self.assertIsInstance(results[1], errors.ClientError)
+        self.assertTrue(all(isinstance(r, types.ContentEmbedding) for i, r in enumerate(results) if i != 1))
+
+    async def test_a_cancelled_caller_is_dropped_from_its_batch(self) -> None:
+        client = SpyClient()
+        async with BatchedEmbedder(client, batch_size=8, timeout=timedelta(milliseconds=100)) as embedder:
+            keep = asyncio.create_task(embedder.embed("keep"))
+            drop = asyncio.create_task(embedder.embed("drop"))
+            await asyncio.sleep(0.02)  # both queued, the batch still open
+            drop.cancel()
+            self.assertEqual((await keep).values, [4.0])
+        self.assertTrue(drop.cancelled())
+        self.assertEqual(client.calls, [["keep"]])
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """A tiny stand-in for the Gemini API. The first `fail_first` embed calls get a 429
+    with a RetryInfo delay; then it answers batchEmbedContents with one vector per text."""
+
+    requests: list[tuple[str, dict[str, Any]]]
+    fail_first = 0
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append((self.path, body))
+        if len(self.requests) <= self.fail_first:
+            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.2s"}]
+            self.reply(
+                429, {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
+            )
+        elif len(body["requests"]) > 100:
+            self.reply(
+                400,
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "at most 100 requests can be in one batch",
+                        "status": "INVALID_ARGUMENT",
+                    }
+                },
+            )
+        else:
+            self.reply(200, {"embeddings": [{"values": [0.5, -0.5, float(i)]} for i in range(len(body["requests"]))]})
+
+    def reply(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def stub_server(fail_first: int = 0) -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+    requests: list[tuple[str, dict[str, Any]]] = []
+    handler = type("Handler", (StubHandler,), {"requests": requests, "fail_first": fail_first})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class RealClientTest(unittest.IsolatedAsyncioTestCase):
+    async def test_end_to_end_through_genai_client_against_a_local_stub(self) -> None:
+        with stub_server(fail_first=1) as (base_url, requests):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = batcher.make_client(offline=False, fake_latency_s=0)
+            self.assertIsInstance(client, genai.Client)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                status = await batcher.main(num_inputs=20, batch_size=8, timeout_s=0.05, input_delay_s=0, client=client)
+        self.assertEqual(status, 0)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(
+            sorted(line for line in lines if line.startswith("Content:"))[0],
+            "Content: input-0 -> Embedding: [0.5, -0.5, 0.0]",
+        )
+        self.assertEqual(sum(line.startswith("Content:") for line in lines), 20)
+        self.assertIn("1 retries", out.getvalue())
+        paths = {path for path, _ in requests}
+        self.assertEqual(len(paths), 1)
+        self.assertRegex(paths.pop(), r"^/v1(beta)?/models/gemini-embedding-001:batchEmbedContents$")
+        self.assertTrue(all(r["outputDimensionality"] == 3 for _, body in requests for r in body["requests"]))
+        self.assertEqual(sum(len(body["requests"]) for _, body in requests[1:]), 20)
+
+
+class CommandLineTest(unittest.TestCase):
+    def run_script(self, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+        return subprocess.run(
+            [sys.executable, "batcher.py", *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def test_defaults_reproduce_the_document_run(self) -> None:
+        args = batcher.parse_args([])
+        self.assertEqual((args.num_inputs, args.batch_size, args.timeout, args.input_delay), (100, 8, 1.0, 0.3))
+        self.assertEqual(
+            (args.concurrency, args.max_attempts, args.dimensions, args.model), (4, 5, 3, "gemini-embedding-001")
+        )
+
+    def test_offline_run_prints_every_item_and_a_summary(self) -> None:
+        result = self.run_script("--num-inputs", "30", "--input-delay", "0", "--fake-latency", "0.01", "--seed", "1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("simulated client", result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(
+            sorted(int(line.split()[1][6:]) for line in lines if line.startswith("Content:")), list(range(30))
+        )
+        self.assertIn("Summary: 30 items in 4 batches (3 full, 0 timed out, 1 flushed at end)", result.stdout)
+        self.assertRegex(result.stdout, r"p50 [0-9.]+s, p99 [0-9.]+s, max [0-9.]+s; wall time [0-9.]+s")
+
+    def test_bad_flags_get_one_line_naming_the_flag_and_exit_2(self) -> None:
+        result = self.run_script("--batch-size", "101")
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(result.stderr, "batcher.py: error: argument --batch-size: must be 1..100, got 101\n")
+        for flag, value in [("--batch-size", "0"), ("--timeout", "0"), ("--timeout", "nan"), ("--concurrency", "x")]:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
+                batcher.parse_args([flag, value])
+            self.assertEqual(exit_.exception.code, 2)
+            self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
+            self.assertIn(flag, err.getvalue())
+
+    def test_ctrl_c_drains_in_flight_items_prints_the_summary_and_exits_130(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+        args = ["--num-inputs", "100000", "--input-delay", "0.002", "--fake-latency", "0.1"]
+        proc = subprocess.Popen(
+            [sys.executable, "batcher.py", *args],
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(20)]  # running and producing
+        proc.send_signal(signal.SIGINT)
+        lines += proc.stdout.read().splitlines()
+        proc.wait(timeout=20)
+        self.assertEqual(proc.returncode, 130)
+        printed = [line for line in lines if line.startswith("Content:")]
+        summary = next(line for line in lines if line.startswith("Summary:"))
+        self.assertEqual(len(printed), int(summary.split()[1]))
+        self.assertEqual(len(set(printed)), len(printed))
+
+
+if __name__ == "__main__":
+    unittest.main()
