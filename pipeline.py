@@ -1,0 +1,742 @@
+"""A concurrent LLM data pipeline: prompts from sharded files, through Gemini, to sharded JSONL.
+
+    ./make_inputs.sh && python pipeline.py        # offline: a simulated model, no key needed
+    GEMINI_API_KEY=... python pipeline.py         # the real API through genai.Client()
+    python pipeline.py --help                     # every flag
+
+The stages, in order, joined by bounded asyncio queues and ended by None sentinels:
+
+    read_inputs (x readers) -> generate_content (x workers) -> write_outputs (x writers)
+                      \\_________________________________________-> write_errors
+
+Every prompt ends exactly once in outputs/shard_NNNNN.jsonl or outputs/errors.jsonl, even
+across crashes: a re-run skips the ids already written and carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, NoReturn, TypeAlias
+
+import aiofiles
+from google import genai
+from google.genai import errors, types
+
+log = logging.getLogger("pipeline")
+
+CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
+MAX_WRITE_BATCH = 1000  # records a writer takes from its queue for one write + flush
+GRACE_S = 5.0  # after Ctrl-C, calls in flight get this long before they are abandoned
+SHARD_NAME = "shard_{:05d}.jsonl"
+SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
+ERRORS_NAME = "errors.jsonl"
+TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+
+Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.generate_content
+
+
+class UsageError(Exception):
+    """Bad flags or bad input: reported in one line, exit status 2."""
+
+
+# --- Records ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Prompt:
+    id: str  # "<file name>:<line number>", stable across runs
+    text: str
+
+
+@dataclass(slots=True)
+class Result:
+    """One prompt's outcome. response is set on success, error on failure."""
+
+    id: str
+    prompt: str
+    response: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    word_count: int | None = None
+
+    def json_line(self) -> str:
+        if self.error is not None:
+            record: dict[str, Any] = {
+                "id": self.id,
+                "prompt": self.prompt,
+                "error": self.error,
+                "attempts": self.attempts,
+            }
+        else:
+            record = {"id": self.id, "prompt": self.prompt, "response": self.response}
+            if self.word_count is not None:
+                record["word_count"] = self.word_count
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+@dataclass
+class Stats:
+    read: int = 0  # non-blank lines found, skipped ones included
+    skipped: int = 0  # already done in an earlier run
+    succeeded: int = 0
+    failed: int = 0
+    retries: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def summary(self, errors_held: int) -> str:
+        wall_s = time.perf_counter() - self.started
+        done = self.succeeded + self.failed
+        return (
+            f"Summary: {self.read} prompts read, {self.skipped} skipped (already done), "
+            f"{self.succeeded} succeeded, {self.failed} failed, {self.retries} retries\n"
+            f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
+            f"{errors_held} failed prompts in {ERRORS_NAME}"
+        )
+
+
+# --- Faults, pacing and shutdown ----------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """429, 408 and 5xx API errors, and connection errors, are worth another try."""
+    if isinstance(exc, errors.APIError):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}  # httpx, httpx2, aiohttp, unimported
+    return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
+
+
+def server_retry_delay_s(exc: BaseException) -> float | None:
+    """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
+    if not isinstance(exc, errors.APIError):
+        return None
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
+    for detail in body.get("details") or [] if isinstance(body, dict) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+            match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    headers = getattr(exc.response, "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
+        return None
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, errors.APIError):
+        return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Gate:
+    """Where every worker waits before each call.
+
+    A delay named by the server pauses all workers, not just the one that was told.
+    With rpm, call starts are spaced 60/rpm seconds apart across all workers: smooth,
+    with no burst at start.
+    """
+
+    def __init__(self, *, rpm: float | None = None) -> None:
+        self._interval_s = 60.0 / rpm if rpm else 0.0
+        self._next_start = 0.0
+        self._paused_until = 0.0
+
+    def pause(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._paused_until = max(self._paused_until, loop.time() + delay_s)
+
+    async def wait_turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # A loop, not one sleep: another worker may extend the pause while we wait.
+            while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(pause_s)
+            if not self._interval_s:
+                return
+            start = max(loop.time(), self._next_start)
+            self._next_start = start + self._interval_s
+            await asyncio.sleep(start - loop.time())
+            if self._paused_until <= loop.time():
+                return
+
+
+class Shutdown:
+    """The first Ctrl-C: readers stop, workers take no new prompt, and calls still in
+    flight get grace_s to finish before they are abandoned (the next run redoes them).
+    Everything completed is still written. The second Ctrl-C exits at once."""
+
+    def __init__(self, *, grace_s: float = GRACE_S) -> None:
+        self.requested = False
+        self._grace_s = grace_s
+        self._in_flight: set[asyncio.Timeout] = set()
+
+    def request(self) -> None:
+        self.requested = True
+        deadline = asyncio.get_running_loop().time() + self._grace_s
+        for timeout in self._in_flight:
+            timeout.reschedule(deadline)
+
+    @contextlib.asynccontextmanager
+    async def abandonable(self) -> AsyncIterator[asyncio.Timeout]:
+        async with asyncio.timeout(None) as timeout:
+            self._in_flight.add(timeout)
+            try:
+                yield timeout
+            finally:
+                self._in_flight.discard(timeout)
+
+
+def on_interrupt(shutdown: Shutdown) -> None:
+    if shutdown.requested:
+        sys.stdout.flush()
+        os._exit(130)
+    print("pipeline: interrupted: finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+    shutdown.request()
+
+
+# --- The simulated client -----------------------------------------------------------------
+
+
+class SimulatedClient:
+    """Stands in for genai.Client offline: client.aio.models.generate_content returns a real
+    types.GenerateContentResponse after latency_s. "What is two times N?" is answered 2N.
+    With failure_rate, that share of calls fails with a transient 503."""
+
+    def __init__(self, *, latency_s: float = 0.0, failure_rate: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self.failure_rate = failure_rate
+        self.aio = self  # so client.aio.models.generate_content works as on genai.Client
+        self.models = self
+
+    async def generate_content(self, *, model: str, contents: str, config: Any = None) -> types.GenerateContentResponse:
+        await asyncio.sleep(self.latency_s)
+        if self.failure_rate and random.random() < self.failure_rate:
+            raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
+        match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
+        text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
+        part = types.Part(text=text)
+        candidate = types.Candidate(
+            content=types.Content(role="model", parts=[part]), finish_reason=types.FinishReason.STOP
+        )
+        return types.GenerateContentResponse(candidates=[candidate])
+
+
+def make_client(*, offline: bool, fake_latency_s: float, fake_failure_rate: float) -> Client:
+    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
+
+    The SDK's own retries are turned off: they ignore the server's retry delay, and ours don't.
+    """
+    has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
+    if offline or not has_key:
+        reason = "--offline" if offline else "no GEMINI_API_KEY"
+        print(f"pipeline: {reason}: using the simulated model (latency {fake_latency_s}s)", file=sys.stderr)
+        return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
+    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+    return genai.Client(http_options=options)
+
+
+# --- Stage 1: the input readers -------------------------------------------------------------
+
+
+async def read_inputs(
+    input_dir: Path,
+    input_queue: asyncio.Queue[Prompt | None],
+    *,
+    files: list[Path] | None = None,
+    skip: Collection[str] = frozenset(),
+    error_queue: asyncio.Queue[Result | None] | None = None,
+    stats: Stats | None = None,
+    shutdown: Shutdown | None = None,
+) -> None:
+    """Puts one Prompt per non-blank line of each *.txt file (or of `files`), in name order.
+
+    Reads in chunks of CHUNK_BYTES. Ids in `skip` (done in an earlier run) are passed over.
+    An undecodable line goes to error_queue as a failure, and reading goes on.
+    Puts no sentinel: the caller does, once every reader is done.
+    """
+    stats = stats or Stats()
+    for path in files if files is not None else sorted(input_dir.glob("*.txt")):
+        async with aiofiles.open(path, "rb") as f:
+            number, tail = 0, b""
+            while True:
+                chunk = await f.read(CHUNK_BYTES)
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop() if chunk else b""
+                for raw in lines:
+                    number += 1
+                    if shutdown is not None and shutdown.requested:
+                        return
+                    try:
+                        text = raw.decode().strip()
+                    except UnicodeDecodeError as exc:
+                        text, error = raw.decode(errors="backslashreplace").strip(), f"undecodable UTF-8: {exc}"
+                    else:
+                        error = None
+                    if not text:
+                        continue
+                    stats.read += 1
+                    prompt_id = f"{path.name}:{number}"
+                    if prompt_id in skip:
+                        stats.skipped += 1
+                    elif error is None:
+                        await input_queue.put(Prompt(prompt_id, text))
+                    elif error_queue is not None:
+                        log.warning("%s: %s", prompt_id, error)
+                        await error_queue.put(Result(prompt_id, text, error=error))
+                if not chunk:
+                    break
+
+
+# --- Stage 2: the content generators ----------------------------------------------------------
+
+
+async def generate_one(
+    client: Client, prompt: Prompt, *, model: str, gate: Gate, max_attempts: int, base_delay_s: float, stats: Stats
+) -> Result:
+    """Calls the model for one prompt, retrying transient errors; failures come back as data."""
+    for attempt in range(1, max_attempts + 1):
+        await gate.wait_turn()
+        try:
+            response = await client.aio.models.generate_content(model=model, contents=prompt.text)
+            if response.text is None:
+                raise ValueError(f"no text in the response: {response.prompt_feedback or response.candidates}")
+            return Result(prompt.id, prompt.text, response=response.text, attempts=attempt)
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, (errors.APIError, ValueError))):
+                raise  # a bug, not a fault of this prompt: let it surface
+            if not is_transient(exc) or attempt == max_attempts:
+                return Result(prompt.id, prompt.text, error=describe(exc), attempts=attempt)
+            if (delay_s := server_retry_delay_s(exc)) is not None:
+                gate.pause(delay_s)
+            stats.retries += 1
+            log.info("%s: retrying after %s", prompt.id, describe(exc))
+            await asyncio.sleep(random.uniform(0, min(30.0, base_delay_s * 2 ** (attempt - 1))))
+    raise AssertionError("unreachable")
+
+
+def count_words(text: str) -> int:
+    """CPU work for the process pool (the document's Going Further)."""
+    return len(text.split())
+
+
+async def generate_content(
+    client: Client,
+    input_queue: asyncio.Queue[Prompt | None],
+    output_queue: asyncio.Queue[Result | None],
+    *,
+    error_queue: asyncio.Queue[Result | None] | None = None,
+    model: str = "gemini-flash-latest",
+    gate: Gate | None = None,
+    max_attempts: int = 5,
+    base_delay_s: float = 0.5,
+    word_count_pool: Executor | None = None,
+    stats: Stats | None = None,
+    shutdown: Shutdown | None = None,
+) -> None:
+    """One worker: takes prompts until the sentinel and puts each Result on output_queue
+    (successes) or error_queue (failures; output_queue when there is none).
+
+    After a shutdown request it takes no new prompt: the rest is left for the next run.
+    """
+    loop = asyncio.get_running_loop()
+    gate, stats, shutdown = gate or Gate(), stats or Stats(), shutdown or Shutdown()
+    while (prompt := await input_queue.get()) is not None:
+        if shutdown.requested:
+            continue  # drain without calling, so the readers and the sentinel get through
+        try:
+            async with shutdown.abandonable():
+                result = await generate_one(
+                    client,
+                    prompt,
+                    model=model,
+                    gate=gate,
+                    max_attempts=max_attempts,
+                    base_delay_s=base_delay_s,
+                    stats=stats,
+                )
+        except TimeoutError:
+            log.warning("%s: abandoned after Ctrl-C; the next run redoes it", prompt.id)
+            continue
+        if result.error is not None:
+            await (error_queue or output_queue).put(result)
+            continue
+        if word_count_pool is not None:
+            result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response)
+        await output_queue.put(result)
+
+
+# --- Stage 3: the output writers --------------------------------------------------------------
+
+
+async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Result], bool]:
+    """Waits for one item, then takes what is already waiting (up to MAX_WRITE_BATCH).
+    Returns the items and whether the sentinel came."""
+    item = await queue.get()
+    items: list[Result] = []
+    while item is not None:
+        items.append(item)
+        if queue.empty() or len(items) == MAX_WRITE_BATCH:
+            return items, False
+        item = queue.get_nowait()
+    return items, True
+
+
+async def write_outputs(
+    output_dir: Path,
+    output_queue: asyncio.Queue[Result | None],
+    *,
+    shard_size: int = 5,
+    shard_numbers: Iterator[int] | None = None,
+    stats: Stats | None = None,
+    quiet: bool = False,
+) -> None:
+    """Appends records to shards of at most shard_size lines until the sentinel.
+
+    Each writer owns the shards it opens (numbers come from the shared shard_numbers), and
+    opens one only for a record, so no shard is empty. Lines are appended and flushed
+    together with what else was waiting; a last line with no newline is not a record.
+    """
+    shard_numbers = shard_numbers if shard_numbers is not None else itertools.count()
+    stats = stats or Stats()
+    shard: Any = None
+    lines_in_shard = shard_size
+    try:
+        while True:
+            results, ended = await take_available(output_queue)
+            pending: list[str] = []
+            for result in results:
+                if lines_in_shard == shard_size:
+                    if shard is not None:
+                        await shard.write("".join(pending))
+                        await shard.close()
+                        pending = []
+                    path = output_dir / SHARD_NAME.format(next(shard_numbers))
+                    shard = await aiofiles.open(path, "x", encoding="utf-8")  # "x": never overwrite
+                    lines_in_shard = 0
+                pending.append(result.json_line())
+                lines_in_shard += 1
+                if not quiet:
+                    log.info("wrote %s to %s", result.id, Path(shard.name).name)
+            if pending:
+                await shard.write("".join(pending))
+                await shard.flush()
+            stats.succeeded += len(results)
+            if ended:
+                return
+    finally:
+        if shard is not None:
+            await shard.close()
+
+
+async def write_errors(
+    output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats | None = None
+) -> None:
+    """The only task that writes errors.jsonl: appends one line per failed prompt."""
+    stats = stats or Stats()
+    async with aiofiles.open(output_dir / ERRORS_NAME, "a", encoding="utf-8") as f:
+        while True:
+            results, ended = await take_available(error_queue)
+            if results:
+                await f.write("".join(result.json_line() for result in results))
+                await f.flush()
+                stats.failed += len(results)
+                for result in results:
+                    log.warning("failed: %s -> %s", result.id, result.error)
+            if ended:
+                return
+
+
+# --- Resume ------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete records of a JSONL file. A torn last line (no newline: the run was
+    killed mid-write) is cut off the file; an unparsable line is skipped with a warning."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                log.warning("%s: cutting off a torn last line (%d bytes)", path.name, len(line))
+                os.truncate(path, offset)
+                return
+            offset += len(line)
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    yield record
+                    continue
+            except ValueError:
+                pass
+            log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
+
+
+def scan_outputs(output_dir: Path) -> tuple[set[str], int]:
+    """The ids already written to shards, and the next shard number."""
+    done: set[str] = set()
+    next_shard = 0
+    for path in output_dir.glob("shard_*.jsonl"):
+        if match := SHARD_RE.fullmatch(path.name):
+            next_shard = max(next_shard, int(match.group(1)) + 1)
+            done.update(record["id"] for record in read_records(path))
+    return done, next_shard
+
+
+def compact_errors(output_dir: Path, done: Collection[str]) -> set[str]:
+    """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and
+    none for ids that have since succeeded. Returns the failed ids."""
+    path = output_dir / ERRORS_NAME
+    if not path.exists():
+        return set()
+    latest = {record["id"]: record for record in read_records(path) if record["id"] not in done}
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in latest.values()]
+    if path.read_text(encoding="utf-8") != "".join(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, path)
+    return set(latest)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    inputs: Path = Path("inputs")
+    outputs: Path = Path("outputs")
+    workers: int = 5
+    readers: int = 1
+    writers: int = 1
+    queue_size: int = 5
+    shard_size: int = 5
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    rpm: float | None = None
+    retry_errors: bool = False
+    word_count: bool = False
+    model: str = "gemini-flash-latest"
+    quiet: bool = False
+    progress: bool = False
+
+
+def check_paths(config: Config) -> list[Path]:
+    """The input files, after checking the input and output folders. Raises UsageError."""
+    if not config.inputs.is_dir():
+        raise UsageError(f"input folder not found: {config.inputs}")
+    files = sorted(config.inputs.glob("*.txt"))
+    if not files:
+        raise UsageError(f"no *.txt files in the input folder: {config.inputs}")
+    try:
+        config.outputs.mkdir(parents=True, exist_ok=True)
+        probe = config.outputs / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output folder is not a writable folder: {config.outputs} ({exc.strerror})") from None
+    return files
+
+
+async def close_after(stage: Awaitable[Any], queue: asyncio.Queue[Any], consumers: int) -> None:
+    """Runs a stage, then puts one sentinel per consumer of its output queue."""
+    await stage
+    for _ in range(consumers):
+        await queue.put(None)
+
+
+async def all_of(coros: list[Coroutine[Any, Any, None]]) -> None:
+    async with asyncio.TaskGroup() as tg:
+        for coro in coros:
+            tg.create_task(coro)
+
+
+async def show_progress(stats: Stats, files: list[Path]) -> None:
+    """One progress line on stderr, redrawn 4 times a second: done, failed, rate and ETA."""
+    total = sum(await asyncio.to_thread(lambda: [p.read_bytes().count(b"\n") for p in files]))
+    try:
+        while True:
+            await asyncio.sleep(0.25)
+            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
+            rate = done / elapsed if elapsed else 0.0
+            left = max(0, total - stats.skipped - done)
+            eta = f"{left / rate:.0f}s" if rate else "?"
+            print(
+                f"\r{done} done, {stats.failed} failed, {rate:.0f}/s, ETA {eta}   ", end="", file=sys.stderr, flush=True
+            )
+    finally:
+        print(file=sys.stderr)
+
+
+async def main(config: Config, client: Client, *, shutdown: Shutdown | None = None) -> int:
+    """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed,
+    130 interrupted. Raises UsageError on bad input."""
+    files = check_paths(config)
+    done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
+    failed = await asyncio.to_thread(compact_errors, config.outputs, done)
+    skip = done if config.retry_errors else done | failed
+    if skip:
+        log.info("resuming: %d done and %d failed in earlier runs", len(done), len(failed))
+
+    stats, gate, shutdown = Stats(), Gate(rpm=config.rpm), shutdown or Shutdown()
+    input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
+    output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+    error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+    shard_numbers = itertools.count(next_shard)
+    pool = ProcessPoolExecutor(mp_context=get_context("spawn")) if config.word_count else None
+    readers = [
+        read_inputs(
+            config.inputs,
+            input_queue,
+            files=files[i :: config.readers],
+            skip=skip,
+            error_queue=error_queue,
+            stats=stats,
+            shutdown=shutdown,
+        )
+        for i in range(config.readers)
+    ]
+    workers = [
+        generate_content(
+            client, input_queue, output_queue, error_queue=error_queue, model=config.model, gate=gate,
+            max_attempts=config.max_attempts, base_delay_s=config.base_delay_s, word_count_pool=pool, stats=stats, shutdown=shutdown,
+        )
+        for _ in range(config.workers)
+    ]  # fmt: skip
+    writers = [
+        write_outputs(
+            config.outputs,
+            output_queue,
+            shard_size=config.shard_size,
+            shard_numbers=shard_numbers,
+            stats=stats,
+            quiet=config.quiet,
+        )
+        for _ in range(config.writers)
+    ]
+    progress = asyncio.create_task(show_progress(stats, files)) if config.progress else None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reading = tg.create_task(close_after(all_of(readers), input_queue, config.workers))
+            generating = tg.create_task(close_after(all_of(workers), output_queue, config.writers))
+            tg.create_task(all_of(writers))
+            tg.create_task(write_errors(config.outputs, error_queue, stats=stats))
+            tg.create_task(close_after(asyncio.gather(reading, generating), error_queue, 1))
+    finally:
+        if progress is not None:
+            progress.cancel()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if config.retry_errors:  # retried ids that succeeded leave errors.jsonl
+        done, _ = await asyncio.to_thread(scan_outputs, config.outputs)
+    errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
+    print(stats.summary(errors_held))
+    if shutdown.requested:
+        return 130
+    return 1 if errors_held else 0
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(
+    kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float = math.inf
+) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if (value <= low if strict else value < low) or value > high or not math.isfinite(value):
+            bound = f"> {low}" if strict else f"{low}..{high}" if high < math.inf else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", type=Path, default=Path("inputs"), help="folder of *.txt prompt files (default inputs/)")
+    p.add_argument(
+        "--outputs", type=Path, default=Path("outputs"), help="folder for shards and errors.jsonl (default outputs/)"
+    )
+    p.add_argument("--workers", type=_number(int, 1), default=5, help="concurrent model calls (default 5)")
+    p.add_argument("--readers", type=_number(int, 1), default=1, help="reader tasks; they split the files (default 1)")
+    p.add_argument("--writers", type=_number(int, 1), default=1, help="writer tasks; each owns its shards (default 1)")
+    p.add_argument("--queue-size", type=_number(int, 1), default=5, help="bound of each queue (default 5)")
+    p.add_argument("--shard-size", type=_number(int, 1), default=5, help="records per output shard at most (default 5)")
+    p.add_argument(
+        "--max-attempts", type=_number(int, 1), default=5, help="calls per prompt, retries included (default 5)"
+    )
+    p.add_argument(
+        "--rpm", type=_number(float, 0, strict=True), help="cap on call starts per minute, all workers together"
+    )
+    p.add_argument("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
+    p.add_argument("--word-count", action="store_true", help="add word_count, computed in a process pool")
+    p.add_argument("--model", default="gemini-flash-latest", help="model (default gemini-flash-latest)")
+    p.add_argument("--offline", action="store_true", help="use the simulated model even with a key")
+    p.add_argument(
+        "--fake-latency", type=_number(float, 0), default=0.1, help="simulated latency, seconds (default 0.1)"
+    )
+    p.add_argument("--fake-failure-rate", type=_number(float, 0, high=1), default=0.0, help="simulated 503 share, 0..1")
+    p.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    p.add_argument("--quiet", action="store_true", help="no progress line or per-record lines; the summary stays")
+    return p.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
+    if args.seed is not None:
+        random.seed(args.seed)
+    config = Config(
+        inputs=args.inputs, outputs=args.outputs, workers=args.workers, readers=args.readers, writers=args.writers,
+        queue_size=args.queue_size, shard_size=args.shard_size, max_attempts=args.max_attempts, rpm=args.rpm,
+        retry_errors=args.retry_errors, word_count=args.word_count, model=args.model, quiet=args.quiet,
+        progress=sys.stderr.isatty() and not args.quiet,
+    )  # fmt: skip
+
+    async def run() -> int:
+        shutdown = Shutdown()
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGINT, on_interrupt, shutdown)
+        client = make_client(
+            offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate
+        )
+        return await main(config, client, shutdown=shutdown)
+
+    try:
+        return asyncio.run(run())
+    except UsageError as exc:
+        print(f"pipeline.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
