@@ -276,7 +276,9 @@ async def read_inputs(
     Puts no sentinel: the caller does, once every reader is done.
     """
     stats = stats or Stats()
-    for path in files if files is not None else sorted(input_dir.glob("*.txt")):
+    if files is None:
+        files = sorted(input_dir.glob("*.txt"))  # noqa: ASYNC240 (a directory listing, once)
+    for path in files:
         async with aiofiles.open(path, "rb") as f:
             number, tail = 0, b""
             while True:
@@ -287,12 +289,11 @@ async def read_inputs(
                     number += 1
                     if shutdown is not None and shutdown.requested:
                         return
+                    error: str | None = None
                     try:
                         text = raw.decode().strip()
                     except UnicodeDecodeError as exc:
                         text, error = raw.decode(errors="backslashreplace").strip(), f"undecodable UTF-8: {exc}"
-                    else:
-                        error = None
                     if not text:
                         continue
                     stats.read += 1
@@ -382,7 +383,7 @@ async def generate_content(
             await (error_queue or output_queue).put(result)
             continue
         if word_count_pool is not None:
-            result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response)
+            result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response or "")
         await output_queue.put(result)
 
 
@@ -617,7 +618,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown | None = No
     workers = [
         generate_content(
             client, input_queue, output_queue, error_queue=error_queue, model=config.model, gate=gate,
-            max_attempts=config.max_attempts, base_delay_s=config.base_delay_s, word_count_pool=pool, stats=stats, shutdown=shutdown,
+            max_attempts=config.max_attempts, base_delay_s=config.base_delay_s, word_count_pool=pool,
+            stats=stats, shutdown=shutdown,
         )
         for _ in range(config.workers)
     ]  # fmt: skip
@@ -726,6 +728,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGINT, on_interrupt, shutdown)
+        check_paths(config)  # before anything else is said: bad input gets one line
         client = make_client(
             offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate
         )

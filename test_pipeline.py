@@ -1,0 +1,470 @@
+"""Tests for pipeline.py and make_inputs.sh: run with `python -m unittest`. Fakes record calls
+and timestamps; folders are temporary; the only network is an HTTP stub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from google import genai
+from google.genai import errors, types
+
+import pipeline
+from pipeline import Config, Shutdown
+
+HERE = Path(__file__).resolve().parent
+logging.getLogger("pipeline").setLevel(logging.CRITICAL)  # failures and retries are expected here
+
+
+def api_error(code: int, retry_delay: str | None = None) -> errors.APIError:
+    body: dict[str, Any] = {"code": code, "message": f"fake {code}", "status": "X"}
+    if retry_delay:
+        body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
+    return (errors.ClientError if code < 500 else errors.ServerError)(code, {"error": body})
+
+
+class SpyClient(pipeline.SimulatedClient):
+    """The simulated model, recording each call's prompt and start time. on_call(call_number)
+    runs as a call starts; fail(prompt, call_number) may return an exception to raise."""
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        fail: Callable[[str, int], Exception | None] | None = None,
+        on_call: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(latency_s=latency_s)
+        self.fail = fail
+        self.on_call = on_call
+        self.prompts: list[str] = []
+        self.started_at: list[float] = []
+
+    async def generate_content(self, *, model: str, contents: str, config: Any = None) -> types.GenerateContentResponse:
+        self.prompts.append(contents)
+        self.started_at.append(time.monotonic())
+        call_number = len(self.prompts)
+        if self.on_call:
+            self.on_call(call_number)
+        response = await super().generate_content(model=model, contents=contents)
+        if self.fail and (exc := self.fail(contents, call_number)):
+            raise exc
+        return response
+
+
+def write_inputs(folder: Path, shards: int, per_shard: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = []
+    for shard in range(shards):
+        lines = [f"What is two times {shard * per_shard + i}?" for i in range(per_shard)]
+        (folder / f"shard_{shard}.txt").write_text("".join(line + "\n" for line in lines))
+        prompts += lines
+    return prompts
+
+
+def records(folder: Path, name: str = "shard_*.jsonl") -> list[dict[str, Any]]:
+    return [json.loads(line) for path in sorted(folder.glob(name)) for line in path.read_text().splitlines()]
+
+
+class PipelineTestCase(unittest.IsolatedAsyncioTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", str(self.tmp)], check=True))
+        self.inputs, self.outputs = self.tmp / "inputs", self.tmp / "outputs"
+        self.config = Config(inputs=self.inputs, outputs=self.outputs, base_delay_s=0.001, quiet=True)
+
+    async def run_pipeline(
+        self, client: Any = None, shutdown: Shutdown | None = None, **changes: Any
+    ) -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            async with asyncio.timeout(30):  # a hang fails the test instead of the suite
+                status = await pipeline.main(replace(self.config, **changes), client or SpyClient(), shutdown=shutdown)
+        return status, out.getvalue()
+
+    def assert_exactly_once(self, prompts: list[str]) -> None:
+        """Every prompt is in exactly one place: a shard or errors.jsonl."""
+        done = [r["prompt"] for r in records(self.outputs)] + [
+            r["prompt"] for r in records(self.outputs, "errors.jsonl")
+        ]
+        self.assertEqual(sorted(done), sorted(prompts))
+
+
+class EndToEndTest(PipelineTestCase):
+    async def test_every_prompt_answered_once_with_stable_ids(self) -> None:
+        prompts = write_inputs(self.inputs, 10, 3)
+        status, summary = await self.run_pipeline()
+        self.assertEqual(status, 0)
+        got = records(self.outputs)
+        self.assertEqual(sorted(r["prompt"] for r in got), sorted(prompts))
+        for r in got:
+            self.assertEqual(set(r), {"id", "prompt", "response"})
+            self.assertEqual(int(r["response"]), 2 * int(r["prompt"].split()[-1][:-1]))
+        self.assertIn({"id": "shard_4.txt:2", "prompt": "What is two times 13?", "response": "26"}, got)
+        self.assertIn("30 prompts read, 0 skipped (already done), 30 succeeded, 0 failed, 0 retries", summary)
+
+    async def test_blank_lines_are_skipped_and_line_numbers_kept(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_text("\n  \nWhat is two times 1?  \r\n\n\tWhat is two times 2?")
+        await self.run_pipeline()
+        self.assertEqual(sorted(r["id"] for r in records(self.outputs)), ["a.txt:3", "a.txt:5"])
+        self.assertEqual(
+            sorted(r["prompt"] for r in records(self.outputs)), ["What is two times 1?", "What is two times 2?"]
+        )
+
+    async def test_shards_hold_at_most_shard_size_records_and_none_is_empty(self) -> None:
+        write_inputs(self.inputs, 3, 4)
+        await self.run_pipeline(shard_size=5)
+        shards = sorted(p.name for p in self.outputs.glob("shard_*.jsonl"))
+        self.assertEqual(shards, ["shard_00000.jsonl", "shard_00001.jsonl", "shard_00002.jsonl"])
+        sizes = [len((self.outputs / name).read_text().splitlines()) for name in shards]
+        self.assertEqual(sizes, [5, 5, 2])
+
+    async def test_several_readers_and_writers_keep_exactly_once_and_own_their_shards(self) -> None:
+        prompts = write_inputs(self.inputs, 7, 50)
+        status, _ = await self.run_pipeline(readers=3, writers=4, workers=8, shard_size=7)
+        self.assertEqual(status, 0)
+        self.assert_exactly_once(prompts)
+        for path in self.outputs.glob("shard_*.jsonl"):
+            self.assertTrue(1 <= len(path.read_text().splitlines()) <= 7)
+
+    async def test_word_counts_are_computed_in_a_process_pool(self) -> None:
+        write_inputs(self.inputs, 1, 3)
+        submitted: list[Any] = []
+
+        class SpyPool(ProcessPoolExecutor):
+            def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+                submitted.append(fn)
+                return super().submit(fn, *args, **kwargs)
+
+        client = SpyClient()
+        pool = SpyPool(max_workers=1, mp_context=get_context("spawn"))
+        self.addCleanup(pool.shutdown)
+        output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        input_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        for i, text in enumerate(["What is two times 5?", "Say hi"]):
+            input_queue.put_nowait(pipeline.Prompt(f"a:{i}", text))
+        input_queue.put_nowait(None)
+        await pipeline.generate_content(client, input_queue, output_queue, word_count_pool=pool)
+        results = [output_queue.get_nowait() for _ in range(2)]
+        self.assertEqual([r.word_count for r in results], [1, 6])  # "10"; "A simulated answer to: Say hi"
+        self.assertEqual(submitted, [pipeline.count_words, pipeline.count_words])
+
+    async def test_word_count_flag_adds_the_field(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        await self.run_pipeline(word_count=True)
+        self.assertEqual([r["word_count"] for r in records(self.outputs)], [1, 1])
+
+
+class FaultTest(PipelineTestCase):
+    async def test_exactly_once_under_random_transient_failures(self) -> None:
+        prompts = write_inputs(self.inputs, 8, 25)
+        rng = random.Random(1)
+        client = SpyClient(fail=lambda prompt, n: api_error(503) if rng.random() < 0.4 else None)
+        status, summary = await self.run_pipeline(client, workers=6, max_attempts=4)
+        self.assert_exactly_once(prompts)
+        failures = records(self.outputs, "errors.jsonl")
+        self.assertEqual(status, 1 if failures else 0)
+        self.assertTrue(all(r["attempts"] == 4 for r in failures))
+        self.assertGreater(int(summary.split(" retries")[0].split()[-1]), 50)
+
+    async def test_permanent_errors_go_to_errors_jsonl_without_retry(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 3)
+        client = SpyClient(fail=lambda prompt, n: api_error(404) if prompt.endswith("4?") else None)
+        status, _ = await self.run_pipeline(client)
+        self.assertEqual(status, 1)
+        failure = records(self.outputs, "errors.jsonl")
+        self.assertEqual(
+            failure,
+            [{"id": "shard_1.txt:2", "prompt": "What is two times 4?", "error": "404 X: fake 404", "attempts": 1}],
+        )
+        self.assertEqual(client.prompts.count("What is two times 4?"), 1)
+        self.assert_exactly_once(prompts)
+
+    async def test_no_deadlock_with_queue_size_1_when_every_call_fails(self) -> None:
+        prompts = write_inputs(self.inputs, 5, 10)
+        client = SpyClient(fail=lambda prompt, n: api_error(503))
+        status, _ = await self.run_pipeline(client, queue_size=1, workers=4, max_attempts=2)
+        self.assertEqual(status, 1)
+        self.assertEqual(len(records(self.outputs, "errors.jsonl")), 50)
+        self.assert_exactly_once(prompts)
+
+    async def test_server_retry_delay_pauses_every_worker(self) -> None:
+        write_inputs(self.inputs, 1, 30)
+        failed_at: list[float] = []
+
+        def fail(prompt: str, n: int) -> Exception | None:
+            if n == 1:
+                failed_at.append(time.monotonic())
+                return api_error(429, retry_delay="0.3s")
+            return None
+
+        client = SpyClient(latency_s=0.01, fail=fail)
+        status, _ = await self.run_pipeline(client, workers=5)
+        self.assertEqual(status, 0)
+        later = [t for t in client.started_at if t > failed_at[0]]
+        self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
+
+    async def test_rpm_spaces_call_starts_evenly_with_no_burst(self) -> None:
+        write_inputs(self.inputs, 1, 8)
+        client = SpyClient()
+        await self.run_pipeline(client, workers=8, rpm=1200)  # one start every 50 ms
+        gaps = [b - a for a, b in itertools.pairwise(sorted(client.started_at))]
+        self.assertEqual(len(gaps), 7)
+        self.assertTrue(all(0.045 <= gap <= 0.1 for gap in gaps), gaps)
+
+    async def test_an_undecodable_line_is_recorded_and_the_rest_processed(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_bytes(b"What is two times 1?\nbad \xff\xfe line\nWhat is two times 3?\n")
+        status, _ = await self.run_pipeline()
+        self.assertEqual(status, 1)
+        self.assertEqual(sorted(r["id"] for r in records(self.outputs)), ["a.txt:1", "a.txt:3"])
+        [failure] = records(self.outputs, "errors.jsonl")
+        self.assertEqual((failure["id"], failure["attempts"]), ("a.txt:2", 0))
+        self.assertIn("undecodable", failure["error"])
+
+
+class ResumeTest(PipelineTestCase):
+    async def test_rerun_skips_done_ids_repairs_a_torn_line_and_continues_numbering(self) -> None:
+        prompts = write_inputs(self.inputs, 4, 5)
+        self.outputs.mkdir()
+        first = [{"id": f"shard_0.txt:{i}", "prompt": prompts[i - 1], "response": "x"} for i in range(1, 4)]
+        torn = json.dumps({"id": "shard_0.txt:4", "prompt": prompts[3], "response": "x"})[:25]
+        (self.outputs / "shard_00003.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first) + torn)
+        client = SpyClient()
+        status, summary = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertNotIn(prompts[0], client.prompts)
+        self.assertIn(prompts[3], client.prompts)  # the torn record was not a record
+        self.assertEqual(len(client.prompts), 17)
+        self.assertFalse((self.outputs / "shard_00000.jsonl").exists())
+        self.assertTrue((self.outputs / "shard_00004.jsonl").exists())
+        self.assertIn("3 skipped", summary)
+        self.assert_exactly_once(prompts)
+
+    async def test_interrupt_mid_run_then_resume_gives_exactly_once(self) -> None:
+        prompts = write_inputs(self.inputs, 10, 20)
+        shutdown = Shutdown(grace_s=0.05)
+        client = SpyClient(latency_s=0.01, on_call=lambda n: shutdown.request() if n == 40 else None)
+        status, _ = await self.run_pipeline(client, shutdown=shutdown, workers=8)
+        self.assertEqual(status, 130)
+        written = len(records(self.outputs))
+        self.assertGreater(written, 20)
+        self.assertLess(written, 200)
+        status, summary = await self.run_pipeline(SpyClient(), workers=8)
+        self.assertEqual(status, 0)
+        self.assertIn(f"{written} skipped", summary)
+        self.assert_exactly_once(prompts)
+
+    async def test_retry_errors_retries_failed_prompts_and_clears_them(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 5)
+        await self.run_pipeline(SpyClient(fail=lambda prompt, n: api_error(400) if "3" in prompt else None))
+        self.assertEqual(len(records(self.outputs, "errors.jsonl")), 1)
+        client = SpyClient()
+        status, _ = await self.run_pipeline(client)  # without --retry-errors: nothing to do
+        self.assertEqual((status, client.prompts), (1, []))
+        status, _ = await self.run_pipeline(client, retry_errors=True)
+        self.assertEqual((status, client.prompts), (0, ["What is two times 3?"]))
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+        self.assert_exactly_once(prompts)
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """A tiny stand-in for the Gemini API: generateContent answers "ok: <prompt>"; the first
+    call gets a 429 with a RetryInfo delay."""
+
+    paths: list[str]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.paths.append(self.path)
+        if len(self.paths) == 1:
+            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.1s"}]
+            error: dict[str, Any] = {
+                "code": 429,
+                "message": "quota",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": details,
+            }
+            status, payload = 429, {"error": error}
+        else:
+            text = "ok: " + body["contents"][0]["parts"][0]["text"]
+            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
+            status, payload = 200, {"candidates": [candidate]}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def stub_server() -> Iterator[tuple[str, list[str]]]:
+    paths: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (StubHandler,), {"paths": paths}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class RealClientTest(PipelineTestCase):
+    async def test_end_to_end_through_genai_client_against_a_local_stub(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 3)
+        with stub_server() as (base_url, paths):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0)
+            self.assertIsInstance(client, genai.Client)
+            status, summary = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertEqual(sorted(r["response"] for r in records(self.outputs)), sorted("ok: " + p for p in prompts))
+        self.assertIn("1 retries", summary)
+        self.assertEqual(len(paths), 7)
+        self.assertRegex(paths[0], r"^/v1(beta)?/models/gemini-flash-latest:generateContent$")
+
+
+class CommandLineTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", str(self.tmp)], check=True))
+        self.env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+
+    def run_script(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(HERE / "pipeline.py"), *args]
+        return subprocess.run(command, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=60)
+
+    def test_make_inputs_twice_gives_the_same_files(self) -> None:
+        for _ in range(2):
+            subprocess.run([str(HERE / "make_inputs.sh")], cwd=self.tmp, check=True, capture_output=True)
+        files = sorted((self.tmp / "inputs").iterdir())
+        self.assertEqual(len(files), 10)
+        self.assertEqual(
+            (self.tmp / "inputs" / "shard_4.txt").read_text(),
+            "What is two times 12?\nWhat is two times 13?\nWhat is two times 14?\n",
+        )
+        subprocess.run([str(HERE / "make_inputs.sh"), "more", "2", "4"], cwd=self.tmp, check=True, capture_output=True)
+        self.assertEqual((self.tmp / "more" / "shard_1.txt").read_text().splitlines()[-1], "What is two times 7?")
+
+    def test_default_run_offline_writes_outputs_and_a_summary(self) -> None:
+        subprocess.run([str(HERE / "make_inputs.sh")], cwd=self.tmp, check=True, capture_output=True)
+        result = self.run_script("--fake-latency", "0.01")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("simulated model", result.stderr)
+        self.assertIn("30 succeeded", result.stdout)
+        self.assertEqual(len(list((self.tmp / "outputs").glob("shard_*.jsonl"))), 6)
+
+    def test_bad_input_gets_one_line_and_exit_2(self) -> None:
+        (self.tmp / "empty").mkdir()
+        write_inputs(self.tmp / "inputs", 1, 1)
+        (self.tmp / "afile").write_text("")
+        cases = [
+            (["--inputs", "nope"], "input folder not found: nope"),
+            (["--inputs", "empty"], "no *.txt files in the input folder: empty"),
+            (["--outputs", "afile"], "output folder is not a writable folder: afile"),
+            (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
+            (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+            (["--shard-size", "0"], "argument --shard-size: must be >= 1, got 0"),
+        ]
+        for args, message in cases:
+            err = io.StringIO()
+            with contextlib.chdir(self.tmp), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    status = pipeline.run_cli([*args, "--offline", "--quiet"])
+                except SystemExit as exit_:
+                    status = int(exit_.code or 0)
+            self.assertEqual(status, 2, args)
+            lines = [line for line in err.getvalue().splitlines() if "simulated" not in line]
+            self.assertEqual(len(lines), 1, err.getvalue())
+            self.assertIn(message, lines[0])
+        result = self.run_script("--inputs", "nope")  # and no traceback from the real command
+        self.assertEqual((result.returncode, result.stderr), (2, "pipeline.py: error: input folder not found: nope\n"))
+
+    def test_ctrl_c_writes_what_completed_exits_130_and_a_resume_finishes_exactly_once(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 20, 100)
+        args = ["--fake-latency", "0.02", "--workers", "20", "--shard-size", "50"]
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "pipeline.py"), *args],
+            cwd=self.tmp,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "wrote shard_2.txt" in line:
+                break  # well under way
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 130)
+        self.assertIn("Summary:", out)
+        result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "20")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        got = sorted(r["prompt"] for r in records(self.tmp / "outputs"))
+        self.assertEqual(got, sorted(prompts))
+
+    def test_sigkill_at_any_moment_then_resume_gives_exactly_once(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 10, 200)
+        rng = random.Random(2)
+        for _ in range(3):
+            args = [
+                "--quiet",
+                "--fake-latency",
+                "0.002",
+                "--fake-failure-rate",
+                "0.2",
+                "--workers",
+                "16",
+                "--shard-size",
+                "7",
+            ]
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "pipeline.py"), *args],
+                cwd=self.tmp,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(rng.uniform(1.3, 2.0))  # start-up takes about a second
+            proc.kill()
+            proc.wait()
+        result = self.run_script(
+            "--quiet", "--fake-latency", "0", "--workers", "16", "--max-attempts", "20", "--fake-failure-rate", "0.2"
+        )
+        self.assertIn(result.returncode, (0, 1), result.stderr)
+        outputs = self.tmp / "outputs"
+        done = [r["id"] for r in records(outputs)] + [r["id"] for r in records(outputs, "errors.jsonl")]
+        self.assertEqual(len(done), len(set(done)))
+        self.assertEqual(len(done), len(prompts))
+
+
+if __name__ == "__main__":
+    unittest.main()
