@@ -66,16 +66,21 @@ Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.model
 
 @dataclass
 class BatchCounts:
-    """How each batch left the Batcher."""
+    """How the batches left the Batcher. (Counted with one addition per full batch.)"""
 
+    batch_size: int
     full: int = 0
     timed_out: int = 0
     flushed_at_end: int = 0
-    items: int = 0
+    items_in_partial_batches: int = 0
 
     @property
     def batches(self) -> int:
         return self.full + self.timed_out + self.flushed_at_end
+
+    @property
+    def items(self) -> int:
+        return self.full * self.batch_size + self.items_in_partial_batches
 
 
 @dataclass
@@ -301,28 +306,37 @@ class Batcher(Generic[T]):
         self._adaptive = adaptive
         self._mean_gap_s: float | None = None  # moving average of inter-arrival gaps
         self._last_arrival = 0.0
-        self.counts = BatchCounts()
+        self.counts = BatchCounts(batch_size)
 
     async def batch(self, input_queue: asyncio.Queue[T | None], batch_queue: asyncio.Queue[list[T] | None]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            item = await input_queue.get()  # idle: sleep until an item comes
+        # The hot loop's names, looked up once.
+        size, adaptive, counts, get_nowait = self._batch_size, self._adaptive, self.counts, input_queue.get_nowait
+        verbose = log.isEnabledFor(logging.INFO)
+        ended = False
+        while not ended:
+            try:
+                item = get_nowait()
+            except asyncio.QueueEmpty:
+                item = await input_queue.get()  # idle: sleep until an item comes, no timer
             if item is None:
                 break
-            self._observe_arrival(loop.time())
-            deadline = loop.time() + self._timeout_s
+            if adaptive:
+                self._observe_arrival(loop.time())
             batch = [item]
-            ended = False
-            while len(batch) < self._batch_size:
+            deadline = None  # the clock is read only if we must wait
+            while len(batch) < size:
                 try:
-                    item = input_queue.get_nowait()
+                    item = get_nowait()
                 except asyncio.QueueEmpty:
+                    if deadline is None:  # no await since the first item came: now is its time
+                        deadline = loop.time() + self._timeout_s
                     wait_s = self._flush_at(deadline) - loop.time()
                     if wait_s <= 0:
                         break
                     try:
-                        # One timer per wait for an empty queue, never per item. asyncio.timeout
-                        # cannot lose an item: Queue.get removes it only after the wait succeeds.
+                        # One timer per wait on an empty queue, never one per item. It cannot
+                        # lose an item: Queue.get removes one only after its wait has succeeded.
                         async with asyncio.timeout(wait_s):
                             item = await input_queue.get()
                     except TimeoutError:
@@ -330,31 +344,29 @@ class Batcher(Generic[T]):
                 if item is None:
                     ended = True
                     break
-                if self._adaptive:
+                if adaptive:
                     self._observe_arrival(loop.time())
                 batch.append(item)
-            self._count(batch, ended)
-            await batch_queue.put(batch)
-            if ended:
-                break
+
+            if len(batch) == size:
+                counts.full += 1
+            else:
+                counts.items_in_partial_batches += len(batch)
+                if ended:
+                    counts.flushed_at_end += 1
+                else:
+                    counts.timed_out += 1
+            if verbose:
+                log.info(
+                    "batch of %d left (%s)", len(batch), "full" if len(batch) == size else "end" if ended else "timeout"
+                )
+            try:
+                batch_queue.put_nowait(batch)
+            except asyncio.QueueFull:
+                await batch_queue.put(batch)  # backpressure: wait for the embed stage
         await batch_queue.put(None)  # pass the sentinel on
 
-    def _count(self, batch: list[T], ended: bool) -> None:
-        self.counts.items += len(batch)
-        if len(batch) == self._batch_size:
-            self.counts.full += 1
-            reason = "full"
-        elif ended:
-            self.counts.flushed_at_end += 1
-            reason = "flushed at end"
-        else:
-            self.counts.timed_out += 1
-            reason = "timed out"
-        log.info("batch of %d left (%s)", len(batch), reason)
-
     def _observe_arrival(self, now: float) -> None:
-        if not self._adaptive:
-            return
         if self._last_arrival:
             gap_s = now - self._last_arrival
             mean = self._mean_gap_s

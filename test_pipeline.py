@@ -302,6 +302,7 @@ class StubHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.paths.append(self.path)
+        payload: dict[str, Any]
         if len(self.paths) == 1:
             details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.1s"}]
             error: dict[str, Any] = {
