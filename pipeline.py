@@ -60,10 +60,9 @@ class UsageError(Exception):
 # --- Records ----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Prompt:
-    id: str  # "<file name>:<line number>", stable across runs
-    text: str
+# (id, text). The id is "<file name>:<line number>", stable across runs. A plain tuple, not a
+# dataclass: the reader makes a million a second, and a tuple costs a fifth as much to make.
+Prompt: TypeAlias = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -235,11 +234,9 @@ class SimulatedClient:
             raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
         match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
         text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
-        part = types.Part(text=text)
-        candidate = types.Candidate(
-            content=types.Content(role="model", parts=[part]), finish_reason=types.FinishReason.STOP
-        )
-        return types.GenerateContentResponse(candidates=[candidate])
+        # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
+        candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
+        return types.GenerateContentResponse.model_validate({"candidates": [candidate]})
 
 
 def make_client(*, offline: bool, fake_latency_s: float, fake_failure_rate: float) -> Client:
@@ -259,6 +256,38 @@ def make_client(*, offline: bool, fake_latency_s: float, fake_failure_rate: floa
 # --- Stage 1: the input readers -------------------------------------------------------------
 
 
+async def read_blocks(path: Path) -> AsyncIterator[bytes]:
+    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline:
+    one thread hop per chunk, not per line."""
+    async with aiofiles.open(path, "rb") as f:
+        tail = b""
+        while chunk := await f.read(CHUNK_BYTES):
+            data = tail + chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:  # a line longer than a chunk: read on
+                tail = data
+                continue
+            yield data[:cut]
+            tail = data[cut + 1 :]
+        if tail:
+            yield tail
+
+
+def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, str]]:
+    """The block's lines, and by line number the errors of those that are not UTF-8."""
+    try:
+        return block.decode().split("\n"), {}  # the fast path: the whole block is UTF-8
+    except UnicodeDecodeError:
+        lines, errors = [], {}
+        for number, raw in enumerate(block.split(b"\n"), first_number):
+            try:
+                lines.append(raw.decode())
+            except UnicodeDecodeError as exc:
+                lines.append(raw.decode(errors="backslashreplace"))
+                errors[number] = f"undecodable UTF-8: {exc}"
+        return lines, errors
+
+
 async def read_inputs(
     input_dir: Path,
     input_queue: asyncio.Queue[Prompt | None],
@@ -271,67 +300,72 @@ async def read_inputs(
 ) -> None:
     """Puts one Prompt per non-blank line of each *.txt file (or of `files`), in name order.
 
-    Reads in chunks of CHUNK_BYTES. Ids in `skip` (done in an earlier run) are passed over.
-    An undecodable line goes to error_queue as a failure, and reading goes on.
+    Ids in `skip` (done in an earlier run) are passed over. An undecodable line goes to
+    error_queue as a failure, and reading goes on. Stops early on a shutdown request.
     Puts no sentinel: the caller does, once every reader is done.
     """
-    stats = stats or Stats()
+    stats, shutdown = stats or Stats(), shutdown or Shutdown()
     if files is None:
         files = sorted(input_dir.glob("*.txt"))  # noqa: ASYNC240 (a directory listing, once)
     for path in files:
-        async with aiofiles.open(path, "rb") as f:
-            number, tail = 0, b""
-            while True:
-                chunk = await f.read(CHUNK_BYTES)
-                lines = (tail + chunk).split(b"\n")
-                tail = lines.pop() if chunk else b""
-                for raw in lines:
-                    number += 1
-                    if shutdown is not None and shutdown.requested:
-                        return
-                    error: str | None = None
-                    try:
-                        text = raw.decode().strip()
-                    except UnicodeDecodeError as exc:
-                        text, error = raw.decode(errors="backslashreplace").strip(), f"undecodable UTF-8: {exc}"
-                    if not text:
+        name, number = path.name, 0
+        async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
+            async for block in blocks:
+                if shutdown.requested:
+                    return
+                lines, bad = decode_lines(block, number + 1)
+                read = skipped = 0  # counted here, added to stats once per block
+                for number, line in enumerate(lines, number + 1):  # noqa: B020 (number carries on)
+                    if not (text := line.strip()):
                         continue
-                    stats.read += 1
-                    prompt_id = f"{path.name}:{number}"
-                    if prompt_id in skip:
-                        stats.skipped += 1
-                    elif error is None:
-                        await input_queue.put(Prompt(prompt_id, text))
-                    elif error_queue is not None:
-                        log.warning("%s: %s", prompt_id, error)
-                        await error_queue.put(Result(prompt_id, text, error=error))
-                if not chunk:
-                    break
+                    read += 1
+                    prompt_id = f"{name}:{number}"
+                    if skip and prompt_id in skip:
+                        skipped += 1
+                    elif bad and number in bad:
+                        log.warning("%s: %s", prompt_id, bad[number])
+                        if error_queue is not None:
+                            await error_queue.put(Result(prompt_id, text, error=bad[number]))
+                    else:
+                        try:
+                            input_queue.put_nowait((prompt_id, text))
+                        except asyncio.QueueFull:
+                            await input_queue.put((prompt_id, text))  # backpressure: wait for the workers
+                stats.read += read
+                stats.skipped += skipped
 
 
 # --- Stage 2: the content generators ----------------------------------------------------------
 
 
 async def generate_one(
-    client: Client, prompt: Prompt, *, model: str, gate: Gate, max_attempts: int, base_delay_s: float, stats: Stats
+    client: Client,
+    prompt_id: str,
+    text: str,
+    *,
+    model: str,
+    gate: Gate,
+    max_attempts: int,
+    base_delay_s: float,
+    stats: Stats,
 ) -> Result:
     """Calls the model for one prompt, retrying transient errors; failures come back as data."""
     for attempt in range(1, max_attempts + 1):
         await gate.wait_turn()
         try:
-            response = await client.aio.models.generate_content(model=model, contents=prompt.text)
-            if response.text is None:
+            response = await client.aio.models.generate_content(model=model, contents=text)
+            if (answer := response.text) is None:  # blocked, or no text part: permanent for this prompt
                 raise ValueError(f"no text in the response: {response.prompt_feedback or response.candidates}")
-            return Result(prompt.id, prompt.text, response=response.text, attempts=attempt)
+            return Result(prompt_id, text, response=answer, attempts=attempt)
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, (errors.APIError, ValueError))):
                 raise  # a bug, not a fault of this prompt: let it surface
             if not is_transient(exc) or attempt == max_attempts:
-                return Result(prompt.id, prompt.text, error=describe(exc), attempts=attempt)
+                return Result(prompt_id, text, error=describe(exc), attempts=attempt)
             if (delay_s := server_retry_delay_s(exc)) is not None:
                 gate.pause(delay_s)
             stats.retries += 1
-            log.info("%s: retrying after %s", prompt.id, describe(exc))
+            log.info("%s: retrying after %s", prompt_id, describe(exc))
             await asyncio.sleep(random.uniform(0, min(30.0, base_delay_s * 2 ** (attempt - 1))))
     raise AssertionError("unreachable")
 
@@ -363,13 +397,15 @@ async def generate_content(
     loop = asyncio.get_running_loop()
     gate, stats, shutdown = gate or Gate(), stats or Stats(), shutdown or Shutdown()
     while (prompt := await input_queue.get()) is not None:
+        prompt_id, text = prompt
         if shutdown.requested:
             continue  # drain without calling, so the readers and the sentinel get through
         try:
             async with shutdown.abandonable():
                 result = await generate_one(
                     client,
-                    prompt,
+                    prompt_id,
+                    text,
                     model=model,
                     gate=gate,
                     max_attempts=max_attempts,
@@ -377,7 +413,7 @@ async def generate_content(
                     stats=stats,
                 )
         except TimeoutError:
-            log.warning("%s: abandoned after Ctrl-C; the next run redoes it", prompt.id)
+            log.warning("%s: abandoned after Ctrl-C; the next run redoes it", prompt_id)
             continue
         if result.error is not None:
             await (error_queue or output_queue).put(result)
@@ -403,6 +439,13 @@ async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Resu
     return items, True
 
 
+def append_lines(writes: list[tuple[Path, str, list[str]]]) -> None:
+    """The blocking part of a writer's batch, run in a thread: (path, mode, lines) each."""
+    for path, mode, lines in writes:
+        with path.open(mode, encoding="utf-8") as f:
+            f.write("".join(lines))
+
+
 async def write_outputs(
     output_dir: Path,
     output_queue: asyncio.Queue[Result | None],
@@ -414,40 +457,30 @@ async def write_outputs(
 ) -> None:
     """Appends records to shards of at most shard_size lines until the sentinel.
 
-    Each writer owns the shards it opens (numbers come from the shared shard_numbers), and
-    opens one only for a record, so no shard is empty. Lines are appended and flushed
-    together with what else was waiting; a last line with no newline is not a record.
+    Each writer owns the shards it starts (numbers come from the shared shard_numbers), and
+    starts one only for a record, so no shard is empty. A batch of records, whatever shards it
+    spans, is written in one thread hop. A last line with no newline is not a record.
     """
     shard_numbers = shard_numbers if shard_numbers is not None else itertools.count()
     stats = stats or Stats()
-    shard: Any = None
-    lines_in_shard = shard_size
-    try:
-        while True:
-            results, ended = await take_available(output_queue)
-            pending: list[str] = []
-            for result in results:
-                if lines_in_shard == shard_size:
-                    if shard is not None:
-                        await shard.write("".join(pending))
-                        await shard.close()
-                        pending = []
-                    path = output_dir / SHARD_NAME.format(next(shard_numbers))
-                    shard = await aiofiles.open(path, "x", encoding="utf-8")  # "x": never overwrite
-                    lines_in_shard = 0
-                pending.append(result.json_line())
-                lines_in_shard += 1
-                if not quiet:
-                    log.info("wrote %s to %s", result.id, Path(shard.name).name)
-            if pending:
-                await shard.write("".join(pending))
-                await shard.flush()
-            stats.succeeded += len(results)
-            if ended:
-                return
-    finally:
-        if shard is not None:
-            await shard.close()
+    path, lines_in_shard = output_dir, shard_size
+    while True:
+        results, ended = await take_available(output_queue)
+        writes: list[tuple[Path, str, list[str]]] = []
+        for result in results:
+            if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
+                path, lines_in_shard = output_dir / SHARD_NAME.format(next(shard_numbers)), 0
+                writes.append((path, "x", []))  # "x": a new shard never overwrites a file
+            elif not writes:
+                writes.append((path, "a", []))
+            writes[-1][2].append(result.json_line())
+            lines_in_shard += 1
+            if not quiet:
+                log.info("wrote %s to %s", result.id, path.name)
+        await asyncio.to_thread(append_lines, writes)
+        stats.succeeded += len(results)
+        if ended:
+            return
 
 
 async def write_errors(
@@ -455,17 +488,16 @@ async def write_errors(
 ) -> None:
     """The only task that writes errors.jsonl: appends one line per failed prompt."""
     stats = stats or Stats()
-    async with aiofiles.open(output_dir / ERRORS_NAME, "a", encoding="utf-8") as f:
-        while True:
-            results, ended = await take_available(error_queue)
-            if results:
-                await f.write("".join(result.json_line() for result in results))
-                await f.flush()
-                stats.failed += len(results)
-                for result in results:
-                    log.warning("failed: %s -> %s", result.id, result.error)
-            if ended:
-                return
+    while True:
+        results, ended = await take_available(error_queue)
+        if results:
+            lines = [result.json_line() for result in results]
+            await asyncio.to_thread(append_lines, [(output_dir / ERRORS_NAME, "a", lines)])
+            stats.failed += len(results)
+            for result in results:
+                log.warning("failed: %s -> %s", result.id, result.error)
+        if ended:
+            return
 
 
 # --- Resume ------------------------------------------------------------------------------------

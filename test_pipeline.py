@@ -164,7 +164,7 @@ class EndToEndTest(PipelineTestCase):
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         input_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         for i, text in enumerate(["What is two times 5?", "Say hi"]):
-            input_queue.put_nowait(pipeline.Prompt(f"a:{i}", text))
+            input_queue.put_nowait((f"a:{i}", text))
         input_queue.put_nowait(None)
         await pipeline.generate_content(client, input_queue, output_queue, word_count_pool=pool)
         results = [output_queue.get_nowait() for _ in range(2)]
