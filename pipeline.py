@@ -314,11 +314,11 @@ async def read_inputs(
                 if shutdown.requested:
                     return
                 lines, bad = decode_lines(block, number + 1)
-                read = skipped = 0  # counted here, added to stats once per block
-                for number, line in enumerate(lines, number + 1):  # noqa: B020 (number carries on)
-                    if not (text := line.strip()):
+                blank = skipped = 0  # counted here, added to stats once per block
+                for number, text in enumerate(map(str.strip, lines), number + 1):  # noqa: B020 (number carries on)
+                    if not text:
+                        blank += 1
                         continue
-                    read += 1
                     prompt_id = f"{name}:{number}"
                     if skip and prompt_id in skip:
                         skipped += 1
@@ -331,7 +331,7 @@ async def read_inputs(
                             input_queue.put_nowait((prompt_id, text))
                         except asyncio.QueueFull:
                             await input_queue.put((prompt_id, text))  # backpressure: wait for the workers
-                stats.read += read
+                stats.read += len(lines) - blank
                 stats.skipped += skipped
 
 

@@ -1,0 +1,487 @@
+"""Benchmarks for batcher.py and pipeline.py: offline, in-process fakes, no network.
+
+    python bench.py            # the full run (a few minutes); its tables go in the README
+    python bench.py --quick    # smaller sizes, under a minute (CI runs this)
+
+Each figure stands beside a limit measured in the same run (a bare loop or queue, or the
+ideal N x latency / workers), so the ratios hold on a slower or busier machine. Prints
+markdown tables, then the targets; exits 1 if one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import io
+import itertools
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import batcher
+import pipeline
+
+T = TypeVar("T")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    limit: str
+    met: bool
+
+
+TARGETS: list[Target] = []
+
+
+def check(name: str, value: float, limit: float, *, at_least: bool, fmt: str = "{:.2f}") -> None:
+    met = value >= limit if at_least else value <= limit
+    TARGETS.append(Target(name, fmt.format(value), ("≥ " if at_least else "≤ ") + fmt.format(limit), met))
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready, so hours
+    of slow arrivals run in a moment, with exact times. (No I/O or threads inside.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = 0.0
+
+    def time(self) -> float:
+        return self._now
+
+    def _run_once(self) -> None:
+        scheduled: list[Any] = self._scheduled  # type: ignore[attr-defined]
+        while scheduled and scheduled[0].cancelled():
+            heapq.heappop(scheduled)._scheduled = False
+            self._timer_cancelled_count -= 1  # type: ignore[attr-defined]
+        if not self._ready and scheduled:  # type: ignore[attr-defined]
+            self._now = max(self._now, scheduled[0].when())
+        super()._run_once()  # type: ignore[misc]
+
+
+def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+# --- Batcher stage: items/s against a plain get_nowait() drain ------------------------------------
+
+
+def filled(n: int) -> tuple[asyncio.Queue[int | None], asyncio.Queue[list[int] | None]]:
+    inputs: asyncio.Queue[int | None] = asyncio.Queue()
+    for i in range(n):
+        inputs.put_nowait(i)
+    inputs.put_nowait(None)
+    return inputs, asyncio.Queue()
+
+
+async def plain_drain(n: int, size: int) -> float:
+    """The limit: drain the queue with get_nowait() into lists of `size`, no timer, no checks."""
+    inputs, outputs = filled(n)
+    started = time.perf_counter()
+    ended = False
+    while not ended:
+        batch: list[int] = []
+        while len(batch) < size:
+            item = inputs.get_nowait()
+            if item is None:
+                ended = True
+                break
+            batch.append(item)
+        if batch:
+            outputs.put_nowait(batch)
+    return time.perf_counter() - started
+
+
+async def batcher_stage(n: int, size: int) -> float:
+    inputs, outputs = filled(n)
+    stage: batcher.Batcher[int] = batcher.Batcher(size, timedelta(seconds=1))
+    started = time.perf_counter()
+    await stage.batch(inputs, outputs)
+    return time.perf_counter() - started
+
+
+async def bench_batcher_stage(n: int, repeats: int) -> str:
+    rows = []
+    for size in (8, 100):
+        plain, stage = [], []
+        for _ in range(repeats):  # interleaved, best of each: the machine's noise hits both
+            plain.append(await plain_drain(n, size))
+            stage.append(await batcher_stage(n, size))
+        plain_rate, stage_rate = n / min(plain), n / min(stage)
+        rows.append([size, f"{stage_rate:,.0f}", f"{plain_rate:,.0f}", f"{stage_rate / plain_rate:.2f}"])
+        check(f"Batcher stage / plain drain, batch {size}", stage_rate / plain_rate, 0.70, at_least=True)
+    headers = ["batch size", "Batcher items/s", "plain get_nowait() drain items/s (limit)", "ratio"]
+    return f"### Batcher stage ({n:,} waiting items, best of {repeats})\n\n" + table(headers, rows)
+
+
+# --- Batcher chain: latency against efficiency ----------------------------------------------------
+
+
+@dataclass
+class ChainResult:
+    calls: int
+    mean_batch: float
+    latencies_s: list[float]
+    wall_s: float
+
+
+async def poisson_inputs(
+    queue: asyncio.Queue[str | None], n: int, rate: float, stats: batcher.RunStats, rng: random.Random
+) -> None:
+    loop = asyncio.get_running_loop()
+    for i in range(n):
+        await asyncio.sleep(rng.expovariate(rate))
+        stats.arrived_at[f"input-{i}"] = loop.time()
+        await queue.put(f"input-{i}")
+    await queue.put(None)
+
+
+async def run_chain(
+    n: int,
+    rate: float,
+    size: int,
+    timeout_s: float,
+    *,
+    adaptive: bool = False,
+    concurrency: int = 16,
+    latency_s: float = 0.2,
+) -> ChainResult:
+    """enqueue (Poisson) -> Batcher -> embed_content (simulated API) -> log_outputs, as in batcher.py."""
+    loop = asyncio.get_running_loop()
+    stats, retrier = batcher.RunStats(), batcher.Retrier()
+    stage: batcher.Batcher[str] = batcher.Batcher(size, timedelta(seconds=timeout_s), adaptive=adaptive)
+    inputs: asyncio.Queue[str | None] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
+    batches: asyncio.Queue[list[str] | None] = asyncio.Queue(maxsize=concurrency)
+    outputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
+    client = batcher.SimulatedClient(latency_s=latency_s)
+    started = loop.time()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
+        tg.create_task(stage.batch(inputs, batches))
+        tg.create_task(batcher.embed_content(client, batches, outputs, concurrency=concurrency, retrier=retrier))
+        tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
+    counts = stage.counts
+    return ChainResult(retrier.calls, counts.items / counts.batches, stats.latencies_s, loop.time() - started)
+
+
+def latency_cells(result: ChainResult) -> list[str]:
+    lat = result.latencies_s
+    return [
+        f"{statistics.mean(lat):.3f}",
+        f"{batcher.percentile(lat, 50):.3f}",
+        f"{batcher.percentile(lat, 99):.3f}",
+        f"{max(lat):.3f}",
+    ]
+
+
+def bench_tradeoff(n: int) -> str:
+    """In virtual time: exact, and slow arrival rates cost no real seconds."""
+    settings = [
+        (8, 0.1, False),
+        (8, 1.0, False),
+        (32, 0.1, False),
+        (32, 1.0, False),
+        (100, 1.0, False),
+        (8, 1.0, True),
+        (32, 1.0, True),
+    ]
+    rates = [0.01, 1.0, 20.0, 500.0]
+    sections = []
+    by_rate: dict[float, dict[tuple[int, float, bool], ChainResult]] = {}
+    for rate in rates:
+        rows = []
+        by_rate[rate] = {}
+        for size, timeout_s, adaptive in settings:
+            result = run_virtual(run_chain(n, rate, size, timeout_s, adaptive=adaptive))
+            by_rate[rate][(size, timeout_s, adaptive)] = result
+            label = f"{size} / {timeout_s:g} s" + (" adaptive" if adaptive else "")
+            rows.append(
+                [label, result.calls, f"{result.mean_batch:.2f}", *latency_cells(result), f"{result.wall_s:,.1f}"]
+            )
+        headers = [
+            "batch size / timeout",
+            "API calls",
+            "mean batch",
+            "mean s",
+            "p50 s",
+            "p99 s",
+            "max s",
+            "virtual wall s",
+        ]
+        sections.append(f"Arrivals: {rate:g} items/s (Poisson), {n} items\n\n" + table(headers, rows))
+    slow, fast = by_rate[rates[0]], by_rate[rates[-1]]
+    for size in (8, 32):
+        fixed_run, adaptive_run = slow[(size, 1.0, False)], slow[(size, 1.0, True)]
+        check(
+            f"adaptive {size}/1 s at {rates[0]:g}/s: mean wait for the batch, s (API latency 0.2 s taken off)",
+            statistics.mean(adaptive_run.latencies_s) - 0.2,
+            0.1,
+            at_least=False,
+            fmt="{:.3f}",
+        )
+        check(
+            f"adaptive {size}/1 s at {rates[0]:g}/s: API calls / fixed mode's",
+            adaptive_run.calls / fixed_run.calls,
+            1.05,
+            at_least=False,
+        )
+        check(
+            f"adaptive {size}/1 s at {rates[-1]:g}/s: mean batch / fixed mode's",
+            fast[(size, 1.0, True)].mean_batch / fast[(size, 1.0, False)].mean_batch,
+            0.98,
+            at_least=True,
+        )
+    intro = (
+        "### Batcher: latency against efficiency (virtual time)\n\n"
+        "Item latency is from arrival to output; the simulated API takes 0.2 s, 16 calls in flight. "
+        "Run on a virtual clock, so the figures are exact and repeatable.\n\n"
+    )
+    return intro + "\n\n".join(sections)
+
+
+# --- Batcher under load: real time ------------------------------------------------------------
+
+
+async def bench_under_load(n: int, n_serial: int) -> str:
+    rows = []
+    for concurrency, items in ((1, n_serial), (16, n)):
+        result = await run_chain(items, 500.0, 8, 1.0, concurrency=concurrency)
+        p99 = batcher.percentile(result.latencies_s, 99)
+        rows.append([concurrency, items, *latency_cells(result), f"{result.wall_s:.1f}"])
+        if concurrency == 16:
+            check(
+                "Batcher p99 at 500 items/s, batch 8, 200 ms API, concurrency 16, s",
+                p99,
+                0.3,
+                at_least=False,
+                fmt="{:.3f}",
+            )
+    headers = ["concurrency", "items", "mean s", "p50 s", "p99 s", "max s", "wall s"]
+    intro = "### Batcher under load (real time): 500 items/s (Poisson), batch 8, timeout 1 s, API latency 200 ms\n\n"
+    note = (
+        "\n\nWith one call in flight the API serves 8 / 0.2 s = 40 items/s against 500 arriving, "
+        "so the backlog (and p99) grows without bound."
+    )
+    return intro + table(headers, rows) + note
+
+
+# --- Pipeline -----------------------------------------------------------------------------------
+
+
+def make_inputs(folder: Path, n: int, files: int = 10) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = -(-n // files)
+    for f in range(files):
+        numbers = range(f * per_file, min(n, (f + 1) * per_file))
+        (folder / f"shard_{f}.txt").write_text("".join(f"What is two times {i}?\n" for i in numbers))
+
+
+async def run_pipeline(inputs: Path, latency_s: float, **settings: Any) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        config = pipeline.Config(inputs=inputs, outputs=Path(out), quiet=True, **settings)
+        client = pipeline.SimulatedClient(latency_s=latency_s)
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary
+            status = await pipeline.main(config, client)
+        wall_s = time.perf_counter() - started
+    assert status == 0, status
+    return wall_s
+
+
+async def bench_pipeline(tmp: Path, waves: int, big_n: int, zero_n: int) -> str:
+    rows = []
+    for workers, latency_s in itertools.product((5, 64), (0.05, 0.2)):
+        n = workers * waves
+        make_inputs(folder := tmp / f"eff-{n}", n)
+        ideal = n * latency_s / workers
+        wall = await run_pipeline(folder, latency_s, workers=workers)
+        rows.append([n, workers, latency_s, f"{ideal:.2f}", f"{wall:.2f}", f"{ideal / wall:.2f}"])
+    make_inputs(folder := tmp / f"big-{big_n}", big_n)
+    ideal = big_n * 0.05 / 64
+    wall = await run_pipeline(folder, 0.05, workers=64)
+    rows.append([f"**{big_n:,}**", 64, 0.05, f"{ideal:.2f}", f"{wall:.2f}", f"**{ideal / wall:.2f}**"])
+    check(f"pipeline {big_n:,} prompts, 64 workers, 50 ms: wall / ideal", wall / ideal, 1.1, at_least=False)
+    headers = ["prompts", "workers", "latency s", "ideal N·latency/workers s", "wall s", "efficiency"]
+    out = "### Pipeline: efficiency against the ideal (in process, default queue and shard sizes)\n\n" + table(
+        headers, rows
+    )
+
+    make_inputs(folder := tmp / f"zero-{zero_n}", zero_n)
+    settings = {"workers": 16, "queue_size": 100, "shard_size": 1000}
+    best = min([await run_pipeline(folder, 0.0, **settings) for _ in range(2)])
+    check("pipeline prompts/s at zero latency", zero_n / best, 8000, at_least=True, fmt="{:,.0f}")
+    out += (
+        f"\n\n### Pipeline at zero latency\n\n{zero_n:,} prompts, `--workers 16 --queue-size 100 --shard-size 1000`: "
+        f"**{zero_n / best:,.0f} prompts/s** (best of 2)."
+    )
+    return out
+
+
+async def queue_handoff(n: int) -> float:
+    """The limit for the reader: hand n tuples through a bounded asyncio.Queue to a drainer."""
+    queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=1000)
+    started = time.perf_counter()
+    consumer = asyncio.create_task(drain(queue))
+    for _ in range(n):
+        item = ("x", "y")
+        try:
+            queue.put_nowait(item)
+        except asyncio.QueueFull:
+            await queue.put(item)
+    await queue.put(None)
+    assert await consumer == n
+    return time.perf_counter() - started
+
+
+async def drain(queue: asyncio.Queue[Any]) -> int:
+    count = 0
+    while True:
+        item = await queue.get()
+        while item is not None:
+            count += 1
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+        else:
+            return count
+
+
+async def reader_alone(folder: Path) -> tuple[float, int]:
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
+    started = time.perf_counter()
+    consumer = asyncio.create_task(drain(queue))
+    await pipeline.read_inputs(folder, queue)
+    await queue.put(None)
+    count = await consumer
+    return time.perf_counter() - started, count
+
+
+async def bench_reader(tmp: Path, n: int, repeats: int) -> str:
+    make_inputs(folder := tmp / f"reader-{n}", n)
+    reader = min([await reader_alone(folder) for _ in range(repeats)])[0]
+    handoff = min([await queue_handoff(n) for _ in range(repeats)])
+    started = time.perf_counter()
+    for path in sorted(folder.glob("*.txt")):
+        with path.open("rb") as f:
+            while chunk := f.read(pipeline.CHUNK_BYTES):
+                chunk.count(b"\n")
+    raw = time.perf_counter() - started
+    check(
+        "reader lines/s (read_inputs into a bounded queue, drained)",
+        n / reader,
+        1_000_000,
+        at_least=True,
+        fmt="{:,.0f}",
+    )
+    rows = [
+        ["read_inputs → bounded queue → drain", f"{n / reader:,.0f}", "1.00"],
+        [
+            "limit: the same count of tuples through the same queue, no reading",
+            f"{n / handoff:,.0f}",
+            f"{handoff / reader:.2f}",
+        ],
+        ["chunked read and newline count only, no queue", f"{n / raw:,.0f}", f"{raw / reader:.2f}"],
+    ]
+    return f"### Pipeline reader ({n:,} lines, best of {repeats})\n\n" + table(
+        ["", "lines/s", "share of reader time"], rows
+    )
+
+
+def peak_rss_mb(tmp: Path, n: int) -> float:
+    """Runs pipeline.py in a child on n prompts; returns its peak RSS."""
+    make_inputs(folder := tmp / f"rss-{n}", n)
+    args = [
+        "--inputs",
+        str(folder),
+        "--outputs",
+        str(tmp / f"rss-out-{n}"),
+        "--quiet",
+        "--offline",
+        "--fake-latency",
+        "0",
+    ]
+    args += ["--workers", "16", "--queue-size", "100", "--shard-size", "1000"]
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "pipeline.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_memory(tmp: Path, small: int, large: int) -> str:
+    small_mb, large_mb = peak_rss_mb(tmp, small), peak_rss_mb(tmp, large)
+    check(f"pipeline peak RSS {large:,} / {small:,} prompts", large_mb / small_mb, 1.3, at_least=False)
+    rows = [[f"{small:,}", f"{small_mb:.1f}", "1.00"], [f"{large:,}", f"{large_mb:.1f}", f"{large_mb / small_mb:.2f}"]]
+    intro = "### Pipeline memory (peak RSS of `python pipeline.py` in a child, zero latency)\n\n"
+    return intro + table(["prompts", "peak RSS MiB", "ratio"], rows)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main(quick: bool) -> int:
+    logging.basicConfig(level=logging.ERROR)  # the stages' per-batch and per-record logs are off
+    started = time.perf_counter()
+    sections = [asyncio.run(bench_batcher_stage(100_000 if quick else 400_000, 3 if quick else 5))]
+    sections.append(bench_tradeoff(300 if quick else 1000))
+    sections.append(asyncio.run(bench_under_load(1_500 if quick else 5_000, 150 if quick else 400)))
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        sections.append(
+            asyncio.run(
+                bench_pipeline(tmp, 10 if quick else 40, 4_000 if quick else 40_000, 10_000 if quick else 40_000)
+            )
+        )
+        sections.append(asyncio.run(bench_reader(tmp, 300_000 if quick else 1_000_000, 5)))
+        sections.append(bench_memory(tmp, 10_000, 100_000 if quick else 1_000_000))
+
+    print(f"## Benchmark results{' (--quick)' if quick else ''}\n")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+        f"{time.perf_counter() - started:.0f} s in all.\n"
+    )
+    print("\n\n".join(sections))
+    print("\n### Targets\n")
+    print(
+        table(
+            ["target", "measured", "limit", "met"],
+            [[t.name, t.measured, t.limit, "yes" if t.met else "**NO**"] for t in TARGETS],
+        )
+    )
+    missed = [t.name for t in TARGETS if not t.met]
+    if missed:
+        print(f"\nbench.py: {len(missed)} target(s) missed: {'; '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: under a minute")
+    sys.exit(main(parser.parse_args().quick))
