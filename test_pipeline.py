@@ -234,6 +234,30 @@ class FaultTest(PipelineTestCase):
         self.assertEqual(len(gaps), 7)
         self.assertTrue(all(0.045 <= gap <= 0.1 for gap in gaps), gaps)
 
+    async def test_a_fault_in_a_stage_ends_the_run_with_the_error_instead_of_hanging(self) -> None:
+        write_inputs(self.inputs, 3, 20)
+
+        def disk_full(writes: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        with mock.patch.object(pipeline, "append_lines", disk_full), self.assertRaises(ExceptionGroup) as raised:
+            await self.run_pipeline(queue_size=1)
+        self.assertIn("No space left", str(raised.exception.exceptions))
+
+    async def test_progress_line_shows_done_failed_rate_and_eta(self) -> None:
+        write_inputs(self.inputs, 2, 10)
+        stats = pipeline.Stats(succeeded=5, failed=1)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            progress = asyncio.create_task(pipeline.show_progress(stats, sorted(self.inputs.glob("*.txt"))))
+            await asyncio.sleep(0.6)
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        redraws = err.getvalue().split("\r")[1:]
+        self.assertIn(len(redraws), (2, 3))  # at most 4 a second
+        self.assertRegex(redraws[-1], r"^6 done, 1 failed, \d+/s, ETA \d+s")
+
     async def test_an_undecodable_line_is_recorded_and_the_rest_processed(self) -> None:
         self.inputs.mkdir()
         (self.inputs / "a.txt").write_bytes(b"What is two times 1?\nbad \xff\xfe line\nWhat is two times 3?\n")
@@ -431,6 +455,23 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         got = sorted(r["prompt"] for r in records(self.tmp / "outputs"))
         self.assertEqual(got, sorted(prompts))
+
+    def test_a_second_ctrl_c_exits_at_once(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 10)
+        command = [sys.executable, str(HERE / "pipeline.py"), "--fake-latency", "60", "--quiet"]
+        proc = subprocess.Popen(
+            command, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert proc.stderr is not None
+        self.assertIn("simulated model", proc.stderr.readline())  # started; calls now in flight for 60 s
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        self.assertIn("interrupted", proc.stderr.readline())
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 130)
+        self.assertLess(time.monotonic() - started, 2.0)  # not the 5 s grace, nor the 60 s calls
 
     def test_sigkill_at_any_moment_then_resume_gives_exactly_once(self) -> None:
         prompts = write_inputs(self.tmp / "inputs", 10, 200)
