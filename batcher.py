@@ -674,7 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
+    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
     sys.exit(

@@ -745,7 +745,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
+    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
     config = Config(

@@ -530,6 +530,18 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("Summary: 30 items in 4 batches (3 full, 0 timed out, 1 flushed at end)", result.stdout)
         self.assertRegex(result.stdout, r"p50 [0-9.]+s, p99 [0-9.]+s, max [0-9.]+s; wall time [0-9.]+s")
 
+    def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
+        with stub_server() as (base_url, requests):
+            env = {**os.environ, "GEMINI_API_KEY": "secret-test-key", "GOOGLE_GEMINI_BASE_URL": base_url}
+            result = subprocess.run(
+                [sys.executable, "batcher.py", "--num-inputs", "10", "--input-delay", "0", "--timeout", "0.05"],
+                cwd=HERE, env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sum(len(body["requests"]) for _, body in requests), 10)
+        self.assertNotIn("simulated", result.stderr)
+        self.assertNotIn("secret-test-key", result.stdout + result.stderr)
+
     def test_bad_flags_get_one_line_naming_the_flag_and_exit_2(self) -> None:
         result = self.run_script("--batch-size", "101")
         self.assertEqual((result.returncode, result.stdout), (2, ""))

@@ -456,6 +456,17 @@ class CommandLineTest(unittest.TestCase):
         got = sorted(r["prompt"] for r in records(self.tmp / "outputs"))
         self.assertEqual(got, sorted(prompts))
 
+    def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 3)
+        with stub_server() as (base_url, paths):
+            self.env |= {"GEMINI_API_KEY": "secret-test-key", "GOOGLE_GEMINI_BASE_URL": base_url}
+            result = self.run_script("--max-attempts", "3")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(paths), 4)  # a 429, then three answers
+        self.assertNotIn("simulated", result.stderr)
+        self.assertNotIn("secret-test-key", result.stdout + result.stderr)
+        self.assertIn("3 succeeded", result.stdout)
+
     def test_a_second_ctrl_c_exits_at_once(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 10)
         command = [sys.executable, str(HERE / "pipeline.py"), "--fake-latency", "60", "--quiet"]
