@@ -111,8 +111,9 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
         return None
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
-    for detail in body.get("details") or [] if isinstance(body, dict) else []:
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    for detail in details if isinstance(details, list) else []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
             match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
             if match:
@@ -562,6 +563,8 @@ async def main(
     client: Client | None = None,
 ) -> int:
     """Runs the four stages; returns the exit status (0 all embedded, 1 some failed, 130 interrupted)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     client = client or make_client(offline=offline, fake_latency_s=fake_latency_s)
     batcher: Batcher[Input] = Batcher(batch_size=batch_size, timeout=timedelta(seconds=timeout_s), adaptive=adaptive)
     retrier = Retrier(max_attempts=max_attempts)

@@ -128,8 +128,9 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
         return None
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
-    for detail in body.get("details") or [] if isinstance(body, dict) else []:
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    for detail in details if isinstance(details, list) else []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
             match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
             if match:
@@ -555,6 +556,8 @@ def compact_errors(output_dir: Path, done: Collection[str]) -> set[str]:
 
 @dataclass(frozen=True)
 class Config:
+    """The pipeline's settings: one per command-line flag, checked when made."""
+
     inputs: Path = Path("inputs")
     outputs: Path = Path("outputs")
     workers: int = 5
@@ -570,6 +573,13 @@ class Config:
     model: str = "gemini-flash-latest"
     quiet: bool = False
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rpm is not None and not self.rpm > 0:
+            raise ValueError(f"rpm must be > 0, got {self.rpm}")
 
 
 def check_paths(config: Config) -> list[Path]:

@@ -386,6 +386,14 @@ class CommandLineTest(unittest.TestCase):
         command = [sys.executable, str(HERE / "pipeline.py"), *args]
         return subprocess.run(command, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=60)
 
+    def test_config_rejects_bad_settings_naming_the_value(self) -> None:
+        with self.assertRaisesRegex(ValueError, "workers must be >= 1, got 0"):
+            Config(workers=0)
+        with self.assertRaisesRegex(ValueError, "shard_size must be >= 1, got 0"):
+            Config(shard_size=0)
+        with self.assertRaisesRegex(ValueError, "rpm must be > 0, got -5"):
+            Config(rpm=-5)
+
     def test_make_inputs_twice_gives_the_same_files(self) -> None:
         for _ in range(2):
             subprocess.run([str(HERE / "make_inputs.sh")], cwd=self.tmp, check=True, capture_output=True)
