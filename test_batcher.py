@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import io
 import itertools
 import json
@@ -20,7 +19,7 @@ import sys
 import threading
 import time
 import unittest
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -32,6 +31,7 @@ from google.genai import errors, types
 
 import batcher
 from batcher import BatchedEmbedder, Batcher, Retrier, embed_content, log_outputs
+from bench import run_virtual  # an event loop on a virtual clock
 
 T = TypeVar("T")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -204,35 +204,6 @@ class BatcherTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([len(b) for b in batches], [8] * 50)
 
 
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps to the next timer whenever nothing is ready, so
-    hours of slow arrivals run in milliseconds with exact times (no I/O, no threads)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._now = 0.0
-
-    def time(self) -> float:
-        return self._now
-
-    def _run_once(self) -> None:
-        scheduled: list[Any] = self._scheduled  # type: ignore[attr-defined]
-        while scheduled and scheduled[0].cancelled():
-            heapq.heappop(scheduled)._scheduled = False
-            self._timer_cancelled_count -= 1  # type: ignore[attr-defined]
-        if not self._ready and scheduled:  # type: ignore[attr-defined]
-            self._now = max(self._now, scheduled[0].when())
-        super()._run_once()  # type: ignore[misc]
-
-
-def run_in_virtual_time(coro: Coroutine[Any, Any, T]) -> T:
-    loop = VirtualClockLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
-
-
 async def batch_latencies(batcher_: Batcher[float], arrivals: list[float]) -> list[float]:
     """Feeds items at the given loop times; returns each item's wait until its batch left."""
     loop = asyncio.get_running_loop()
@@ -259,7 +230,7 @@ class AdaptiveBatcherTest(unittest.TestCase):
 
     def test_adaptive_flushes_at_once_once_it_has_seen_that_arrivals_are_slow(self) -> None:
         batcher_: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
-        waits = run_in_virtual_time(batch_latencies(batcher_, [100.0 * i for i in range(1, 11)]))
+        waits = run_virtual(batch_latencies(batcher_, [100.0 * i for i in range(1, 11)]))
         self.assertEqual(waits[0], 1.0)  # nothing learnt yet: the full timeout
         self.assertEqual(max(waits[1:]), 0.0)
 
@@ -268,8 +239,8 @@ class AdaptiveBatcherTest(unittest.TestCase):
         arrivals = list(itertools.accumulate(rng.expovariate(0.01) for _ in range(3000)))  # 1 per 100 s
         fixed: Batcher[float] = Batcher(8, timedelta(seconds=1))
         adaptive: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
-        fixed_waits = run_in_virtual_time(batch_latencies(fixed, arrivals))
-        adaptive_waits = run_in_virtual_time(batch_latencies(adaptive, arrivals))
+        fixed_waits = run_virtual(batch_latencies(fixed, arrivals))
+        adaptive_waits = run_virtual(batch_latencies(adaptive, arrivals))
         self.assertGreater(statistics.mean(fixed_waits), 0.95)
         self.assertLess(statistics.mean(adaptive_waits), 0.05)
         self.assertLessEqual(adaptive.counts.batches, 1.05 * fixed.counts.batches)
@@ -279,8 +250,8 @@ class AdaptiveBatcherTest(unittest.TestCase):
         arrivals = list(itertools.accumulate(rng.expovariate(500) for _ in range(5000)))
         fixed: Batcher[float] = Batcher(8, timedelta(seconds=1))
         adaptive: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
-        run_in_virtual_time(batch_latencies(fixed, arrivals))
-        run_in_virtual_time(batch_latencies(adaptive, arrivals))
+        run_virtual(batch_latencies(fixed, arrivals))
+        run_virtual(batch_latencies(adaptive, arrivals))
         self.assertEqual(adaptive.counts.batches, fixed.counts.batches)
 
 
