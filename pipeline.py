@@ -612,9 +612,19 @@ async def all_of(coros: list[Coroutine[Any, Any, None]]) -> None:
             tg.create_task(coro)
 
 
+def count_lines(files: list[Path]) -> int:
+    """Lines in all the files (for the ETA), read a chunk at a time."""
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                total += chunk.count(b"\n")
+    return total
+
+
 async def show_progress(stats: Stats, files: list[Path]) -> None:
     """One progress line on stderr, redrawn 4 times a second: done, failed, rate and ETA."""
-    total = sum(await asyncio.to_thread(lambda: [p.read_bytes().count(b"\n") for p in files]))
+    total = await asyncio.to_thread(count_lines, files)
     try:
         while True:
             await asyncio.sleep(0.25)

@@ -189,6 +189,14 @@ class FaultTest(PipelineTestCase):
         self.assertTrue(all(r["attempts"] == 4 for r in failures))
         self.assertGreater(int(summary.split(" retries")[0].split()[-1]), 50)
 
+    async def test_connection_errors_are_retried(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        client = SpyClient(fail=lambda prompt, n: ConnectionResetError("reset by peer") if n <= 2 else None)
+        status, summary = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertIn("2 retries", summary)
+        self.assert_exactly_once(prompts)
+
     async def test_permanent_errors_go_to_errors_jsonl_without_retry(self) -> None:
         prompts = write_inputs(self.inputs, 2, 3)
         client = SpyClient(fail=lambda prompt, n: api_error(404) if prompt.endswith("4?") else None)
