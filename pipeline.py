@@ -257,6 +257,11 @@ def make_client(*, offline: bool, fake_latency_s: float, fake_failure_rate: floa
 # --- Stage 1: the input readers -------------------------------------------------------------
 
 
+def input_files(input_dir: Path) -> list[Path]:
+    """The *.txt files of the input folder, in name order."""
+    return sorted(path for path in input_dir.glob("*.txt") if path.is_file())
+
+
 async def read_blocks(path: Path) -> AsyncIterator[bytes]:
     """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline:
     one thread hop per chunk, not per line."""
@@ -307,7 +312,7 @@ async def read_inputs(
     """
     stats, shutdown = stats or Stats(), shutdown or Shutdown()
     if files is None:
-        files = sorted(input_dir.glob("*.txt"))  # noqa: ASYNC240 (a directory listing, once)
+        files = input_files(input_dir)  # a directory listing, once
     for path in files:
         name, number = path.name, 0
         async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
@@ -586,7 +591,7 @@ def check_paths(config: Config) -> list[Path]:
     """The input files, after checking the input and output folders. Raises UsageError."""
     if not config.inputs.is_dir():
         raise UsageError(f"input folder not found: {config.inputs}")
-    files = sorted(config.inputs.glob("*.txt"))
+    files = input_files(config.inputs)
     if not files:
         raise UsageError(f"no *.txt files in the input folder: {config.inputs}")
     try:

@@ -133,6 +133,23 @@ class EndToEndTest(PipelineTestCase):
             sorted(r["prompt"] for r in records(self.outputs)), ["What is two times 1?", "What is two times 2?"]
         )
 
+    async def test_chunk_boundaries_split_neither_lines_nor_characters(self) -> None:
+        self.inputs.mkdir()
+        lines = [
+            "Ünïcödé prompt number one",
+            "",
+            "a line much longer than one chunk of seven bytes",
+            "ß",
+            "last, no newline",
+        ]
+        (self.inputs / "u.txt").write_text("\n".join(lines), encoding="utf-8")
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100)
+        with mock.patch.object(pipeline, "CHUNK_BYTES", 7):
+            await pipeline.read_inputs(self.inputs, queue)
+        got = [queue.get_nowait() for _ in range(queue.qsize())]
+        expected = [(f"u.txt:{n}", text) for n, text in enumerate(lines, 1) if text]
+        self.assertEqual(got, expected)
+
     async def test_shards_hold_at_most_shard_size_records_and_none_is_empty(self) -> None:
         write_inputs(self.inputs, 3, 4)
         await self.run_pipeline(shard_size=5)
