@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import math
 import os
@@ -234,9 +233,9 @@ class SimulatedClient:
 
 
 def fake_vector(text: str, dimensions: int) -> list[float]:
-    """A deterministic vector in [-1, 1) for a text."""
-    digest = hashlib.blake2b(text.encode(), digest_size=2 * dimensions).digest()
-    return [round(int.from_bytes(digest[i : i + 2], "big") / 32768 - 1, 6) for i in range(0, len(digest), 2)]
+    """A deterministic vector in [-1, 1] for a text: the same text, the same vector, every run."""
+    rng = random.Random(text)  # seeded from the text (via SHA-512), not from the global state
+    return [round(rng.uniform(-1, 1), 6) for _ in range(dimensions)]
 
 
 def make_client(*, offline: bool, fake_latency_s: float) -> Client:

@@ -348,6 +348,11 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(again.embeddings[0].values, response.embeddings[0].values)
         with self.assertRaises(errors.ClientError):
             await client.aio.models.embed_content(model="m", contents=["a"] * 101)
+        full = await client.aio.models.embed_content(
+            model="m", contents=["a"], config=types.EmbedContentConfig(output_dimensionality=3072)
+        )
+        assert full.embeddings is not None
+        self.assertEqual(len(full.embeddings[0].values or []), 3072)
 
 
 class LoggerTest(unittest.IsolatedAsyncioTestCase):
