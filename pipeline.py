@@ -798,6 +798,21 @@ def run_cli(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pipeline.py: error: {exc}", file=sys.stderr)
         return 2
+    except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
+        faults = list(leaf_exceptions(group))
+        if not all(isinstance(fault, OSError) for fault in faults):
+            raise  # a bug: the traceback is what helps
+        for fault in faults:  # a disk or file error: say which, in one line
+            print(f"pipeline.py: error: {fault}", file=sys.stderr)
+        return 1
+
+
+def leaf_exceptions(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from leaf_exceptions(exc)
+        else:
+            yield exc
 
 
 if __name__ == "__main__":

@@ -500,6 +500,24 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("secret-test-key", result.stdout + result.stderr)
         self.assertIn("3 succeeded", result.stdout)
 
+    def test_a_disk_error_mid_run_gets_one_line_and_exit_1(self) -> None:
+        write_inputs(self.tmp / "inputs", 2, 5)
+        err = io.StringIO()
+
+        def disk_full(writes: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        with (
+            contextlib.chdir(self.tmp),
+            mock.patch.object(pipeline, "append_lines", disk_full),
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            status = pipeline.run_cli(["--offline", "--quiet", "--fake-latency", "0"])
+        self.assertEqual(status, 1)
+        lines = [line for line in err.getvalue().splitlines() if "simulated" not in line]
+        self.assertEqual(lines, ["pipeline.py: error: [Errno 28] No space left on device"])
+
     def test_a_second_ctrl_c_exits_at_once(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 10)
         command = [sys.executable, str(HERE / "pipeline.py"), "--fake-latency", "60", "--quiet"]
