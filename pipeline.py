@@ -36,7 +36,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
-import aiofiles
 from google import genai
 from google.genai import errors, types
 
@@ -264,10 +263,14 @@ def input_files(input_dir: Path) -> list[Path]:
 
 async def read_blocks(path: Path) -> AsyncIterator[bytes]:
     """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline:
-    one thread hop per chunk, not per line."""
-    async with aiofiles.open(path, "rb") as f:
+    one thread hop per chunk, not per line.
+
+    Not aiofiles.open: it opens the file in a thread, and a cancellation at that moment loses
+    the open file. Opened here, the file is closed by `with` however the reader ends.
+    """
+    with path.open("rb") as f:
         tail = b""
-        while chunk := await f.read(CHUNK_BYTES):
+        while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
             data = tail + chunk
             cut = data.rfind(b"\n")
             if cut < 0:  # a line longer than a chunk: read on
@@ -284,14 +287,14 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
     try:
         return block.decode().split("\n"), {}  # the fast path: the whole block is UTF-8
     except UnicodeDecodeError:
-        lines, errors = [], {}
+        lines, bad = [], {}
         for number, raw in enumerate(block.split(b"\n"), first_number):
             try:
                 lines.append(raw.decode())
             except UnicodeDecodeError as exc:
                 lines.append(raw.decode(errors="backslashreplace"))
-                errors[number] = f"undecodable UTF-8: {exc}"
-        return lines, errors
+                bad[number] = f"undecodable UTF-8: {exc}"
+        return lines, bad
 
 
 async def read_inputs(
@@ -698,7 +701,9 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown | None = No
             generating = tg.create_task(close_after(all_of(workers), output_queue, config.writers))
             tg.create_task(all_of(writers))
             tg.create_task(write_errors(config.outputs, error_queue, stats=stats))
-            tg.create_task(close_after(asyncio.gather(reading, generating), error_queue, 1))
+            # asyncio.wait, not gather: cancelling a gather would cancel these tasks a second
+            # time, mid-cleanup (a reader closing its file), when the group shuts down on an error.
+            tg.create_task(close_after(asyncio.wait([reading, generating]), error_queue, 1))
     finally:
         if progress is not None:
             progress.cancel()
