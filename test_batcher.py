@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 from unittest import mock
 
 from google import genai
@@ -33,7 +33,6 @@ import batcher
 from batcher import BatchedEmbedder, Batcher, Retrier, embed_content, log_outputs
 from bench import run_virtual  # an event loop on a virtual clock
 
-T = TypeVar("T")
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE_S = 0.05  # scheduling slack allowed on timing assertions
 logging.getLogger("batcher").setLevel(logging.CRITICAL)  # retries are expected here: keep the output clean
