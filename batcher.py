@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
+import json
 import logging
 import math
 import os
@@ -30,12 +33,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, NoReturn, TypeAlias, TypeVar
 
+import aiofiles
 from google import genai
 from google.genai import errors, types
 
@@ -43,6 +49,10 @@ log = logging.getLogger("batcher")
 
 MAX_BATCH_SIZE = 100  # the API rejects more than 100 texts in one call
 QUEUE_SIZE = 256  # bound of every queue: backpressure instead of unbounded memory
+CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
+STDIN = Path("-")
+ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
+ID_DECODER = json.JSONDecoder()
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 # Permanent errors about the request's content: splitting the batch isolates the bad text.
 # Others (401, 403, 404: the key or the model) fail every text alike, so they are not split.
@@ -51,13 +61,26 @@ BISECT_CODES = frozenset({400, 413, 422})
 # arrivals before its deadline (rate x time left) falls below this.
 ADAPTIVE_EPSILON = 0.03
 ADAPTIVE_ALPHA = 0.1  # weight of the newest gap in the moving average
+# The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
+# An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
+REQUEST_TIMEOUT_S = 60.0
+PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 
 T = TypeVar("T")
-Input: TypeAlias = str
+# (id, text). In the document's demo the id is the text; in a corpus, "<file name>:<line>".
+Input: TypeAlias = tuple[str, str]
 InputBatch: TypeAlias = list[Input]
-# A failed item travels as (content, error) instead of (content, embedding).
+# A failed item travels as (item, error) instead of (item, embedding).
 Output: TypeAlias = tuple[Input, "types.ContentEmbedding | Exception"]
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.embed_content
+
+
+class UsageError(Exception):
+    """Bad flags or bad input: reported in one line, exit status 2."""
+
+
+class MalformedInput(Exception):
+    """An input line that cannot be embedded (not UTF-8): that item fails, the rest go on."""
 
 
 # --- Records ---------------------------------------------------------------------------
@@ -86,24 +109,49 @@ class BatchCounts:
 class RunStats:
     """What the logger saw, and when each input arrived (for latency)."""
 
-    arrived_at: dict[Input, float] = field(default_factory=dict)
+    arrived_at: dict[str, float] = field(default_factory=dict)  # by id
     latencies_s: list[float] = field(default_factory=list)
+    enqueued: int = 0
+    skipped: int = 0  # already in the output file
     succeeded: int = 0
     failed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def progress(self) -> str:
+        done, elapsed = self.succeeded + self.failed, time.perf_counter() - self.started
+        in_flight = self.enqueued - done
+        return f"{done} done, {self.failed} failed, {in_flight} in flight, {done / elapsed if elapsed else 0:.0f}/s"
 
 
 # --- Faults and retries ----------------------------------------------------------------
 
 
+class MalformedReply(Exception):
+    """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
+
+
 def is_transient(exc: BaseException) -> bool:
-    """429, 408 and 5xx API errors, and connection errors, are worth another try."""
+    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
+    worth another try."""
     if isinstance(exc, errors.APIError):
         return exc.code in TRANSIENT_CODES
-    if isinstance(exc, (OSError, TimeoutError)):
+    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
         return True
     # httpx / httpx2 / aiohttp connection errors, matched by name so no transport is imported.
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
+
+
+async def bounded(call: Awaitable[T], timeout_s: float) -> T:
+    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
+    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
+            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
+        raise
 
 
 def server_retry_delay_s(exc: BaseException) -> float | None:
@@ -129,37 +177,70 @@ def describe(exc: BaseException) -> str:
     """One line naming an error: the API's code, status and message, or the type."""
     if isinstance(exc, errors.APIError):
         return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+    if isinstance(exc, TimeoutError) and str(exc):
+        return str(exc)  # "timed out after 60 s"
     return f"{type(exc).__name__}: {exc}"
 
 
 class Retrier:
     """Runs API calls with retries, and counts calls and retries.
 
-    Transient errors are retried with exponential backoff and full jitter, up to
-    max_attempts calls in all. When the server names a delay, no call through this
-    Retrier starts before it has passed: all concurrent calls pause, not just the
-    one that was told. Other errors are raised at once.
+    Every attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy,
+    a fake): a timed-out attempt is transient. Transient errors are retried with exponential
+    backoff and full jitter, up to max_attempts calls in all. When the server names a delay,
+    no call through this Retrier starts before it has passed: all concurrent calls pause,
+    not just the one that was told. Other errors are raised at once.
+
+    With rpm, call starts are spaced 60/rpm seconds apart across all concurrent calls:
+    smooth, with no burst at the start, so a corpus job runs at its quota, not against it.
     """
 
-    def __init__(self, *, max_attempts: int = 5, base_delay_s: float = 0.5, max_delay_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 5,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        rpm: float | None = None,
+        base_delay_s: float = 0.5,
+        max_delay_s: float = 30.0,
+    ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if rpm is not None and not rpm > 0:
+            raise ValueError(f"rpm must be > 0, got {rpm}")
         self.max_attempts = max_attempts
+        self.request_timeout_s = request_timeout_s
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
         self.calls = 0
         self.retries = 0
+        self._interval_s = 60.0 / rpm if rpm else 0.0
+        self._next_start = 0.0  # loop time of the next free rpm slot
         self._paused_until = 0.0  # loop time before which no call may start
+
+    async def _wait_turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # A loop, not one sleep: another call may extend the pause while we wait.
+            while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(pause_s)
+            if not self._interval_s:
+                return
+            start = max(loop.time(), self._next_start)
+            self._next_start = start + self._interval_s
+            await asyncio.sleep(start - loop.time())
+            if self._paused_until <= loop.time():
+                return
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.max_attempts + 1):
-            # A loop, not one sleep: another call may extend the pause while we wait.
-            while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(pause_s)
+            await self._wait_turn()
             self.calls += 1
             try:
-                return await fn()
+                return await bounded(fn(), self.request_timeout_s)
             except Exception as exc:
                 if not is_transient(exc) or attempt == self.max_attempts:
                     raise
@@ -170,6 +251,21 @@ class Retrier:
                 self.retries += 1
                 await asyncio.sleep(random.uniform(0, backoff_s))
         raise AssertionError("unreachable")
+
+
+async def request_embeddings(
+    client: Client, texts: list[str], *, model: str, dimensions: int | None
+) -> list[types.ContentEmbedding]:
+    """One embed_content call: one embedding per text, or MalformedReply."""
+    config = types.EmbedContentConfig(output_dimensionality=dimensions)
+    try:
+        response = await client.aio.models.embed_content(model=model, contents=texts, config=config)
+    except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
+        raise MalformedReply(f"unreadable reply: {exc}") from exc
+    embeddings = response.embeddings or []
+    if len(embeddings) != len(texts):
+        raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(texts)} texts")
+    return embeddings
 
 
 async def embed_batch(
@@ -185,26 +281,71 @@ async def embed_batch(
     A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
     fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls.
     """
-    config = types.EmbedContentConfig(output_dimensionality=dimensions)
     try:
-        response = await retrier.call(
-            lambda: client.aio.models.embed_content(model=model, contents=texts, config=config)
-        )
-        embeddings = response.embeddings or []
-        if len(embeddings) != len(texts):
-            raise ValueError(f"{len(embeddings)} embeddings returned for {len(texts)} texts")
-        return list(embeddings)
+        return list(await retrier.call(lambda: request_embeddings(client, texts, model=model, dimensions=dimensions)))
     except errors.APIError as exc:
         if exc.code not in BISECT_CODES or len(texts) == 1:
             return [exc] * len(texts)
     except Exception as exc:
-        if not is_transient(exc) and not isinstance(exc, ValueError):
+        if not is_transient(exc):
             raise  # a bug, not a fault of this batch: let it surface
         return [exc] * len(texts)
     middle = len(texts) // 2
     left = await embed_batch(client, texts[:middle], retrier=retrier, model=model, dimensions=dimensions)
     right = await embed_batch(client, texts[middle:], retrier=retrier, model=model, dimensions=dimensions)
     return left + right
+
+
+class Shutdown:
+    """The first Ctrl-C or SIGTERM stops the input; what is in flight drains, the summary is
+    printed, and the exit status is 128 + the signal (130, 143). A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def request(self, signum: int) -> None:
+        if self.signal is not None:
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        print(f"batcher: {name}: draining what is in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def signals_handled(shutdown: Shutdown) -> Iterator[None]:
+    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, shutdown.request, signum)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def show_progress(stats: RunStats, *, tty: bool) -> None:
+    """Until cancelled: on a terminal, one line redrawn 4 times a second; elsewhere (nohup,
+    containers, CI logs) a plain line every PROGRESS_EVERY_S, so a stall shows as counts
+    that stop moving."""
+    try:
+        while True:
+            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
+            if tty:
+                print(f"\r{stats.progress()}   ", end="", file=sys.stderr, flush=True)
+            else:
+                print(f"progress: {stats.progress()}", file=sys.stderr, flush=True)
+    finally:
+        if tty:
+            print(file=sys.stderr)
 
 
 # --- The simulated client --------------------------------------------------------------
@@ -232,23 +373,35 @@ class SimulatedClient:
         )
 
 
+_FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
+_FAKE_VALUES = [round(_FAKE_RNG.uniform(-1, 1), 6) for _ in range(8192)]
+
+
 def fake_vector(text: str, dimensions: int) -> list[float]:
-    """A deterministic vector in [-1, 1] for a text: the same text, the same vector, every run."""
-    rng = random.Random(text)  # seeded from the text (via SHA-512), not from the global state
-    return [round(rng.uniform(-1, 1), 6) for _ in range(dimensions)]
+    """A deterministic vector in [-1, 1] for a text: the same text, the same vector, every run.
+    A slice of one fixed random sequence at an offset hashed from the text: cheap at any
+    dimension, so benchmarks measure the batcher, not the fake."""
+    start = zlib.crc32(text.encode()) % 4096
+    values = _FAKE_VALUES[start : start + dimensions]
+    while len(values) < dimensions:  # beyond 4096 dimensions: wrap around
+        values += _FAKE_VALUES[: dimensions - len(values)]
+    return values
 
 
-def make_client(*, offline: bool, fake_latency_s: float) -> Client:
+def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S) -> Client:
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
 
     The SDK's own retries are turned off: they ignore the server's retry delay, and ours don't.
+    Its timeout (none by default) is set too, so a hung connection is closed, not just abandoned.
     """
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
         reason = "--offline" if offline else "no GEMINI_API_KEY"
         print(f"batcher: {reason}: using the simulated client (latency {fake_latency_s}s)", file=sys.stderr)
         return SimulatedClient(latency_s=fake_latency_s)
-    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
+    )
     return genai.Client(http_options=options)
 
 
@@ -260,24 +413,82 @@ async def enqueue_inputs(
     *,
     num_inputs: int = 100,
     max_delay_s: float = 0.3,
-    stats: RunStats | None = None,
-    stop: asyncio.Event | None = None,
+    stats: RunStats,
+    shutdown: Shutdown,
 ) -> None:
-    """Puts input-0, input-1, ... with random gaps, then the None sentinel.
-
-    Stops early, still sending the sentinel, when stop is set (Ctrl-C).
-    """
+    """The document's demo: puts input-0, input-1, ... with random gaps (the id is the text).
+    Ends its output queue with the None sentinel, early on a shutdown request."""
     loop = asyncio.get_running_loop()
     for i in range(num_inputs):
-        if stop is not None and stop.is_set():
+        if shutdown.requested:
             break
         content = f"input-{i}"
-        if stats is not None:
-            stats.arrived_at[content] = loop.time()
-        await input_queue.put(content)
+        stats.arrived_at[content] = loop.time()
+        stats.enqueued += 1
+        await input_queue.put((content, content))
         await asyncio.sleep(random.uniform(0, max_delay_s))
     await input_queue.put(None)
     log.info("All inputs enqueued.")
+
+
+async def read_corpus(
+    source: Path | None,
+    input_queue: asyncio.Queue[Input | None],
+    output_queue: asyncio.Queue[Output | None],
+    *,
+    skip: Collection[str],
+    stats: RunStats,
+    shutdown: Shutdown,
+) -> None:
+    """A real corpus: puts (id, text) for each non-blank line of the file (None: stdin), stripped,
+    as fast as the bounded queue takes them. The id is "<file name>:<line number>" or
+    "stdin:<line number>"; ids in `skip` (already in the output) are passed over. A line that
+    is not UTF-8 goes to output_queue as failed, and reading goes on.
+    Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
+    name = source.name if source is not None else "stdin"
+    number = 0
+    async with contextlib.AsyncExitStack() as stack:
+        if source is None:
+            read = aiofiles.stdin_bytes.read1  # read1: what the pipe has now, not a full chunk
+        else:
+            read = (await stack.enter_async_context(open_file(source, "rb"))).read
+        async for block in read_blocks(read):
+            if shutdown.requested:
+                break
+            for raw in block.split(b"\n"):
+                number += 1
+                try:
+                    text = raw.decode().strip()
+                except UnicodeDecodeError as exc:
+                    item = (f"{name}:{number}", raw.decode(errors="backslashreplace").strip())
+                    stats.enqueued += 1
+                    await output_queue.put((item, MalformedInput(f"undecodable UTF-8: {exc}")))
+                    continue
+                if not text:
+                    continue
+                item_id = f"{name}:{number}"
+                if item_id in skip:
+                    stats.skipped += 1
+                    continue
+                stats.enqueued += 1
+                await input_queue.put((item_id, text))
+    await input_queue.put(None)
+
+
+async def read_blocks(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """What read(n) returns, in blocks of whole lines of about CHUNK_BYTES, without the last
+    newline: one thread hop per chunk, not per line."""
+    tail = b""
+    while chunk := await read(CHUNK_BYTES):
+        data = tail + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:  # a line longer than a chunk: read on
+            tail = data
+            continue
+        yield data[:cut]
+        tail = data[cut + 1 :]
+    if tail:
+        yield tail
 
 
 # --- Stage 2: the batcher ---------------------------------------------------------------
@@ -389,20 +600,21 @@ async def embed_content(
     batch_queue: asyncio.Queue[InputBatch | None],
     output_queue: asyncio.Queue[Output | None],
     *,
+    retrier: Retrier,
     concurrency: int = 4,
     model: str = "gemini-embedding-001",
     dimensions: int | None = 3,
-    retrier: Retrier | None = None,
 ) -> None:
-    """Embeds each batch, up to `concurrency` calls in flight, and puts one
-    (content, embedding) or (content, error) pair per item on the output queue."""
+    """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
+    or (item, error) pair per item on output_queue. Ends output_queue with the None sentinel
+    once its workers have all finished."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    retrier = retrier or Retrier()
 
     async def worker() -> None:
         while (batch := await batch_queue.get()) is not None:
-            results = await embed_batch(client, batch, retrier=retrier, model=model, dimensions=dimensions)
+            texts = [text for _, text in batch]
+            results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
             for pair in zip(batch, results, strict=True):
                 await output_queue.put(pair)
         batch_queue.put_nowait(None)  # the slot we just emptied: wake the next worker
@@ -413,30 +625,145 @@ async def embed_content(
     await output_queue.put(None)
 
 
-# --- Stage 4: the output logger ---------------------------------------------------------
+# --- Stage 4: the output logger (or, for a corpus, the output writer) ---------------------
 
 
-async def log_outputs(
-    output_queue: asyncio.Queue[Output | None], *, stats: RunStats | None = None, quiet: bool = False
-) -> None:
+async def log_outputs(output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False) -> None:
     """Prints one line per item until the sentinel, and records latency and outcome."""
     loop = asyncio.get_running_loop()
-    stats = stats if stats is not None else RunStats()
     while (output := await output_queue.get()) is not None:
-        content, result = output
-        if (arrived := stats.arrived_at.pop(content, None)) is not None:
+        (item_id, text), result = output
+        if (arrived := stats.arrived_at.pop(item_id, None)) is not None:
             stats.latencies_s.append(loop.time() - arrived)
         if isinstance(result, Exception):
             stats.failed += 1
             if not quiet:
-                print(f"Failed: {content} -> {describe(result)}")
+                print(f"Failed: {item_id} -> {describe(result)}")
         else:
             stats.succeeded += 1
             if not quiet:
-                print(f"Content: {content} -> Embedding: {result.values}")
+                print(f"Content: {text} -> Embedding: {result.values}")
+
+
+async def write_outputs(output: Any, output_queue: asyncio.Queue[Output | None], *, stats: RunStats) -> None:
+    """Appends one JSONL record per embedded item to the open aiofiles `output` until the
+    sentinel: whatever is waiting goes in one write and one flush. A failed item is not
+    written (so a re-run tries it again): its Failed: line names the id and the reason."""
+    while True:
+        outputs, ended = await take_available(output_queue)
+        lines = []
+        for (item_id, text), result in outputs:
+            if isinstance(result, Exception):
+                stats.failed += 1
+                print(f"Failed: {item_id} -> {describe(result)}", flush=True)
+            else:
+                lines.append(json.dumps({"id": item_id, "text": text, "embedding": result.values}) + "\n")
+        if lines:
+            await output.write("".join(lines).encode())
+            await output.flush()  # whole lines reach the file before we count them done
+            stats.succeeded += len(lines)
+        if ended:
+            return
+
+
+async def take_available(queue: asyncio.Queue[Output | None]) -> tuple[list[Output], bool]:
+    """Waits for one item, then takes what is already waiting. Returns them and whether the
+    sentinel came."""
+    items: list[Output] = []
+    item = await queue.get()
+    while item is not None:
+        items.append(item)
+        if queue.empty():
+            return items, False
+        item = queue.get_nowait()
+    return items, True
+
+
+# --- Files: aiofiles, safely -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb"]) -> AsyncIterator[Any]:
+    """aiofiles.open, safe to cancel. aiofiles opens the file in a worker thread; a task
+    cancelled meanwhile would never receive it, and the descriptor would leak (a
+    ResourceWarning at best). So the open is shielded, and when the caller is cancelled
+    the file is closed as soon as the thread hands it over, before the cancellation goes on."""
+    opening = asyncio.ensure_future(aiofiles.open(path, mode))
+    try:
+        f = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        while not opening.done():  # the thread cannot be stopped: wait for it (an open is quick)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(opening)
+        if not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
+        raise
+    try:
+        yield f
+    finally:
+        await f.close()  # a thread hop: even if we are cancelled here, the thread closes it
+
+
+def lock_output(output: Any, path: Path) -> None:
+    """An exclusive OS lock on the open output file for the whole run: a second run on the
+    same file is refused. The OS releases it however the process ends (kill -9 too)."""
+    try:
+        fcntl.flock(output.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another run is using {path}") from None
+
+
+async def done_ids(path: Path) -> set[str]:
+    """The ids already in the output file, after cutting off a torn last line. An unreadable
+    line is skipped with a warning."""
+    await cut_torn_line(path)
+    done: set[str] = set()
+    async with open_file(path, "rb") as f:
+        async for block in read_blocks(f.read):
+            for line in block.split(b"\n"):
+                try:
+                    if line.startswith(ID_PREFIX):  # read the id alone, not the whole embedding
+                        record_id = ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0]
+                    else:
+                        record_id = json.loads(line)["id"]
+                    if not isinstance(record_id, str):
+                        raise TypeError(record_id)
+                    done.add(record_id)
+                except (ValueError, KeyError, TypeError):
+                    log.warning("%s: skipping an unreadable line: %.60r", path, line)
+    return done
+
+
+async def cut_torn_line(path: Path) -> None:
+    """A last line with no newline was torn by a kill mid-write: it was never a record."""
+    async with open_file(path, "rb+") as f:
+        end = pos = await f.seek(0, os.SEEK_END)
+        while pos > 0:
+            start = max(0, pos - CHUNK_BYTES)
+            await f.seek(start)
+            chunk = await f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return  # whole lines only: nothing to cut
+            if (cut := chunk.rfind(b"\n")) >= 0:
+                pos = start + cut + 1
+                break
+            pos = start
+        if pos < end:
+            log.warning("%s: cutting off a torn last line (%d bytes)", path, end - pos)
+            await f.truncate(pos)
 
 
 # --- The per-caller API -----------------------------------------------------------------
+
+
+class EmbeddingFailed(Exception):
+    """One caller's text could not be embedded. `error` is the API's error (an
+    errors.APIError, say), shared by the batch; each caller gets its own EmbeddingFailed."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(describe(error))
+        self.error = error
+        self.__cause__ = error
 
 
 @dataclass
@@ -451,9 +778,12 @@ class BatchedEmbedder:
         async with BatchedEmbedder(client, batch_size=32, timeout=timedelta(milliseconds=20)) as e:
             embedding = await e.embed("some text")
 
-    A caller whose item failed gets the error (an errors.APIError, for instance); the
-    others in its batch still get their embeddings. A cancelled caller's item is
-    dropped from its batch if the batch has not been sent yet.
+    A caller whose text failed gets EmbeddingFailed (its .error is the API's error); the
+    others in its batch still get their embeddings. A cancelled caller's text is dropped
+    from its batch if the batch has not been sent. Leaving the block flushes the last batch.
+    If the block ends with an error or a cancellation, or a worker fails, every caller still
+    waiting gets EmbeddingFailed at once: none waits forever. embed() outside the block
+    raises RuntimeError.
     """
 
     def __init__(
@@ -466,7 +796,9 @@ class BatchedEmbedder:
         model: str = "gemini-embedding-001",
         dimensions: int | None = None,
         adaptive: bool = False,
-        retrier: Retrier | None = None,
+        max_attempts: int = 5,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        rpm: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -475,32 +807,50 @@ class BatchedEmbedder:
         self._concurrency = concurrency
         self._model = model
         self._dimensions = dimensions
-        self.retrier = retrier or Retrier()
+        self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm)
         self._requests: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=concurrency)
         self._tasks = asyncio.TaskGroup()
-        self._closed = False
+        self._open = False
+        self._waiting: set[asyncio.Future[types.ContentEmbedding]] = set()  # callers not yet answered
+        self._putting = 0  # callers waiting for room in the request queue
 
     async def __aenter__(self) -> BatchedEmbedder:
         await self._tasks.__aenter__()
         self._tasks.create_task(self._batcher.batch(self._requests, self._batches))
         for _ in range(self._concurrency):
             self._tasks.create_task(self._serve())
+        self._open = True
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._closed = True
-        await self._requests.put(None)  # the batcher flushes, then the workers finish
-        await self._tasks.__aexit__(exc_type, exc, tb)
+        self._open = False  # from here on, embed() raises at once
+        try:
+            if exc_type is None:
+                await self._requests.put(None)  # the batcher flushes, then the workers finish
+        except BaseException as stop:  # cancelled while flushing: a worker failed, or our owner was cancelled
+            exc_type, exc, tb = type(stop), stop, stop.__traceback__
+        try:
+            await self._tasks.__aexit__(exc_type, exc, tb)  # on an error, this cancels our tasks first
+        finally:
+            await self._fail_waiting()
 
     async def embed(self, text: str) -> types.ContentEmbedding:
-        if self._closed:
-            raise RuntimeError("BatchedEmbedder is closed")
+        if not self._open:
+            raise RuntimeError("BatchedEmbedder.embed() called outside its `async with` block")
         future: asyncio.Future[types.ContentEmbedding] = asyncio.get_running_loop().create_future()
-        await self._requests.put(_Request(text, future))
-        return await future  # a cancelled caller cancels its future too
+        self._waiting.add(future)
+        try:
+            self._putting += 1
+            try:
+                await self._requests.put(_Request(text, future))
+            finally:
+                self._putting -= 1
+            return await future  # a cancelled caller cancels its future too
+        finally:
+            self._waiting.discard(future)
 
     async def _serve(self) -> None:
         while (batch := await self._batches.get()) is not None:
@@ -515,13 +865,76 @@ class BatchedEmbedder:
                 if request.future.done():  # cancelled while in flight
                     continue
                 if isinstance(result, Exception):
-                    request.future.set_exception(result)
+                    request.future.set_exception(EmbeddingFailed(result))
                 else:
                     request.future.set_result(result)
         self._batches.put_nowait(None)
 
+    async def _fail_waiting(self) -> None:
+        """Our tasks are gone: answer every caller still waiting, and let through those
+        blocked on the full request queue (their futures have already failed)."""
+        stopped = RuntimeError("BatchedEmbedder stopped before this text was embedded")
+        for future in self._waiting:
+            if not future.done():
+                future.set_exception(EmbeddingFailed(stopped))
+        while self._putting:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._requests.get_nowait()
+            await asyncio.sleep(0)
+
 
 # --- main -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """The batcher's settings: one per command-line flag, checked when made."""
+
+    num_inputs: int = 100
+    batch_size: int = 8
+    timeout_s: float = 1.0
+    input_delay_s: float = 0.3
+    concurrency: int = 4
+    max_attempts: int = 5
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    rpm: float | None = None
+    dimensions: int = 3
+    model: str = "gemini-embedding-001"
+    adaptive: bool = False
+    input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
+    output: Path | None = None  # a JSONL file of embeddings
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_inputs", "input_delay_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("concurrency", "max_attempts", "dimensions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
+        for name in ("timeout_s", "request_timeout_s", "rpm"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_paths(config: Config) -> None:
+    """Raises UsageError, naming the path, for an input or output that cannot work."""
+    source, output = config.input, config.output
+    if source is not None and source != STDIN:
+        if not source.exists():
+            raise UsageError(f"input file not found: {source}")
+        if not source.is_file():
+            raise UsageError(f"input is not a file: {source}")
+    if output is not None:
+        if not output.parent.is_dir():
+            raise UsageError(f"output folder not found: {output.parent}")
+        if output.is_dir():
+            raise UsageError(f"output is a folder, not a file: {output}")
+        if source is not None and source != STDIN and output.exists() and output.samefile(source):
+            raise UsageError(f"output is the input file: {output}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -532,86 +945,87 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def summary(counts: BatchCounts, retrier: Retrier, stats: RunStats, wall_s: float) -> str:
+def summary(counts: BatchCounts, retrier: Retrier, stats: RunStats) -> str:
     lat = stats.latencies_s
     mean_batch = counts.items / counts.batches if counts.batches else 0.0
+    skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
     return (
         f"Summary: {counts.items} items in {counts.batches} batches "
-        f"({counts.full} full, {counts.timed_out} timed out, {counts.flushed_at_end} flushed at end)\n"
+        f"({counts.full} full, {counts.timed_out} timed out, {counts.flushed_at_end} flushed at end){skipped}\n"
         f"  mean batch size {mean_batch:.2f}, {retrier.calls} API calls, {retrier.retries} retries, "
-        f"{stats.failed} failed items\n"
-        f"  item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, "
-        f"max {max(lat, default=0.0):.3f}s; wall time {wall_s:.2f}s"
+        f"{stats.succeeded} embedded, {stats.failed} failed items\n"
+        + (
+            f"  item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s; "
+            if lat
+            else "  "
+        )
+        + f"wall time {time.perf_counter() - stats.started:.2f}s"
     )
 
 
-async def main(
-    *,
-    num_inputs: int = 100,
-    batch_size: int = 8,
-    timeout_s: float = 1.0,
-    input_delay_s: float = 0.3,
-    concurrency: int = 4,
-    max_attempts: int = 5,
-    dimensions: int = 3,
-    model: str = "gemini-embedding-001",
-    adaptive: bool = False,
-    offline: bool = False,
-    fake_latency_s: float = 0.2,
-    quiet: bool = False,
-    client: Client | None = None,
-) -> int:
-    """Runs the four stages; returns the exit status (0 all embedded, 1 some failed, 130 interrupted)."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    client = client or make_client(offline=offline, fake_latency_s=fake_latency_s)
-    batcher: Batcher[Input] = Batcher(batch_size=batch_size, timeout=timedelta(seconds=timeout_s), adaptive=adaptive)
-    retrier = Retrier(max_attempts=max_attempts)
+async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
+    """Runs the four stages; returns the exit status: 0 all embedded, 1 some failed,
+    130 or 143 interrupted. Raises UsageError on bad input."""
+    check_paths(config)
+    source = None if config.input in (None, STDIN) else config.input
+    batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
+    retrier = Retrier(max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm)
     stats = RunStats()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-    batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=concurrency)
+    batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # signal handlers can only be set there
-        loop.add_signal_handler(signal.SIGINT, on_interrupt, stop)
-    started = time.perf_counter()
-    try:
+    tty = sys.stderr.isatty()
+    async with contextlib.AsyncExitStack() as stack:
+        output = None
+        if config.output is not None:
+            output = await stack.enter_async_context(open_file(config.output, "ab"))
+            lock_output(output, config.output)
+        skip = await done_ids(config.output) if config.output is not None else set()
+        if skip:
+            log.info("resuming: %d texts already in %s", len(skip), config.output)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(
-                enqueue_inputs(input_queue, num_inputs=num_inputs, max_delay_s=input_delay_s, stats=stats, stop=stop)
-            )
+            if config.input is None:
+                tg.create_task(
+                    enqueue_inputs(
+                        input_queue,
+                        num_inputs=config.num_inputs,
+                        max_delay_s=config.input_delay_s,
+                        stats=stats,
+                        shutdown=shutdown,
+                    )
+                )
+            else:
+                tg.create_task(
+                    read_corpus(source, input_queue, output_queue, skip=skip, stats=stats, shutdown=shutdown)
+                )
             tg.create_task(batcher.batch(input_queue, batch_queue))
-            tg.create_task(
+            embedding = tg.create_task(
                 embed_content(
                     client,
                     batch_queue,
                     output_queue,
-                    concurrency=concurrency,
-                    model=model,
-                    dimensions=dimensions,
                     retrier=retrier,
+                    concurrency=config.concurrency,
+                    model=config.model,
+                    dimensions=config.dimensions,
                 )
             )
-            tg.create_task(log_outputs(output_queue, stats=stats, quiet=quiet))
-    finally:
-        if in_main_thread:
-            loop.remove_signal_handler(signal.SIGINT)
-    print(summary(batcher.counts, retrier, stats, time.perf_counter() - started))
-    if stop.is_set():
-        return 130
+            # In the demo, per-item lines are the output. For a corpus the file is, so a
+            # terminal shows a progress line; off a terminal a plain line every 30 s.
+            progress = None
+            if not config.quiet and (config.input is not None or not tty):
+                progress = tg.create_task(show_progress(stats, tty=tty))
+            if output is not None:
+                tg.create_task(write_outputs(output, output_queue, stats=stats))
+            else:
+                tg.create_task(log_outputs(output_queue, stats=stats, quiet=config.quiet or config.input is not None))
+            if progress is not None:
+                await embedding
+                progress.cancel()
+    print(summary(batcher.counts, retrier, stats))
+    if shutdown.requested:
+        return 128 + (shutdown.signal or 0)
     return 1 if stats.failed else 0
-
-
-def on_interrupt(stop: asyncio.Event) -> None:
-    """First Ctrl-C: stop enqueuing and drain what is in flight. Second: exit at once."""
-    if stop.is_set():
-        sys.stdout.flush()
-        os._exit(130)
-    print("batcher: interrupted: draining what is in flight (Ctrl-C again to quit now)", file=sys.stderr)
-    stop.set()
 
 
 # --- CLI --------------------------------------------------------------------------------
@@ -623,17 +1037,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _ranged(
-    kind: Callable[[str], Any], low: float, high: float = math.inf, *, strict_low: bool = False
-) -> Callable[[str], Any]:
+def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
+    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        too_low = value <= low if strict_low else value < low
-        if too_low or value > high or (isinstance(value, float) and not math.isfinite(value)):
-            bound = f"> {low}" if strict_low else f">= {low}" if high == math.inf else f"{low}..{high}"
+        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
+            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
@@ -641,61 +1054,73 @@ def _ranged(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="batcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-inputs", type=_ranged(int, 0), default=100, help="inputs to enqueue (default 100)")
-    parser.add_argument("--batch-size", type=_ranged(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
-    parser.add_argument(
+    p = _Parser(prog="batcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, help="embed this file, one text per non-blank line ('-': stdin)")
+    p.add_argument("--output", type=Path, help="append {id, text, embedding} JSONL here; a re-run resumes")
+    p.add_argument("--num-inputs", type=number(int, 0), default=100, help="demo inputs to enqueue (default 100)")
+    p.add_argument("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
+    p.add_argument(
         "--timeout",
-        type=_ranged(float, 0, strict_low=True),
+        type=number(float, 0, above=True),
         default=1.0,
-        help="seconds from a batch's first item (default 1.0)",
+        help="seconds from a batch's first item (default 1)",
     )
-    parser.add_argument(
-        "--input-delay",
-        type=_ranged(float, 0),
-        default=0.3,
-        help="max random gap between inputs, seconds (default 0.3)",
+    p.add_argument(
+        "--input-delay", type=number(float, 0), default=0.3, help="demo: max random gap between inputs, s (default 0.3)"
     )
-    parser.add_argument("--concurrency", type=_ranged(int, 1), default=4, help="API calls in flight (default 4)")
-    parser.add_argument(
-        "--max-attempts", type=_ranged(int, 1), default=5, help="calls per batch, retries included (default 5)"
+    p.add_argument("--concurrency", type=number(int, 1), default=4, help="API calls in flight (default 4)")
+    p.add_argument(
+        "--max-attempts", type=number(int, 1), default=5, help="calls per batch, retries included (default 5)"
     )
-    parser.add_argument("--dimensions", type=_ranged(int, 1), default=3, help="output_dimensionality (default 3)")
-    parser.add_argument(
-        "--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)"
+    p.add_argument(
+        "--request-timeout",
+        type=number(float, 0, above=True),
+        default=REQUEST_TIMEOUT_S,
+        help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: an embed call is answered in about"
+        " a second, so this only cuts off calls that will never be answered)",
     )
-    parser.add_argument("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
-    parser.add_argument("--offline", action="store_true", help="use the simulated client even with a key")
-    parser.add_argument(
-        "--fake-latency", type=_ranged(float, 0), default=0.2, help="simulated API latency, seconds (default 0.2)"
+    p.add_argument("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, evenly spaced")
+    p.add_argument("--dimensions", type=number(int, 1), default=3, help="output_dimensionality (default 3)")
+    p.add_argument("--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)")
+    p.add_argument("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
+    p.add_argument("--offline", action="store_true", help="use the simulated client even with a key")
+    p.add_argument(
+        "--fake-latency", type=number(float, 0), default=0.2, help="simulated API latency, seconds (default 0.2)"
     )
-    parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")
-    parser.add_argument("--quiet", action="store_true", help="no per-item lines, only the summary")
-    return parser.parse_args(argv)
+    p.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    p.add_argument("--quiet", action="store_true", help="no per-item lines or progress, only the summary")
+    return p.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
+    if args.seed is not None:
+        random.seed(args.seed)
+    config = Config(
+        num_inputs=args.num_inputs, batch_size=args.batch_size, timeout_s=args.timeout, input_delay_s=args.input_delay,
+        concurrency=args.concurrency, max_attempts=args.max_attempts, request_timeout_s=args.request_timeout,
+        rpm=args.rpm, dimensions=args.dimensions, model=args.model, adaptive=args.adaptive, input=args.input,
+        output=args.output, quiet=args.quiet,
+    )  # fmt: skip
+
+    async def run() -> int:
+        shutdown = Shutdown()
+        with signals_handled(shutdown):
+            check_paths(config)  # before anything else is said: bad input gets one line
+            client = make_client(
+                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout
+            )
+            return await main(config, client, shutdown=shutdown)
+
+    try:
+        return asyncio.run(run())
+    except UsageError as exc:
+        print(f"batcher.py: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    if args.seed is not None:
-        random.seed(args.seed)
-    sys.exit(
-        asyncio.run(
-            main(
-                num_inputs=args.num_inputs,
-                batch_size=args.batch_size,
-                timeout_s=args.timeout,
-                input_delay_s=args.input_delay,
-                concurrency=args.concurrency,
-                max_attempts=args.max_attempts,
-                dimensions=args.dimensions,
-                model=args.model,
-                adaptive=args.adaptive,
-                offline=args.offline,
-                fake_latency_s=args.fake_latency,
-                quiet=args.quiet,
-            )
-        )
-    )
+    sys.exit(run_cli())

@@ -154,13 +154,13 @@ class ChainResult:
 
 
 async def poisson_inputs(
-    queue: asyncio.Queue[str | None], n: int, rate: float, stats: batcher.RunStats, rng: random.Random
+    queue: asyncio.Queue[batcher.Input | None], n: int, rate: float, stats: batcher.RunStats, rng: random.Random
 ) -> None:
     loop = asyncio.get_running_loop()
     for i in range(n):
         await asyncio.sleep(rng.expovariate(rate))
         stats.arrived_at[f"input-{i}"] = loop.time()
-        await queue.put(f"input-{i}")
+        await queue.put((f"input-{i}", f"input-{i}"))
     await queue.put(None)
 
 
@@ -177,9 +177,9 @@ async def run_chain(
     """enqueue (Poisson) -> Batcher -> embed_content (simulated API) -> log_outputs, as in batcher.py."""
     loop = asyncio.get_running_loop()
     stats, retrier = batcher.RunStats(), batcher.Retrier()
-    stage: batcher.Batcher[str] = batcher.Batcher(size, timedelta(seconds=timeout_s), adaptive=adaptive)
-    inputs: asyncio.Queue[str | None] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
-    batches: asyncio.Queue[list[str] | None] = asyncio.Queue(maxsize=concurrency)
+    stage: batcher.Batcher[batcher.Input] = batcher.Batcher(size, timedelta(seconds=timeout_s), adaptive=adaptive)
+    inputs: asyncio.Queue[batcher.Input | None] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
+    batches: asyncio.Queue[batcher.InputBatch | None] = asyncio.Queue(maxsize=concurrency)
     outputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
     client = batcher.SimulatedClient(latency_s=latency_s)
     started = loop.time()

@@ -256,13 +256,15 @@ class AdaptiveBatcherTest(unittest.TestCase):
 
 class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
     async def run_stage(self, client: SpyClient, batches: list[list[str]], **kwargs: Any) -> list[tuple[str, Any]]:
+        """Runs embed_content on batches of texts (each text is its own id); returns (text, result)."""
         batch_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        kwargs.setdefault("retrier", Retrier(base_delay_s=0.001))
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(feed(batch_queue, batches))
+            tg.create_task(feed(batch_queue, [[(text, text) for text in batch] for batch in batches]))
             tg.create_task(embed_content(client, batch_queue, output_queue, **kwargs))
             outputs = tg.create_task(drain(output_queue))
-        return outputs.result()
+        return [(item_id, result) for (item_id, _), result in outputs.result()]
 
     async def test_calls_stay_within_concurrency_and_every_result_arrives_once(self) -> None:
         client = SpyClient(latency_s=0.02)
@@ -272,7 +274,7 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(sorted(c for c, _ in outputs), sorted(t for b in batches for t in b))
         self.assertTrue(all(e.values == [float(len(c))] for c, e in outputs))
 
-    async def test_document_call_without_keywords_still_works(self) -> None:
+    async def test_results_keep_the_order_of_the_batch(self) -> None:
         client = SpyClient()
         outputs = await self.run_stage(client, [["a", "bb"]])
         self.assertEqual([(c, e.values) for c, e in outputs], [("a", [1.0]), ("bb", [2.0])])
@@ -362,7 +364,11 @@ class LoggerTest(unittest.IsolatedAsyncioTestCase):
         with contextlib.redirect_stdout(out):
             await asyncio.gather(
                 feed(
-                    queue, [("input-7", types.ContentEmbedding(values=[0.1, -0.2, 0.3])), ("input-8", api_error(400))]
+                    queue,
+                    [
+                        (("input-7", "input-7"), types.ContentEmbedding(values=[0.1, -0.2, 0.3])),
+                        (("input-8", "input-8"), api_error(400)),
+                    ],
                 ),
                 log_outputs(queue, stats=stats),
             )
@@ -385,7 +391,9 @@ class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
         client = SpyClient(fail=lambda texts, n: api_error(400) if "bad" in texts else None)
         async with BatchedEmbedder(client, batch_size=8, timeout=timedelta(milliseconds=20)) as embedder:
             results = await asyncio.gather(*(embedder.embed(t) for t in ["a", "bad", "c", "d"]), return_exceptions=True)
-        self.assertIsInstance(results[1], errors.ClientError)
+        self.assertIsInstance(results[1], batcher.EmbeddingFailed)
+        assert isinstance(results[1], batcher.EmbeddingFailed)
+        self.assertIsInstance(results[1].error, errors.ClientError)
         self.assertTrue(all(isinstance(r, types.ContentEmbedding) for i, r in enumerate(results) if i != 1))
 
     async def test_a_cancelled_caller_is_dropped_from_its_batch(self) -> None:
@@ -464,7 +472,8 @@ class RealClientTest(unittest.IsolatedAsyncioTestCase):
             self.assertIsInstance(client, genai.Client)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                status = await batcher.main(num_inputs=20, batch_size=8, timeout_s=0.05, input_delay_s=0, client=client)
+                config = batcher.Config(num_inputs=20, batch_size=8, timeout_s=0.05, input_delay_s=0)
+                status = await batcher.main(config, client, shutdown=batcher.Shutdown())
         self.assertEqual(status, 0)
         lines = out.getvalue().splitlines()
         self.assertEqual(
