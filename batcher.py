@@ -312,7 +312,7 @@ class Shutdown:
             sys.stdout.flush()
             os._exit(128 + signum)
         name = signal.Signals(signum).name
-        print(f"batcher: {name}: draining what is in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        print(f"batcher: interrupted ({name}): draining what is in flight (Ctrl-C again to quit now)", file=sys.stderr)
         self.signal = signum
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -34,8 +35,9 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
 
+import aiofiles
 from google import genai
 from google.genai import errors, types
 
@@ -44,16 +46,30 @@ log = logging.getLogger("pipeline")
 CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
 MAX_WRITE_BATCH = 1000  # records a writer takes from its queue for one write + flush
 GRACE_S = 5.0  # after Ctrl-C, calls in flight get this long before they are abandoned
+# The SDK sends requests with no timeout at all, so one unanswered call would hang a run. A long
+# answer with thinking can take a few minutes: 300 s leaves room for that and still ends a hang.
+REQUEST_TIMEOUT_S = 300.0
+PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
+LOCK_NAME = ".lock"
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 
+T = TypeVar("T")
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.generate_content
 
 
 class UsageError(Exception):
     """Bad flags or bad input: reported in one line, exit status 2."""
+
+
+class MalformedReply(Exception):
+    """A reply we cannot use (not JSON, the wrong shape, no answer): retried like a 503."""
+
+
+class Blocked(Exception):
+    """The model declined the prompt (a safety block and the like): permanent for this prompt."""
 
 
 # --- Records ----------------------------------------------------------------------------
@@ -74,6 +90,7 @@ class Result:
     error: str | None = None
     attempts: int = 0
     word_count: int | None = None
+    finish_reason: str | None = None  # set when the answer stopped for another reason than STOP
 
     def json_line(self) -> str:
         if self.error is not None:
@@ -85,6 +102,8 @@ class Result:
             }
         else:
             record = {"id": self.id, "prompt": self.prompt, "response": self.response}
+            if self.finish_reason is not None:
+                record["finish_reason"] = self.finish_reason
             if self.word_count is not None:
                 record["word_count"] = self.word_count
         return json.dumps(record, ensure_ascii=False) + "\n"
@@ -97,7 +116,13 @@ class Stats:
     succeeded: int = 0
     failed: int = 0
     retries: int = 0
+    in_flight: int = 0  # prompts in a worker's hands
     started: float = field(default_factory=time.perf_counter)
+
+    def progress(self) -> str:
+        done, elapsed = self.succeeded + self.failed, time.perf_counter() - self.started
+        rate = done / elapsed if elapsed else 0.0
+        return f"{done} done, {self.failed} failed, {self.in_flight} in flight, {rate:.0f}/s"
 
     def summary(self, errors_held: int) -> str:
         wall_s = time.perf_counter() - self.started
@@ -114,10 +139,11 @@ class Stats:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """429, 408 and 5xx API errors, and connection errors, are worth another try."""
+    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
+    worth another try."""
     if isinstance(exc, errors.APIError):
         return exc.code in TRANSIENT_CODES
-    if isinstance(exc, (OSError, TimeoutError)):
+    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}  # httpx, httpx2, aiohttp, unimported
     return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
@@ -143,9 +169,24 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
 
 
 def describe(exc: BaseException) -> str:
+    """One line naming an error: the API's code, status and message, or the type."""
     if isinstance(exc, errors.APIError):
         return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+    if isinstance(exc, (TimeoutError, Blocked)) and str(exc):
+        return str(exc)  # "timed out after 300 s", "blocked: SAFETY"
     return f"{type(exc).__name__}: {exc}"
+
+
+async def bounded(call: Awaitable[T], timeout_s: float) -> T:
+    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
+    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
+            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
+        raise
 
 
 class Gate:
@@ -181,17 +222,27 @@ class Gate:
 
 
 class Shutdown:
-    """The first Ctrl-C: readers stop, workers take no new prompt, and calls still in
-    flight get grace_s to finish before they are abandoned (the next run redoes them).
-    Everything completed is still written. The second Ctrl-C exits at once."""
+    """The first Ctrl-C or SIGTERM: readers stop, workers take no new prompt, and calls still
+    in flight get grace_s to finish before they are abandoned (the next run redoes them).
+    Everything completed is still written; the exit status is 128 + the signal (130, 143).
+    A second signal of either kind exits at once."""
 
     def __init__(self, *, grace_s: float = GRACE_S) -> None:
-        self.requested = False
+        self.signal: int | None = None
         self._grace_s = grace_s
         self._in_flight: set[asyncio.Timeout] = set()
 
-    def request(self) -> None:
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        if self.signal is not None:
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        print(f"pipeline: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        self.signal = signum
         deadline = asyncio.get_running_loop().time() + self._grace_s
         for timeout in self._in_flight:
             timeout.reschedule(deadline)
@@ -206,12 +257,20 @@ class Shutdown:
                 self._in_flight.discard(timeout)
 
 
-def on_interrupt(shutdown: Shutdown) -> None:
-    if shutdown.requested:
-        sys.stdout.flush()
-        os._exit(130)
-    print("pipeline: interrupted: finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
-    shutdown.request()
+@contextlib.contextmanager
+def signals_handled(shutdown: Shutdown) -> Iterator[None]:
+    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, shutdown.request, signum)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 # --- The simulated client -----------------------------------------------------------------
@@ -239,17 +298,22 @@ class SimulatedClient:
         return types.GenerateContentResponse.model_validate({"candidates": [candidate]})
 
 
-def make_client(*, offline: bool, fake_latency_s: float, fake_failure_rate: float) -> Client:
+def make_client(
+    *, offline: bool, fake_latency_s: float, fake_failure_rate: float, request_timeout_s: float = REQUEST_TIMEOUT_S
+) -> Client:
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
 
     The SDK's own retries are turned off: they ignore the server's retry delay, and ours don't.
+    Its timeout (none by default) is set too, so a hung connection is closed, not just abandoned.
     """
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
         reason = "--offline" if offline else "no GEMINI_API_KEY"
         print(f"pipeline: {reason}: using the simulated model (latency {fake_latency_s}s)", file=sys.stderr)
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
-    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
+    )
     return genai.Client(http_options=options)
 
 
@@ -261,16 +325,34 @@ def input_files(input_dir: Path) -> list[Path]:
     return sorted(path for path in input_dir.glob("*.txt") if path.is_file())
 
 
-async def read_blocks(path: Path) -> AsyncIterator[bytes]:
-    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline:
-    one thread hop per chunk, not per line.
+@contextlib.asynccontextmanager
+async def open_file(path: Path, mode: Literal["rb", "ab", "xb"]) -> AsyncIterator[Any]:
+    """aiofiles.open, safe to cancel. aiofiles opens the file in a worker thread; a task
+    cancelled meanwhile would never receive it, and the descriptor would leak (a
+    ResourceWarning at best). So the open is shielded, and when the caller is cancelled
+    the file is closed as soon as the thread hands it over, before the cancellation goes on."""
+    opening = asyncio.ensure_future(aiofiles.open(path, mode))
+    try:
+        f = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        while not opening.done():  # the thread cannot be stopped: wait for it (an open is quick)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(opening)
+        if not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
+        raise
+    try:
+        yield f
+    finally:
+        await f.close()  # a thread hop: even if we are cancelled here, the thread closes it
 
-    Not aiofiles.open: it opens the file in a thread, and a cancellation at that moment loses
-    the open file. Opened here, the file is closed by `with` however the reader ends.
-    """
-    with path.open("rb") as f:
+
+async def read_blocks(path: Path) -> AsyncIterator[bytes]:
+    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline,
+    through aiofiles: one thread hop per chunk, not per line."""
+    async with open_file(path, "rb") as f:
         tail = b""
-        while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+        while chunk := await f.read(CHUNK_BYTES):
             data = tail + chunk
             cut = data.rfind(b"\n")
             if cut < 0:  # a line longer than a chunk: read on
@@ -347,6 +429,33 @@ async def read_inputs(
 # --- Stage 2: the content generators ----------------------------------------------------------
 
 
+# Finish reasons of an answer that was withheld, not merely cut short.
+BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+
+
+async def request_answer(client: Client, text: str, *, model: str) -> tuple[str, str | None]:
+    """One generate_content call: the answer's text, and its finish reason when that is not
+    STOP (MAX_TOKENS, say: the text is kept, cut short). Raises Blocked for a blocked prompt
+    or answer, MalformedReply for a reply with no usable answer."""
+    try:
+        response = await client.aio.models.generate_content(model=model, contents=text)
+    except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
+        raise MalformedReply(f"unreadable reply: {exc}") from exc
+    feedback = response.prompt_feedback
+    if feedback is not None and feedback.block_reason is not None:
+        raise Blocked(f"blocked: {feedback.block_reason.name}")
+    candidate = response.candidates[0] if response.candidates else None
+    reason = candidate.finish_reason.name if candidate is not None and candidate.finish_reason else None
+    answer = response.text if candidate is not None else None
+    if reason in BLOCKED_REASONS:
+        raise Blocked(f"blocked: {reason}")
+    if answer is None:
+        if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
+            raise Blocked(f"no answer: finish reason {reason}")  # e.g. MAX_TOKENS spent on thinking
+        raise MalformedReply("no answer in the reply")
+    return answer, reason if reason not in (None, "STOP") else None
+
+
 async def generate_one(
     client: Client,
     prompt_id: str,
@@ -355,19 +464,19 @@ async def generate_one(
     model: str,
     gate: Gate,
     max_attempts: int,
+    request_timeout_s: float,
     base_delay_s: float,
     stats: Stats,
 ) -> Result:
-    """Calls the model for one prompt, retrying transient errors; failures come back as data."""
+    """Calls the model for one prompt, each attempt bounded by request_timeout_s, retrying
+    transient errors; failures come back as data."""
     for attempt in range(1, max_attempts + 1):
         await gate.wait_turn()
         try:
-            response = await client.aio.models.generate_content(model=model, contents=text)
-            if (answer := response.text) is None:  # blocked, or no text part: permanent for this prompt
-                raise ValueError(f"no text in the response: {response.prompt_feedback or response.candidates}")
-            return Result(prompt_id, text, response=answer, attempts=attempt)
+            answer, reason = await bounded(request_answer(client, text, model=model), request_timeout_s)
+            return Result(prompt_id, text, response=answer, attempts=attempt, finish_reason=reason)
         except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, (errors.APIError, ValueError))):
+            if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked))):
                 raise  # a bug, not a fault of this prompt: let it surface
             if not is_transient(exc) or attempt == max_attempts:
                 return Result(prompt_id, text, error=describe(exc), attempts=attempt)
@@ -393,6 +502,7 @@ async def generate_content(
     model: str = "gemini-flash-latest",
     gate: Gate | None = None,
     max_attempts: int = 5,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
     base_delay_s: float = 0.5,
     word_count_pool: Executor | None = None,
     stats: Stats | None = None,
@@ -409,6 +519,7 @@ async def generate_content(
         prompt_id, text = prompt
         if shutdown.requested:
             continue  # drain without calling, so the readers and the sentinel get through
+        stats.in_flight += 1
         try:
             async with shutdown.abandonable():
                 result = await generate_one(
@@ -418,12 +529,15 @@ async def generate_content(
                     model=model,
                     gate=gate,
                     max_attempts=max_attempts,
+                    request_timeout_s=request_timeout_s,
                     base_delay_s=base_delay_s,
                     stats=stats,
                 )
         except TimeoutError:
-            log.warning("%s: abandoned after Ctrl-C; the next run redoes it", prompt_id)
+            log.warning("%s: abandoned after the interrupt; the next run redoes it", prompt_id)
             continue
+        finally:
+            stats.in_flight -= 1
         if result.error is not None:
             await (error_queue or output_queue).put(result)
             continue
@@ -448,65 +562,62 @@ async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Resu
     return items, True
 
 
-def append_lines(writes: list[tuple[Path, str, list[str]]]) -> None:
-    """The blocking part of a writer's batch, run in a thread: (path, mode, lines) each."""
-    for path, mode, lines in writes:
-        with path.open(mode, encoding="utf-8") as f:
-            f.write("".join(lines))
-
-
 async def write_outputs(
     output_dir: Path,
     output_queue: asyncio.Queue[Result | None],
     *,
     shard_size: int = 5,
-    shard_numbers: Iterator[int] | None = None,
-    stats: Stats | None = None,
+    shard_numbers: Iterator[int],
+    stats: Stats,
     quiet: bool = False,
 ) -> None:
     """Appends records to shards of at most shard_size lines until the sentinel.
 
     Each writer owns the shards it starts (numbers come from the shared shard_numbers), and
-    starts one only for a record, so no shard is empty. A batch of records, whatever shards it
-    spans, is written in one thread hop. A last line with no newline is not a record.
+    starts one only for a record, so no shard is empty. A shard stays open across batches:
+    a batch costs one write and one flush (thread hops through aiofiles), not an open and a
+    close. A new shard is opened with "xb", so it never overwrites a file.
     """
-    shard_numbers = shard_numbers if shard_numbers is not None else itertools.count()
-    stats = stats or Stats()
-    path, lines_in_shard = output_dir, shard_size
-    while True:
-        results, ended = await take_available(output_queue)
-        writes: list[tuple[Path, str, list[str]]] = []
-        for result in results:
-            if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
-                path, lines_in_shard = output_dir / SHARD_NAME.format(next(shard_numbers)), 0
-                writes.append((path, "x", []))  # "x": a new shard never overwrites a file
-            elif not writes:
-                writes.append((path, "a", []))
-            writes[-1][2].append(result.json_line())
-            lines_in_shard += 1
-            if not quiet:
-                log.info("wrote %s to %s", result.id, path.name)
-        await asyncio.to_thread(append_lines, writes)
-        stats.succeeded += len(results)
-        if ended:
-            return
-
-
-async def write_errors(
-    output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats | None = None
-) -> None:
-    """The only task that writes errors.jsonl: appends one line per failed prompt."""
-    stats = stats or Stats()
-    while True:
-        results, ended = await take_available(error_queue)
-        if results:
-            lines = [result.json_line() for result in results]
-            await asyncio.to_thread(append_lines, [(output_dir / ERRORS_NAME, "a", lines)])
-            stats.failed += len(results)
+    async with contextlib.AsyncExitStack() as shard:
+        f: Any = None
+        path = output_dir
+        lines_in_shard = shard_size
+        while True:
+            results, ended = await take_available(output_queue)
+            data: list[str] = []
             for result in results:
-                log.warning("failed: %s -> %s", result.id, result.error)
-        if ended:
-            return
+                if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
+                    if f is not None:
+                        await f.write("".join(data).encode())
+                        data = []
+                        await shard.aclose()
+                    path = output_dir / SHARD_NAME.format(next(shard_numbers))
+                    f, lines_in_shard = await shard.enter_async_context(open_file(path, "xb")), 0
+                data.append(result.json_line())
+                lines_in_shard += 1
+                if not quiet:
+                    log.info("wrote %s to %s", result.id, path.name)
+            if data:
+                await f.write("".join(data).encode())
+                await f.flush()  # whole lines reach the file before we count them done
+            stats.succeeded += len(results)
+            if ended:
+                return
+
+
+async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats) -> None:
+    """The only task that writes errors.jsonl: appends one line per failed prompt."""
+    async with open_file(output_dir / ERRORS_NAME, "ab") as f:
+        while True:
+            results, ended = await take_available(error_queue)
+            if results:
+                await f.write("".join(result.json_line() for result in results).encode())
+                await f.flush()
+                stats.failed += len(results)
+                for result in results:
+                    log.info("failed: %s -> %s", result.id, result.error)
+            if ended:
+                return
 
 
 # --- Resume ------------------------------------------------------------------------------------
@@ -574,20 +685,23 @@ class Config:
     queue_size: int = 5
     shard_size: int = 5
     max_attempts: int = 5
+    request_timeout_s: float = REQUEST_TIMEOUT_S
     base_delay_s: float = 0.5
     rpm: float | None = None
     retry_errors: bool = False
     word_count: bool = False
     model: str = "gemini-flash-latest"
     quiet: bool = False
-    progress: bool = False
+    progress: bool = False  # a progress line on stderr: redrawn on a terminal, else every 30 s
 
     def __post_init__(self) -> None:
         for name in ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.rpm is not None and not self.rpm > 0:
-            raise ValueError(f"rpm must be > 0, got {self.rpm}")
+        for name in ("request_timeout_s", "rpm"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def check_paths(config: Config) -> list[Path]:
@@ -605,6 +719,21 @@ def check_paths(config: Config) -> list[Path]:
     except OSError as exc:
         raise UsageError(f"output folder is not a writable folder: {config.outputs} ({exc.strerror})") from None
     return files
+
+
+@contextlib.contextmanager
+def locked(output_dir: Path) -> Iterator[None]:
+    """An exclusive OS lock on the output folder for the whole run: a second run on it is
+    refused at once. The OS releases the lock however the process ends (kill -9 too)."""
+    fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another run is using the output folder {output_dir}") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 async def close_after(stage: Awaitable[Any], queue: asyncio.Queue[Any], consumers: int) -> None:
@@ -630,34 +759,43 @@ def count_lines(files: list[Path]) -> int:
     return total
 
 
-async def show_progress(stats: Stats, files: list[Path]) -> None:
-    """One progress line on stderr, redrawn 4 times a second: done, failed, rate and ETA."""
+async def show_progress(stats: Stats, files: list[Path], *, tty: bool) -> None:
+    """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
+    flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
+    PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence."""
     total = await asyncio.to_thread(count_lines, files)
     try:
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
-            rate = done / elapsed if elapsed else 0.0
             left = max(0, total - stats.skipped - done)
-            eta = f"{left / rate:.0f}s" if rate else "?"
-            print(
-                f"\r{done} done, {stats.failed} failed, {rate:.0f}/s, ETA {eta}   ", end="", file=sys.stderr, flush=True
-            )
+            eta = f"{left * elapsed / done:.0f}s" if done else "?"
+            if tty:
+                print(f"\r{stats.progress()}, ETA {eta}   ", end="", file=sys.stderr, flush=True)
+            else:
+                print(f"progress: {stats.progress()}, ETA {eta}", file=sys.stderr, flush=True)
     finally:
-        print(file=sys.stderr)
+        if tty:
+            print(file=sys.stderr)
 
 
 async def main(config: Config, client: Client, *, shutdown: Shutdown | None = None) -> int:
     """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed,
-    130 interrupted. Raises UsageError on bad input."""
+    130 or 143 interrupted. Raises UsageError on bad input, or when another run holds the
+    output folder."""
     files = check_paths(config)
+    with locked(config.outputs):
+        return await run_locked(config, client, files, shutdown=shutdown or Shutdown())
+
+
+async def run_locked(config: Config, client: Client, files: list[Path], *, shutdown: Shutdown) -> int:
     done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
     failed = await asyncio.to_thread(compact_errors, config.outputs, done)
     skip = done if config.retry_errors else done | failed
     if skip:
         log.info("resuming: %d done and %d failed in earlier runs", len(done), len(failed))
 
-    stats, gate, shutdown = Stats(), Gate(rpm=config.rpm), shutdown or Shutdown()
+    stats, gate = Stats(), Gate(rpm=config.rpm)
     input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
     output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
     error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
@@ -678,7 +816,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown | None = No
     workers = [
         generate_content(
             client, input_queue, output_queue, error_queue=error_queue, model=config.model, gate=gate,
-            max_attempts=config.max_attempts, base_delay_s=config.base_delay_s, word_count_pool=pool,
+            max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s,
+            base_delay_s=config.base_delay_s, word_count_pool=pool,
             stats=stats, shutdown=shutdown,
         )
         for _ in range(config.workers)
@@ -694,7 +833,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown | None = No
         )
         for _ in range(config.writers)
     ]
-    progress = asyncio.create_task(show_progress(stats, files)) if config.progress else None
+    tty = sys.stderr.isatty()
+    progress = asyncio.create_task(show_progress(stats, files, tty=tty)) if config.progress else None
     try:
         async with asyncio.TaskGroup() as tg:
             reading = tg.create_task(close_after(all_of(readers), input_queue, config.workers))
@@ -713,8 +853,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown | None = No
         done, _ = await asyncio.to_thread(scan_outputs, config.outputs)
     errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
     print(stats.summary(errors_held))
-    if shutdown.requested:
-        return 130
+    if shutdown.signal is not None:
+        return 128 + shutdown.signal
     return 1 if errors_held else 0
 
 
@@ -758,6 +898,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-attempts", type=_number(int, 1), default=5, help="calls per prompt, retries included (default 5)"
     )
     p.add_argument(
+        "--request-timeout",
+        type=_number(float, 0, strict=True),
+        default=REQUEST_TIMEOUT_S,
+        help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: room for a long answer with"
+        " thinking; a call never answered is cut off and retried)",
+    )
+    p.add_argument(
         "--rpm", type=_number(float, 0, strict=True), help="cap on call starts per minute, all workers together"
     )
     p.add_argument("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
@@ -784,19 +931,20 @@ def run_cli(argv: list[str] | None = None) -> int:
         inputs=args.inputs, outputs=args.outputs, workers=args.workers, readers=args.readers, writers=args.writers,
         queue_size=args.queue_size, shard_size=args.shard_size, max_attempts=args.max_attempts, rpm=args.rpm,
         retry_errors=args.retry_errors, word_count=args.word_count, model=args.model, quiet=args.quiet,
-        progress=sys.stderr.isatty() and not args.quiet,
+        progress=not args.quiet, request_timeout_s=args.request_timeout,
     )  # fmt: skip
 
     async def run() -> int:
         shutdown = Shutdown()
-        loop = asyncio.get_running_loop()
-        if threading.current_thread() is threading.main_thread():
-            loop.add_signal_handler(signal.SIGINT, on_interrupt, shutdown)
-        check_paths(config)  # before anything else is said: bad input gets one line
-        client = make_client(
-            offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate
-        )
-        return await main(config, client, shutdown=shutdown)
+        with signals_handled(shutdown):
+            check_paths(config)  # before anything else is said: bad input gets one line
+            client = make_client(
+                offline=args.offline,
+                fake_latency_s=args.fake_latency,
+                fake_failure_rate=args.fake_failure_rate,
+                request_timeout_s=args.request_timeout,
+            )
+            return await main(config, client, shutdown=shutdown)
 
     try:
         return asyncio.run(run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import itertools
 import json
@@ -18,12 +19,14 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -71,6 +74,26 @@ class SpyClient(pipeline.SimulatedClient):
         if self.fail and (exc := self.fail(contents, call_number)):
             raise exc
         return response
+
+
+def disk_full() -> Any:
+    """Patches pipeline.open_file so that every write to a file opened for writing fails
+    as on a full disk."""
+    real_open_file = pipeline.open_file
+
+    @contextlib.asynccontextmanager
+    async def open_file(path: Path, mode: Any) -> Any:
+        async with real_open_file(path, mode) as f:
+            if mode == "rb":
+                yield f
+                return
+
+            async def write(data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+            yield SimpleNamespace(write=write, flush=f.flush)
+
+    return mock.patch.object(pipeline, "open_file", open_file)
 
 
 def write_inputs(folder: Path, shards: int, per_shard: int) -> list[str]:
@@ -261,11 +284,7 @@ class FaultTest(PipelineTestCase):
 
     async def test_a_fault_in_a_stage_ends_the_run_with_the_error_instead_of_hanging(self) -> None:
         write_inputs(self.inputs, 3, 20)
-
-        def disk_full(writes: Any) -> None:
-            raise OSError(28, "No space left on device")
-
-        with mock.patch.object(pipeline, "append_lines", disk_full), self.assertRaises(ExceptionGroup) as raised:
+        with disk_full(), self.assertRaises(ExceptionGroup) as raised:
             await self.run_pipeline(queue_size=1)
         self.assertIn("No space left", str(raised.exception.exceptions))
 
@@ -274,14 +293,29 @@ class FaultTest(PipelineTestCase):
         stats = pipeline.Stats(succeeded=5, failed=1)
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            progress = asyncio.create_task(pipeline.show_progress(stats, sorted(self.inputs.glob("*.txt"))))
+            progress = asyncio.create_task(pipeline.show_progress(stats, sorted(self.inputs.glob("*.txt")), tty=True))
             await asyncio.sleep(0.6)
             progress.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await progress
         redraws = err.getvalue().split("\r")[1:]
         self.assertIn(len(redraws), (2, 3))  # at most 4 a second
-        self.assertRegex(redraws[-1], r"^6 done, 1 failed, \d+/s, ETA \d+s")
+        self.assertRegex(redraws[-1], r"^6 done, 1 failed, 0 in flight, \d+/s, ETA \d+s")
+
+    async def test_off_a_terminal_progress_is_a_plain_line_every_interval(self) -> None:
+        write_inputs(self.inputs, 2, 10)
+        stats = pipeline.Stats(succeeded=5, failed=1, in_flight=3)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(pipeline, "PROGRESS_EVERY_S", 0.2):
+            progress = asyncio.create_task(pipeline.show_progress(stats, sorted(self.inputs.glob("*.txt")), tty=False))
+            await asyncio.sleep(0.5)
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)  # at 0.2 s and 0.4 s
+        self.assertRegex(lines[-1], r"^progress: 6 done, 1 failed, 3 in flight, \d+/s, ETA \d+s$")
+        self.assertNotIn("\r", err.getvalue())
 
     async def test_an_undecodable_line_is_recorded_and_the_rest_processed(self) -> None:
         self.inputs.mkdir()
@@ -377,7 +411,7 @@ class StubHandler(BaseHTTPRequestHandler):
 def stub_server() -> Iterator[tuple[str, list[str]]]:
     paths: list[str] = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (StubHandler,), {"paths": paths}))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}", paths
     finally:
@@ -399,6 +433,171 @@ class RealClientTest(PipelineTestCase):
         self.assertIn("1 retries", summary)
         self.assertEqual(len(paths), 7)
         self.assertRegex(paths[0], r"^/v1(beta)?/models/gemini-flash-latest:generateContent$")
+
+
+class FaultyStubHandler(BaseHTTPRequestHandler):
+    """generateContent on a bad day, by prompt: "hang" is never answered; "html" gets a proxy's
+    HTML page and "drop" a dropped connection on its first call; "blocked" is blocked for
+    SAFETY; "long" is cut short at MAX_TOKENS. Anything else is answered "ok: <prompt>"."""
+
+    calls: dict[str, int]
+    release: threading.Event
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["contents"][0]["parts"][0]["text"]
+        self.calls[prompt] = self.calls.get(prompt, 0) + 1
+        first = self.calls[prompt] == 1
+        if prompt == "hang":
+            self.release.wait(10)
+            return
+        if prompt == "drop" and first:
+            self.connection.shutdown(2)
+            return
+        if prompt == "html" and first:
+            self.reply(b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            return
+        if prompt == "blocked":
+            payload: dict[str, Any] = {"promptFeedback": {"blockReason": "SAFETY"}}
+        else:
+            reason = "MAX_TOKENS" if prompt == "long" else "STOP"
+            content = {"role": "model", "parts": [{"text": f"ok: {prompt}"}]}
+            payload = {"candidates": [{"content": content, "finishReason": reason}]}
+        self.reply(json.dumps(payload).encode(), "application/json")
+
+    def reply(self, data: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def faulty_server() -> Iterator[tuple[str, dict[str, int]]]:
+    calls: dict[str, int] = {}
+    release = threading.Event()
+    handler = type("Handler", (FaultyStubHandler,), {"calls": calls, "release": release})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", calls
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+class BadDayTest(PipelineTestCase):
+    """The real genai.Client against a local server that fails the way real ones do."""
+
+    async def run_against(self, prompts: list[str], **changes: Any) -> tuple[int, dict[str, int]]:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_text("".join(p + "\n" for p in prompts))
+        with faulty_server() as (base_url, calls):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                timeout_s = changes.get("request_timeout_s", pipeline.REQUEST_TIMEOUT_S)
+                client = pipeline.make_client(
+                    offline=False, fake_latency_s=0, fake_failure_rate=0, request_timeout_s=timeout_s
+                )
+            status, _ = await self.run_pipeline(client, **changes)
+        return status, calls
+
+    async def test_a_call_never_answered_times_out_is_retried_and_fails_with_the_reason(self) -> None:
+        started = time.monotonic()
+        status, calls = await self.run_against(["hang", "fine"], request_timeout_s=0.3, max_attempts=2)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((status, calls["hang"], calls["fine"]), (1, 2, 1))
+        [failed] = records(self.outputs, "errors.jsonl")
+        self.assertEqual((failed["id"], failed["error"], failed["attempts"]), ("a.txt:1", "timed out after 0.3 s", 2))
+        self.assertEqual([r["response"] for r in records(self.outputs)], ["ok: fine"])
+
+    async def test_a_stall_outside_the_http_call_is_bounded_too(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        status, _ = await self.run_pipeline(SpyClient(latency_s=60), request_timeout_s=0.1, max_attempts=2)
+        self.assertEqual(status, 1)
+        self.assertEqual({r["error"] for r in records(self.outputs, "errors.jsonl")}, {"timed out after 0.1 s"})
+
+    async def test_an_html_body_and_a_dropped_connection_are_retried(self) -> None:
+        status, calls = await self.run_against(["html", "drop"])
+        self.assertEqual((status, calls), (0, {"html": 2, "drop": 2}))
+        self.assertEqual(sorted(r["response"] for r in records(self.outputs)), ["ok: drop", "ok: html"])
+
+    async def test_a_blocked_prompt_is_recorded_with_its_reason_and_not_retried(self) -> None:
+        status, calls = await self.run_against(["blocked"])
+        self.assertEqual((status, calls), (1, {"blocked": 1}))
+        [failed] = records(self.outputs, "errors.jsonl")
+        self.assertEqual((failed["error"], failed["attempts"]), ("blocked: SAFETY", 1))
+
+    async def test_an_answer_cut_short_keeps_its_text_and_says_why(self) -> None:
+        status, _ = await self.run_against(["long", "fine"])
+        self.assertEqual(status, 0)
+        by_prompt = {r["prompt"]: r for r in records(self.outputs)}
+        self.assertEqual(
+            (by_prompt["long"]["response"], by_prompt["long"]["finish_reason"]), ("ok: long", "MAX_TOKENS")
+        )
+        self.assertNotIn("finish_reason", by_prompt["fine"])
+
+    async def test_a_reply_of_the_wrong_shape_is_retried_and_a_bug_surfaces(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        shapeless = types.GenerateContentResponse.model_validate({"candidates": [{}]})
+        client = SpyClient(fail=lambda prompt, n: None)
+        real = client.generate_content
+        calls = itertools.count(1)
+
+        async def first_shapeless(**kwargs: Any) -> types.GenerateContentResponse:
+            return shapeless if next(calls) == 1 else await real(**kwargs)
+
+        with mock.patch.object(client, "generate_content", first_shapeless):
+            status, summary = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertIn("1 retries", summary)
+
+        async def bug(**kwargs: Any) -> types.GenerateContentResponse:
+            raise AttributeError("a bug of ours")
+
+        with mock.patch.object(client, "generate_content", bug), self.assertRaises(ExceptionGroup):
+            await self.run_pipeline(client, outputs=self.tmp / "other")
+
+
+class CancelledOpenTest(PipelineTestCase):
+    """aiofiles opens files in a thread; a task cancelled at that moment must not leak the file."""
+
+    def open_fds(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def test_readers_and_writers_cancelled_at_the_open_leak_no_file(self) -> None:
+        write_inputs(self.inputs, 1, 3)
+        self.outputs.mkdir()
+        files = pipeline.input_files(self.inputs)
+        await asyncio.sleep(0.05)
+        before = self.open_fds()
+        rng = random.Random(5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for i in range(200):
+                queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+                stats = pipeline.Stats()
+                if i % 2:
+                    stage = pipeline.read_inputs(self.inputs, queue, files=files, stats=stats)
+                else:
+                    queue.put_nowait(pipeline.Result(f"x:{i}", "p", response="r"))
+                    stage = pipeline.write_outputs(
+                        self.outputs, queue, shard_numbers=itertools.count(i * 10), stats=stats
+                    )
+                task = asyncio.create_task(stage)
+                for _ in range(rng.randrange(3)):  # 0 to 2 loop turns: at the open, or just after
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            gc.collect()
+        self.assertEqual(self.open_fds(), before)
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
 
 
 class CommandLineTest(unittest.TestCase):
@@ -489,6 +688,59 @@ class CommandLineTest(unittest.TestCase):
         got = sorted(r["prompt"] for r in records(self.tmp / "outputs"))
         self.assertEqual(got, sorted(prompts))
 
+    def test_sigterm_drains_writes_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 20, 100)
+        args = ["--fake-latency", "0.02", "--workers", "20", "--shard-size", "50"]
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "pipeline.py"), *args],
+            cwd=self.tmp,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "wrote shard_2.txt" in line:
+                break  # well under way
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 143)
+        self.assertIn("interrupted (SIGTERM)", err)
+        self.assertIn("Summary:", out)
+        written = len(records(self.tmp / "outputs"))
+        self.assertLess(written, len(prompts))
+        result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "20")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(r["prompt"] for r in records(self.tmp / "outputs")), sorted(prompts))
+
+    def test_a_second_run_on_the_same_output_folder_is_refused(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 10)
+        command = [sys.executable, str(HERE / "pipeline.py"), "--fake-latency", "60", "--quiet"]
+        first = subprocess.Popen(command, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(first.communicate)
+        self.addCleanup(first.kill)
+        assert first.stderr is not None
+        first.stderr.readline()  # the simulated-model line: the folder is locked by now
+        started = time.monotonic()
+        second = self.run_script("--fake-latency", "0")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(second.returncode, 2)
+        self.assertIn("pipeline.py: error: another run is using the output folder outputs", second.stderr)
+        self.assertEqual(list((self.tmp / "outputs").glob("shard_*")), [])
+
+    def test_a_run_after_kill_9_is_not_refused(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 1, 10)
+        command = [sys.executable, str(HERE / "pipeline.py"), "--fake-latency", "60", "--quiet"]
+        first = subprocess.Popen(command, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert first.stderr is not None
+        first.stderr.readline()  # locked by now
+        first.kill()
+        first.communicate()
+        result = self.run_script("--fake-latency", "0")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(records(self.tmp / "outputs")), len(prompts))
+
     def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
         with stub_server() as (base_url, paths):
@@ -503,13 +755,9 @@ class CommandLineTest(unittest.TestCase):
     def test_a_disk_error_mid_run_gets_one_line_and_exit_1(self) -> None:
         write_inputs(self.tmp / "inputs", 2, 5)
         err = io.StringIO()
-
-        def disk_full(writes: Any) -> None:
-            raise OSError(28, "No space left on device")
-
         with (
             contextlib.chdir(self.tmp),
-            mock.patch.object(pipeline, "append_lines", disk_full),
+            disk_full(),
             contextlib.redirect_stderr(err),
             contextlib.redirect_stdout(io.StringIO()),
         ):
