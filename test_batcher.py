@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import itertools
 import json
@@ -16,12 +17,15 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
@@ -454,7 +458,7 @@ def stub_server(fail_first: int = 0) -> Iterator[tuple[str, list[tuple[str, dict
     requests: list[tuple[str, dict[str, Any]]] = []
     handler = type("Handler", (StubHandler,), {"requests": requests, "fail_first": fail_first})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}", requests
@@ -487,6 +491,216 @@ class RealClientTest(unittest.IsolatedAsyncioTestCase):
         self.assertRegex(paths.pop(), r"^/v1(beta)?/models/gemini-embedding-001:batchEmbedContents$")
         self.assertTrue(all(r["outputDimensionality"] == 3 for _, body in requests for r in body["requests"]))
         self.assertEqual(sum(len(body["requests"]) for _, body in requests[1:]), 20)
+
+
+class FaultyStubHandler(BaseHTTPRequestHandler):
+    """batchEmbedContents on a bad day, by the texts of a call: "hang" is never answered; on
+    their first call, "html" gets a proxy's HTML page, "drop" a dropped connection and "short"
+    one embedding too few. Anything else gets one vector per text."""
+
+    calls: dict[str, int]
+    release: threading.Event
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        texts = [r["content"]["parts"][0]["text"] for r in body["requests"]]
+        first = set()
+        for text in texts:
+            self.calls[text] = self.calls.get(text, 0) + 1
+            if self.calls[text] == 1:
+                first.add(text)
+        if "hang" in texts:
+            self.release.wait(10)
+            return
+        if "drop" in first:
+            self.connection.shutdown(2)
+            return
+        if "html" in first:
+            self.reply(b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            return
+        count = len(texts) - 1 if "short" in first else len(texts)
+        self.reply(json.dumps({"embeddings": [{"values": [1.0, 2.0, 3.0]}] * count}).encode(), "application/json")
+
+    def reply(self, data: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def faulty_client(request_timeout_s: float = 60) -> Iterator[tuple[Any, dict[str, int]]]:
+    """The real genai.Client, made by batcher.make_client, against the faulty stub."""
+    calls: dict[str, int] = {}
+    release = threading.Event()
+    handler = type("Handler", (FaultyStubHandler,), {"calls": calls, "release": release})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    env = {
+        "GEMINI_API_KEY": "test-key",
+        "GOOGLE_API_KEY": "",
+        "GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+    }
+    try:
+        with mock.patch.dict(os.environ, env):
+            yield batcher.make_client(offline=False, fake_latency_s=0, request_timeout_s=request_timeout_s), calls
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+class BadDayTest(unittest.IsolatedAsyncioTestCase):
+    """The real genai.Client against a local server that fails the way real ones do."""
+
+    async def embed(self, client: Any, texts: list[str], retrier: Retrier) -> dict[str, Any]:
+        return dict(
+            zip(texts, await batcher.embed_batch(client, texts, retrier=retrier, model="m", dimensions=3), strict=True)
+        )
+
+    async def test_a_call_never_answered_times_out_is_retried_and_fails_with_the_reason(self) -> None:
+        retrier = Retrier(max_attempts=2, request_timeout_s=0.3, base_delay_s=0.001)
+        started = time.monotonic()
+        with faulty_client(request_timeout_s=0.3) as (client, calls):
+            results = await self.embed(client, ["hang"], retrier)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(calls, {"hang": 2})
+        self.assertEqual(batcher.describe(results["hang"]), "timed out after 0.3 s")
+
+    async def test_a_stall_outside_the_http_call_is_bounded_too(self) -> None:
+        retrier = Retrier(max_attempts=2, request_timeout_s=0.1, base_delay_s=0.001)
+        results = await self.embed(SpyClient(latency_s=60), ["a"], retrier)
+        self.assertEqual(batcher.describe(results["a"]), "timed out after 0.1 s")
+
+    async def test_an_html_body_a_dropped_connection_and_a_short_reply_are_retried(self) -> None:
+        retrier = Retrier(base_delay_s=0.001)
+        with faulty_client() as (client, calls):
+            for text in ("html", "drop", "short"):
+                results = await self.embed(client, [text, f"{text}-ok"], retrier)
+                self.assertTrue(all(isinstance(r, types.ContentEmbedding) for r in results.values()), results)
+                self.assertEqual(calls[text], 2)
+        self.assertEqual(retrier.retries, 3)
+
+    async def test_a_bug_in_the_call_surfaces_instead_of_failing_items(self) -> None:
+        client = SpyClient(fail=lambda texts, n: AttributeError("a bug of ours"))
+        with self.assertRaises(AttributeError):
+            await self.embed(client, ["a"], Retrier(base_delay_s=0.001))
+
+
+class CorpusTest(unittest.IsolatedAsyncioTestCase):
+    """batcher.py --input FILE --output FILE."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", str(self.tmp)], check=True))
+        self.corpus, self.output = self.tmp / "corpus.txt", self.tmp / "out.jsonl"
+
+    def write_corpus(self, n: int) -> list[str]:
+        texts = [f"text number {i}" for i in range(n)]
+        self.corpus.write_text("".join(f"{t}\n\n" if i % 7 == 3 else f"  {t}\n" for i, t in enumerate(texts)))
+        return texts
+
+    async def run_main(self, client: Any, **changes: Any) -> tuple[int, str]:
+        settings: dict[str, Any] = {"input": self.corpus, "output": self.output, "batch_size": 10, "timeout_s": 0.02}
+        config = batcher.Config(**(settings | {"quiet": True} | changes))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            async with asyncio.timeout(30):
+                status = await batcher.main(config, client, shutdown=batcher.Shutdown())
+        return status, out.getvalue()
+
+    def written(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.output.read_text().splitlines()]
+
+    async def test_a_corpus_is_embedded_to_jsonl_through_the_real_client(self) -> None:
+        texts = self.write_corpus(25)
+        with stub_server() as (base_url, requests):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = batcher.make_client(offline=False, fake_latency_s=0)
+            status, out = await self.run_main(client)
+        self.assertEqual(status, 0)
+        records = self.written()
+        self.assertEqual([r["text"] for r in records], texts)  # stripped, blank lines skipped, in order
+        self.assertEqual(records[4]["id"], "corpus.txt:6")  # line numbers count the blank line
+        self.assertEqual(len(records[0]["embedding"]), 3)
+        self.assertEqual(sum(len(body["requests"]) for _, body in requests), 25)
+        self.assertIn("25 embedded, 0 failed", out)
+
+    async def test_a_rerun_sends_only_what_is_missing_and_cuts_a_torn_line(self) -> None:
+        texts = self.write_corpus(30)
+        first = SpyClient(fail=lambda batch, n: api_error(400) if "text number 5" in batch else None)
+        config_changes = {"max_attempts": 1}
+        status, out = await self.run_main(first, **config_changes)
+        self.assertEqual(status, 1)
+        self.assertIn("Failed: corpus.txt:7 -> 400 INVALID_ARGUMENT: fake 400", out)
+        with self.output.open("a") as f:
+            f.write('{"id": "corpus.txt:99", "text": "torn')  # a kill mid-write
+        again = SpyClient()
+        status, out = await self.run_main(again)
+        self.assertEqual(status, 0)
+        self.assertEqual(again.calls, [["text number 5"]])
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        self.assertIn("29 skipped", out)
+
+    async def test_an_undecodable_line_fails_with_its_id_and_the_rest_are_embedded(self) -> None:
+        self.corpus.write_bytes(b"one\nbad \xff line\nthree\n")
+        status, out = await self.run_main(SpyClient())
+        self.assertEqual(status, 1)
+        self.assertIn("Failed: corpus.txt:2 -> ", out)
+        self.assertIn("undecodable UTF-8", out)
+        self.assertEqual([r["id"] for r in self.written()], ["corpus.txt:1", "corpus.txt:3"])
+
+    async def test_rpm_spaces_call_starts_evenly_with_no_burst(self) -> None:
+        self.write_corpus(8)
+        client = SpyClient()
+        await self.run_main(client, batch_size=1, concurrency=8, rpm=1200)  # one call per 50 ms
+        gaps = [b - a for a, b in itertools.pairwise(client.started_at)]
+        self.assertEqual(len(gaps), 7)
+        self.assertTrue(all(0.045 <= gap <= 0.1 for gap in gaps), gaps)
+
+    async def test_files_cancelled_at_the_open_leak_nothing(self) -> None:
+        self.write_corpus(30)
+        self.output.write_text('{"id": "corpus.txt:1", "text": "x", "embedding": [1]}\n')
+        await asyncio.sleep(0.05)
+        before = len(os.listdir("/proc/self/fd"))
+        rng = random.Random(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for i in range(200):
+                stats, shutdown = batcher.RunStats(), batcher.Shutdown()
+                queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+                stage: Coroutine[Any, Any, Any]
+                if i % 2:
+                    stage = batcher.read_corpus(self.corpus, queue, queue, skip=set(), stats=stats, shutdown=shutdown)
+                else:
+                    stage = batcher.done_ids(self.output)
+                task = asyncio.ensure_future(stage)
+                for _ in range(rng.randrange(3)):  # 0 to 2 loop turns: at the open, or just after
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            gc.collect()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+
+    async def test_off_a_terminal_progress_is_a_plain_line_every_interval(self) -> None:
+        stats = batcher.RunStats(enqueued=10, succeeded=5, failed=1)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(batcher, "PROGRESS_EVERY_S", 0.2):
+            progress = asyncio.create_task(batcher.show_progress(stats, tty=False))
+            await asyncio.sleep(0.5)
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)  # at 0.2 s and 0.4 s
+        self.assertRegex(lines[-1], r"^progress: 6 done, 1 failed, 4 in flight, \d+/s$")
 
 
 class CommandLineTest(unittest.TestCase):
@@ -559,6 +773,107 @@ class CommandLineTest(unittest.TestCase):
         summary = next(line for line in lines if line.startswith("Summary:"))
         self.assertEqual(len(printed), int(summary.split()[1]))
         self.assertEqual(len(set(printed)), len(printed))
+
+
+class CorpusCommandLineTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", str(self.tmp)], check=True))
+        self.env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+        self.corpus, self.output = self.tmp / "corpus.txt", self.tmp / "out.jsonl"
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, os.path.join(HERE, "batcher.py"), *args]
+
+    def run_script(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(*args), cwd=self.tmp, env=self.env, input=stdin, capture_output=True, text=True, timeout=60
+        )
+
+    def write_corpus(self, n: int) -> None:
+        self.corpus.write_text("".join(f"text {i}\n" for i in range(n)))
+
+    def assert_each_line_once(self, n: int) -> None:
+        ids = [json.loads(line)["id"] for line in self.output.read_text().splitlines()]
+        self.assertEqual(sorted(ids), sorted(f"corpus.txt:{i}" for i in range(1, n + 1)))
+
+    def test_stdin_is_read_with_stdin_ids(self) -> None:
+        result = self.run_script("--input", "-", "--output", "out.jsonl", "--fake-latency", "0", stdin="a\n\n b \n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        records = [json.loads(line) for line in self.output.read_text().splitlines()]
+        self.assertEqual([(r["id"], r["text"]) for r in records], [("stdin:1", "a"), ("stdin:3", "b")])
+        self.assertNotIn("Content:", result.stdout)  # the file holds the embeddings
+        self.assertIn("Summary: 2 items", result.stdout)
+
+    def test_bad_input_gets_one_line_and_exit_2(self) -> None:
+        self.write_corpus(3)
+        (self.tmp / "folder").mkdir()
+        cases = [
+            (["--input", "missing.txt"], "input file not found: missing.txt"),
+            (["--input", "folder"], "input is not a file: folder"),
+            (["--input", "corpus.txt", "--output", "nowhere/out.jsonl"], "output folder not found: nowhere"),
+            (["--input", "corpus.txt", "--output", "folder"], "output is a folder, not a file: folder"),
+            (["--input", "corpus.txt", "--output", "corpus.txt"], "output is the input file: corpus.txt"),
+            (["--request-timeout", "0"], "argument --request-timeout: must be > 0, got 0"),
+            (["--rpm", "-1"], "argument --rpm: must be > 0, got -1"),
+        ]
+        for args, message in cases:
+            result = self.run_script(*args, "--offline")
+            self.assertEqual((result.returncode, result.stdout), (2, ""), args)
+            self.assertEqual(result.stderr, f"batcher.py: error: {message}\n")
+        self.assertEqual(self.corpus.read_text(), "text 0\ntext 1\ntext 2\n")
+
+    def test_kill_9_twice_then_a_rerun_leaves_every_text_exactly_once(self) -> None:
+        self.write_corpus(20000)
+        rng = random.Random(4)
+        for _ in range(2):
+            args = ["--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0.01", "--quiet"]
+            proc = subprocess.Popen(
+                self.command(*args, "--batch-size", "7"),
+                cwd=self.tmp,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(rng.uniform(1.2, 2.0))  # start-up takes about a second
+            proc.kill()
+            proc.wait()
+        self.assertLess(len(self.output.read_bytes().splitlines()), 20000)  # killed part way
+        result = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0", "--quiet")
+        self.assertEqual(result.returncode, 0, result.stderr)  # and not refused: kill -9 left no lock behind
+        self.assert_each_line_once(20000)
+
+    def test_sigterm_drains_prints_the_summary_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
+        self.write_corpus(5000)
+        args = ["--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0.05", "--quiet"]
+        proc = subprocess.Popen(
+            self.command(*args), cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        while not self.output.exists() or self.output.stat().st_size < 1000:
+            time.sleep(0.02)  # under way
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 143, err)
+        self.assertIn("interrupted (SIGTERM)", err)
+        self.assertIn("Summary:", out)
+        result = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0", "--quiet")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assert_each_line_once(5000)
+
+    def test_a_second_run_on_the_same_output_is_refused(self) -> None:
+        self.write_corpus(10)
+        args = ["--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "60", "--quiet"]
+        first = subprocess.Popen(self.command(*args), cwd=self.tmp, env=self.env, stderr=subprocess.PIPE)
+        self.addCleanup(first.communicate)
+        self.addCleanup(first.kill)
+        assert first.stderr is not None
+        first.stderr.readline()  # the simulated-client line
+        while not self.output.exists():
+            time.sleep(0.01)
+        time.sleep(0.2)  # opened, locked
+        second = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0")
+        self.assertEqual(second.returncode, 2)
+        self.assertIn("batcher.py: error: another run is using out.jsonl", second.stderr)
 
 
 if __name__ == "__main__":
