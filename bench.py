@@ -293,6 +293,79 @@ async def bench_under_load(n: int, n_serial: int) -> str:
     return intro + table(headers, rows) + note
 
 
+# --- Batcher on a corpus file: against the in-memory run, and memory ------------------------------
+
+
+def run_child(script: str, args: list[str]) -> tuple[float, float]:
+    """Runs a script offline in a child; returns its wall time (s) and peak RSS (MiB)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / script), "--offline", "--fake-latency", "0", "--quiet", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, (script, args, status)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def write_corpus(path: Path, n: int) -> Path:
+    with path.open("w") as f:
+        f.writelines(f"This is line {i} of a corpus to embed\n" for i in range(n))
+    return path
+
+
+def bench_corpus(tmp: Path, n: int, small: int, large: int, repeats: int) -> str:
+    settings = ["--batch-size", "100", "--concurrency", "8", "--dimensions", "3"]
+    corpus = write_corpus(tmp / f"corpus-{n}.txt", n)
+    file_runs, memory_runs = [], []
+    for i in range(repeats):
+        file_runs.append(
+            run_child("batcher.py", ["--input", str(corpus), "--output", str(tmp / f"emb-{i}.jsonl"), *settings])[0]
+        )
+        memory_runs.append(run_child("batcher.py", ["--num-inputs", str(n), "--input-delay", "0", *settings])[0])
+    file_s, memory_s = min(file_runs), min(memory_runs)
+    check(
+        f"batcher --input file of {n:,} lines / in-memory run of as many, wall", file_s / memory_s, 1.3, at_least=False
+    )
+    rss = {}
+    for count in (small, large):
+        corpus = write_corpus(tmp / f"corpus-{count}.txt", count)
+        rss[count] = run_child(
+            "batcher.py", ["--input", str(corpus), "--output", str(tmp / f"rss-{count}.jsonl"), *settings]
+        )[1]
+    check(f"batcher --input peak RSS {large:,} / {small:,} lines", rss[large] / rss[small], 1.3, at_least=False)
+    rows = [
+        [
+            "`--input` file → `--output` JSONL",
+            f"{n:,}",
+            f"{file_s:.2f}",
+            f"{n / file_s:,.0f}",
+            f"{file_s / memory_s:.2f}",
+        ],
+        [
+            f"limit: the in-memory demo run (`--num-inputs {n} --input-delay 0`)",
+            f"{n:,}",
+            f"{memory_s:.2f}",
+            f"{n / memory_s:,.0f}",
+            "1.00",
+        ],
+    ]
+    out = (
+        "### Batcher on a corpus (child processes, offline, no delay, batch 100, concurrency 8, 3 dimensions, "
+        f"best of {repeats})\n\n" + table(["run", "texts", "wall s", "texts/s", "ratio"], rows)
+    )
+    rows = [
+        [f"{small:,}", f"{rss[small]:.1f}", "1.00"],
+        [f"{large:,}", f"{rss[large]:.1f}", f"{rss[large] / rss[small]:.2f}"],
+    ]
+    return (
+        out
+        + "\n\n### Batcher memory (peak RSS of `python batcher.py --input`)\n\n"
+        + table(["lines", "peak RSS MiB", "ratio"], rows)
+    )
+
+
 # --- Pipeline -----------------------------------------------------------------------------------
 
 
@@ -424,23 +497,8 @@ async def bench_reader(tmp: Path, n: int, repeats: int) -> str:
 def peak_rss_mb(tmp: Path, n: int) -> float:
     """Runs pipeline.py in a child on n prompts; returns its peak RSS."""
     make_inputs(folder := tmp / f"rss-{n}", n)
-    args = [
-        "--inputs",
-        str(folder),
-        "--outputs",
-        str(tmp / f"rss-out-{n}"),
-        "--quiet",
-        "--offline",
-        "--fake-latency",
-        "0",
-    ]
-    args += ["--workers", "16", "--queue-size", "100", "--shard-size", "1000"]
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "pipeline.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, status
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    args = ["--inputs", str(folder), "--outputs", str(tmp / f"rss-out-{n}")]
+    return run_child("pipeline.py", [*args, "--workers", "16", "--queue-size", "100", "--shard-size", "1000"])[1]
 
 
 def bench_memory(tmp: Path, small: int, large: int) -> str:
@@ -462,6 +520,7 @@ def main(quick: bool) -> int:
     sections.append(asyncio.run(bench_under_load(1_500 if quick else 5_000, 150 if quick else 400)))
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        sections.append(bench_corpus(tmp, 200_000, 10_000, 100_000 if quick else 1_000_000, 1 if quick else 3))
         sections.append(
             asyncio.run(
                 bench_pipeline(tmp, 10 if quick else 40, 4_000 if quick else 40_000, 10_000 if quick else 40_000)
