@@ -383,7 +383,7 @@ async def run_pipeline(inputs: Path, latency_s: float, **settings: Any) -> float
         client = pipeline.SimulatedClient(latency_s=latency_s)
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # its summary
-            status = await pipeline.main(config, client)
+            status = await pipeline.main(config, client, shutdown=pipeline.Shutdown())
         wall_s = time.perf_counter() - started
     assert status == 0, status
     return wall_s
@@ -454,8 +454,10 @@ async def reader_alone(folder: Path) -> tuple[float, int]:
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
     started = time.perf_counter()
     consumer = asyncio.create_task(drain(queue))
-    await pipeline.read_inputs(folder, queue)
-    await queue.put(None)
+    files = pipeline.input_files(folder)
+    await pipeline.read_inputs(
+        files, queue, error_queue=queue, consumers=1, stats=pipeline.Stats(), shutdown=pipeline.Shutdown()
+    )
     count = await consumer
     return time.perf_counter() - started, count
 

@@ -4,13 +4,16 @@
     GEMINI_API_KEY=... python pipeline.py         # the real API through genai.Client()
     python pipeline.py --help                     # every flag
 
-The stages, in order, joined by bounded asyncio queues and ended by None sentinels:
+The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
+queue with None sentinels, one per consumer:
 
     read_inputs (x readers) -> generate_content (x workers) -> write_outputs (x writers)
-                      \\_________________________________________-> write_errors
+                      \\______________________\\__________________-> write_errors
 
-Every prompt ends exactly once in outputs/shard_NNNNN.jsonl or outputs/errors.jsonl, even
-across crashes: a re-run skips the ids already written and carries on where it stopped.
+Inputs are *.txt files (one prompt per line) and *.jsonl files (one {"prompt": ...} object per
+line, with an optional "id" and metadata). Every prompt ends exactly once in
+outputs/shard_NNNNN.jsonl or outputs/errors.jsonl, even across crashes: a re-run skips the ids
+already written and carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -45,16 +48,19 @@ log = logging.getLogger("pipeline")
 
 CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
 MAX_WRITE_BATCH = 1000  # records a writer takes from its queue for one write + flush
-GRACE_S = 5.0  # after Ctrl-C, calls in flight get this long before they are abandoned
+GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run. A long
 # answer with thinking can take a few minutes: 300 s leaves room for that and still ends a hang.
 REQUEST_TIMEOUT_S = 300.0
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
-LOCK_NAME = ".lock"
+OUTPUT_TOKENS_GUESS = 500  # --tpm's guess of an answer's tokens before the first one is seen
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
+LOCK_NAME = ".lock"
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+# Finish reasons of an answer that was withheld, not merely cut short.
+BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
 
 T = TypeVar("T")
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.generate_content
@@ -69,54 +75,60 @@ class MalformedReply(Exception):
 
 
 class Blocked(Exception):
-    """The model declined the prompt (a safety block and the like): permanent for this prompt."""
+    """The model gave no answer for this prompt (a safety block, say): not retried."""
 
 
 # --- Records ----------------------------------------------------------------------------
 
 
-# (id, text). The id is "<file name>:<line number>", stable across runs. A plain tuple, not a
-# dataclass: the reader makes a million a second, and a tuple costs a fifth as much to make.
-Prompt: TypeAlias = tuple[str, str]
+# (id, text, metadata). The id is the JSONL line's "id", else "<file name>:<line number>",
+# stable across runs. A plain tuple: the reader makes a million a second.
+Prompt: TypeAlias = tuple[str, str, dict[str, Any] | None]
 
 
 @dataclass(slots=True)
 class Result:
-    """One prompt's outcome. response is set on success, error on failure."""
+    """One prompt's outcome. response is set on success (a parsed JSON value with
+    --json-schema, else text), error on failure."""
 
     id: str
     prompt: str
-    response: str | None = None
+    metadata: dict[str, Any] | None = None
+    response: Any = None
     error: str | None = None
     attempts: int = 0
-    word_count: int | None = None
+    usage: dict[str, int] | None = None
     finish_reason: str | None = None  # set when the answer stopped for another reason than STOP
+    word_count: int | None = None
 
     def json_line(self) -> str:
+        record: dict[str, Any] = {"id": self.id, "prompt": self.prompt}
         if self.error is not None:
-            record: dict[str, Any] = {
-                "id": self.id,
-                "prompt": self.prompt,
-                "error": self.error,
-                "attempts": self.attempts,
-            }
+            record |= {"error": self.error, "attempts": self.attempts}
         else:
-            record = {"id": self.id, "prompt": self.prompt, "response": self.response}
-            if self.finish_reason is not None:
-                record["finish_reason"] = self.finish_reason
-            if self.word_count is not None:
-                record["word_count"] = self.word_count
+            record["response"] = self.response
+            for name in ("usage", "finish_reason", "word_count"):
+                if (value := getattr(self, name)) is not None:
+                    record[name] = value
+        if self.metadata:
+            record["metadata"] = self.metadata
         return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 @dataclass
 class Stats:
+    """Counts shared by every stage; the summary and the progress line read them."""
+
     read: int = 0  # non-blank lines found, skipped ones included
     skipped: int = 0  # already done in an earlier run
     succeeded: int = 0
     failed: int = 0
     retries: int = 0
     in_flight: int = 0  # prompts in a worker's hands
+    input_tokens: int = 0  # of every answered call, retries included: what is billed
+    output_tokens: int = 0
+    thinking_tokens: int = 0
+    answers: int = 0  # answered calls
     started: float = field(default_factory=time.perf_counter)
 
     def progress(self) -> str:
@@ -127,12 +139,69 @@ class Stats:
     def summary(self, errors_held: int) -> str:
         wall_s = time.perf_counter() - self.started
         done = self.succeeded + self.failed
+        thinking = f", {self.thinking_tokens} thinking" if self.thinking_tokens else ""
         return (
             f"Summary: {self.read} prompts read, {self.skipped} skipped (already done), "
             f"{self.succeeded} succeeded, {self.failed} failed, {self.retries} retries\n"
+            f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking} "
+            f"({self.answers} answered calls)\n"
             f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
             f"{errors_held} failed prompts in {ERRORS_NAME}"
         )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The pipeline's settings: one per command-line flag, checked when made."""
+
+    inputs: Path = Path("inputs")
+    outputs: Path = Path("outputs")
+    workers: int = 5
+    readers: int = 1
+    writers: int = 1
+    queue_size: int = 5
+    shard_size: int = 5
+    max_attempts: int = 5
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    base_delay_s: float = 0.5
+    rpm: float | None = None
+    tpm: float | None = None
+    model: str = "gemini-flash-latest"
+    system_instruction: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    thinking_budget: int | None = None
+    json_schema: dict[str, Any] | None = None
+    retry_errors: bool = False
+    word_count: bool = False
+    quiet: bool = False
+    progress: bool = False  # a progress line on stderr: redrawn on a terminal, else every 30 s
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("request_timeout_s", "rpm", "tpm"):
+            if (value := getattr(self, name)) is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be 0..2, got {self.temperature}")
+        if self.thinking_budget is not None and self.thinking_budget < -1:
+            raise ValueError(f"thinking_budget must be >= -1 (-1: the model decides), got {self.thinking_budget}")
+
+    def generation(self) -> types.GenerateContentConfig | None:
+        """The one GenerateContentConfig every call shares, or None for the model's defaults."""
+        settings: dict[str, Any] = {
+            "system_instruction": self.system_instruction,
+            "temperature": self.temperature,
+            "max_output_tokens": self.max_output_tokens,
+        }
+        if self.thinking_budget is not None:
+            settings["thinking_config"] = types.ThinkingConfig(thinking_budget=self.thinking_budget)
+        if self.json_schema is not None:
+            settings |= {"response_mime_type": "application/json", "response_json_schema": self.json_schema}
+        settings = {name: value for name, value in settings.items() if value is not None}
+        return types.GenerateContentConfig(**settings) if settings else None
 
 
 # --- Faults, pacing and shutdown ----------------------------------------------------------
@@ -149,14 +218,30 @@ def is_transient(exc: BaseException) -> bool:
     return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
 
 
+def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
+    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
+
+
+def is_request_wide(exc: BaseException) -> bool:
+    """An error about the request as a whole (a bad key, no access, an unknown model), not
+    about one prompt: every other call would fail alike, so the run stops."""
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code in (401, 403, 404):
+        return True
+    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
+    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
+
+
 def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
         return None
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    details = body.get("details") if isinstance(body, dict) else None
-    for detail in details if isinstance(details, list) else []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+    for detail in error_details(exc):
+        if str(detail.get("@type", "")).endswith("RetryInfo"):
             match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
             if match:
                 return float(match.group(1))
@@ -172,8 +257,8 @@ def describe(exc: BaseException) -> str:
     """One line naming an error: the API's code, status and message, or the type."""
     if isinstance(exc, errors.APIError):
         return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
-    if isinstance(exc, (TimeoutError, Blocked)) and str(exc):
-        return str(exc)  # "timed out after 300 s", "blocked: SAFETY"
+    if isinstance(exc, (TimeoutError, Blocked, MalformedReply)) and str(exc):
+        return str(exc)  # "timed out after 300 s", "blocked: SAFETY", "response is not valid JSON"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -192,49 +277,60 @@ async def bounded(call: Awaitable[T], timeout_s: float) -> T:
 class Gate:
     """Where every worker waits before each call.
 
-    A delay named by the server pauses all workers, not just the one that was told.
-    With rpm, call starts are spaced 60/rpm seconds apart across all workers: smooth,
-    with no burst at start.
+    A delay named by the server pauses all workers, not just the one that was told. With rpm
+    and tpm, call starts are spaced across all workers: 60/rpm seconds apart, or as long as
+    the call's estimated tokens take at tpm, whichever is longer. Smooth, with no burst at
+    the start. settle() then corrects a call's estimate with the tokens the API reported.
     """
 
-    def __init__(self, *, rpm: float | None = None) -> None:
-        self._interval_s = 60.0 / rpm if rpm else 0.0
-        self._next_start = 0.0
+    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
+        self._call_gap_s = 60.0 / rpm if rpm else 0.0
+        self._token_gap_s = 60.0 / tpm if tpm else 0.0
+        self._next_start = 0.0  # loop time of the next free start
+        self._last_start = 0.0  # the latest start granted
         self._paused_until = 0.0
 
     def pause(self, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
         self._paused_until = max(self._paused_until, loop.time() + delay_s)
 
-    async def wait_turn(self) -> None:
+    async def wait_turn(self, tokens: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
         while True:
             # A loop, not one sleep: another worker may extend the pause while we wait.
             while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(pause_s)
-            if not self._interval_s:
+            if not (self._call_gap_s or self._token_gap_s):
                 return
-            start = max(loop.time(), self._next_start)
-            self._next_start = start + self._interval_s
+            start = self._last_start = max(loop.time(), self._next_start)
+            self._next_start = start + max(self._call_gap_s, tokens * self._token_gap_s)
             await asyncio.sleep(start - loop.time())
             if self._paused_until <= loop.time():
                 return
+
+    def settle(self, estimated: float, used: float) -> None:
+        """Moves later starts by the tokens a call used beyond its estimate (or back, for
+        fewer, but never before a start already granted)."""
+        if self._token_gap_s:
+            self._next_start = max(self._last_start, self._next_start + (used - estimated) * self._token_gap_s)
 
 
 class Shutdown:
     """The first Ctrl-C or SIGTERM: readers stop, workers take no new prompt, and calls still
     in flight get grace_s to finish before they are abandoned (the next run redoes them).
     Everything completed is still written; the exit status is 128 + the signal (130, 143).
-    A second signal of either kind exits at once."""
+    A second signal of either kind exits at once. fail() stops the run the same way for an
+    error that concerns every prompt (a bad key): the exit status is then 2."""
 
     def __init__(self, *, grace_s: float = GRACE_S) -> None:
         self.signal: int | None = None
+        self.failure: str | None = None
         self._grace_s = grace_s
         self._in_flight: set[asyncio.Timeout] = set()
 
     @property
     def requested(self) -> bool:
-        return self.signal is not None
+        return self.signal is not None or self.failure is not None
 
     def request(self, signum: int = signal.SIGINT) -> None:
         if self.signal is not None:
@@ -247,12 +343,16 @@ class Shutdown:
         for timeout in self._in_flight:
             timeout.reschedule(deadline)
 
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+
     @contextlib.asynccontextmanager
-    async def abandonable(self) -> AsyncIterator[asyncio.Timeout]:
+    async def abandonable(self) -> AsyncIterator[None]:
         async with asyncio.timeout(None) as timeout:
             self._in_flight.add(timeout)
             try:
-                yield timeout
+                yield
             finally:
                 self._in_flight.discard(timeout)
 
@@ -278,7 +378,8 @@ def signals_handled(shutdown: Shutdown) -> Iterator[None]:
 
 class SimulatedClient:
     """Stands in for genai.Client offline: client.aio.models.generate_content returns a real
-    types.GenerateContentResponse after latency_s. "What is two times N?" is answered 2N.
+    types.GenerateContentResponse after latency_s, with usage (characters / 4 as tokens).
+    "What is two times N?" is answered 2N; with a JSON schema, a small instance of it.
     With failure_rate, that share of calls fails with a transient 503."""
 
     def __init__(self, *, latency_s: float = 0.0, failure_rate: float = 0.0) -> None:
@@ -287,15 +388,34 @@ class SimulatedClient:
         self.aio = self  # so client.aio.models.generate_content works as on genai.Client
         self.models = self
 
-    async def generate_content(self, *, model: str, contents: str, config: Any = None) -> types.GenerateContentResponse:
+    async def generate_content(
+        self, *, model: str, contents: str, config: types.GenerateContentConfig | None = None
+    ) -> types.GenerateContentResponse:
         await asyncio.sleep(self.latency_s)
         if self.failure_rate and random.random() < self.failure_rate:
             raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
         match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
         text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
+        if config is not None and config.response_mime_type == "application/json":
+            text = json.dumps(fake_instance(config.response_json_schema, text))
+        system = str(config.system_instruction or "") if config is not None else ""
+        usage = {"prompt_token_count": -(-len(contents + system) // 4), "candidates_token_count": -(-len(text) // 4)}
         # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
         candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
-        return types.GenerateContentResponse.model_validate({"candidates": [candidate]})
+        return types.GenerateContentResponse.model_validate({"candidates": [candidate], "usage_metadata": usage})
+
+
+def fake_instance(schema: Any, text: str) -> Any:
+    """A small value that matches a JSON schema: the answer text for strings, the first enum."""
+    schema = schema if isinstance(schema, dict) else {}
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if kind == "object":
+        return {name: fake_instance(sub, text) for name, sub in schema.get("properties", {"answer": {}}).items()}
+    if kind == "array":
+        return [fake_instance(schema.get("items"), text)]
+    return {"integer": 0, "number": 0.0, "boolean": False, "null": None}.get(kind, text)
 
 
 def make_client(
@@ -308,8 +428,6 @@ def make_client(
     """
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
-        reason = "--offline" if offline else "no GEMINI_API_KEY"
-        print(f"pipeline: {reason}: using the simulated model (latency {fake_latency_s}s)", file=sys.stderr)
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
     options = types.HttpOptions(
         retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
@@ -321,8 +439,9 @@ def make_client(
 
 
 def input_files(input_dir: Path) -> list[Path]:
-    """The *.txt files of the input folder, in name order."""
-    return sorted(path for path in input_dir.glob("*.txt") if path.is_file())
+    """The *.txt and *.jsonl files of the input folder, in name order."""
+    paths = itertools.chain(input_dir.glob("*.txt"), input_dir.glob("*.jsonl"))
+    return sorted(path for path in paths if path.is_file())
 
 
 @contextlib.asynccontextmanager
@@ -379,27 +498,43 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
         return lines, bad
 
 
+def parse_jsonl(line: str) -> tuple[str | None, str, dict[str, Any] | None]:
+    """A JSONL input line: its "id" (or None), its "prompt", and every other field as
+    metadata. Raises ValueError naming what is wrong."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {line[:60]!r}")
+    prompt, row_id = row.pop("prompt", None), row.pop("id", None)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError('"prompt" must be a non-empty string')
+    if row_id is not None and not (isinstance(row_id, str) and row_id):
+        raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
+    return row_id, prompt, row or None
+
+
 async def read_inputs(
-    input_dir: Path,
+    files: list[Path],
     input_queue: asyncio.Queue[Prompt | None],
     *,
-    files: list[Path] | None = None,
+    error_queue: asyncio.Queue[Result | None],
+    readers: int = 1,
+    consumers: int,
     skip: Collection[str] = frozenset(),
-    error_queue: asyncio.Queue[Result | None] | None = None,
-    stats: Stats | None = None,
-    shutdown: Shutdown | None = None,
+    stats: Stats,
+    shutdown: Shutdown,
 ) -> None:
-    """Puts one Prompt per non-blank line of each *.txt file (or of `files`), in name order.
+    """Puts one Prompt per non-blank line of the files, `readers` tasks splitting the files.
 
-    Ids in `skip` (done in an earlier run) are passed over. An undecodable line goes to
-    error_queue as a failure, and reading goes on. Stops early on a shutdown request.
-    Puts no sentinel: the caller does, once every reader is done.
+    Ids in `skip` (done in an earlier run) are passed over. A line that cannot be read (not
+    UTF-8, or a bad JSONL row) goes to error_queue as a failure, and so does an id seen a
+    second time, under its "<file>:<line>": one id never gets two records. Stops early on
+    a shutdown request. Ends input_queue with one sentinel per consumer, once every reader
+    is done (error_queue is ended by generate_content, after).
     """
-    stats, shutdown = stats or Stats(), shutdown or Shutdown()
-    if files is None:
-        files = input_files(input_dir)  # a directory listing, once
-    for path in files:
-        name, number = path.name, 0
+    seen: set[str] = set()  # the JSONL ids of this run, shared by the readers
+
+    async def read_file(path: Path) -> None:
+        name, number, jsonl = path.name, 0, path.suffix == ".jsonl"
         async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
             async for block in blocks:
                 if shutdown.requested:
@@ -410,81 +545,140 @@ async def read_inputs(
                     if not text:
                         blank += 1
                         continue
-                    prompt_id = f"{name}:{number}"
-                    if skip and prompt_id in skip:
-                        skipped += 1
-                    elif bad and number in bad:
-                        log.warning("%s: %s", prompt_id, bad[number])
-                        if error_queue is not None:
-                            await error_queue.put(Result(prompt_id, text, error=bad[number]))
-                    else:
+                    prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
+                    if jsonl and error is None:
                         try:
-                            input_queue.put_nowait((prompt_id, text))
-                        except asyncio.QueueFull:
-                            await input_queue.put((prompt_id, text))  # backpressure: wait for the workers
+                            row_id, text, metadata = parse_jsonl(text)
+                        except ValueError as exc:
+                            error = f"bad JSONL line: {exc}"
+                        else:
+                            if row_id is not None and row_id in seen:
+                                error = f"duplicate id {row_id!r}: this line is not run"
+                            elif row_id is not None:
+                                prompt_id = row_id
+                                seen.add(row_id)
+                    if prompt_id in skip:
+                        skipped += 1
+                    elif error is not None:
+                        log.warning("%s:%d: %s", name, number, error)
+                        await error_queue.put(Result(f"{name}:{number}", text, metadata, error=error))
+                    else:
+                        await input_queue.put((prompt_id, text, metadata))  # backpressure: wait for the workers
                 stats.read += len(lines) - blank
                 stats.skipped += skipped
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(readers):
+            tg.create_task(read_files(files[i::readers], read_file))
+    for _ in range(consumers):
+        await input_queue.put(None)
+
+
+async def read_files(files: list[Path], read_file: Callable[[Path], Awaitable[None]]) -> None:
+    """One reader: its files, one after another."""
+    for path in files:
+        await read_file(path)
 
 
 # --- Stage 2: the content generators ----------------------------------------------------------
 
 
-# Finish reasons of an answer that was withheld, not merely cut short.
-BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
-
-
-async def request_answer(client: Client, text: str, *, model: str) -> tuple[str, str | None]:
-    """One generate_content call: the answer's text, and its finish reason when that is not
-    STOP (MAX_TOKENS, say: the text is kept, cut short). Raises Blocked for a blocked prompt
-    or answer, MalformedReply for a reply with no usable answer."""
+async def call_model(
+    client: Client, text: str, *, model: str, generation: types.GenerateContentConfig | None
+) -> types.GenerateContentResponse:
+    """One generate_content call. A body the SDK cannot parse raises MalformedReply."""
     try:
-        response = await client.aio.models.generate_content(model=model, contents=text)
+        response: types.GenerateContentResponse = await client.aio.models.generate_content(
+            model=model, contents=text, config=generation
+        )
     except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
         raise MalformedReply(f"unreadable reply: {exc}") from exc
+    return response
+
+
+def count_usage(response: types.GenerateContentResponse, stats: Stats) -> dict[str, int] | None:
+    """The tokens one answered call used, added to the run's totals (retries are billed too)."""
+    meta = response.usage_metadata
+    if meta is None:
+        return None
+    usage = {"input_tokens": meta.prompt_token_count or 0, "output_tokens": meta.candidates_token_count or 0}
+    if meta.thoughts_token_count:
+        usage["thinking_tokens"] = meta.thoughts_token_count
+    stats.input_tokens += usage["input_tokens"]
+    stats.output_tokens += usage["output_tokens"]
+    stats.thinking_tokens += usage.get("thinking_tokens", 0)
+    stats.answers += 1
+    return usage
+
+
+def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -> tuple[Any, str | None]:
+    """The answer (parsed JSON with json_output, else text) and its finish reason when that is
+    not STOP (MAX_TOKENS, say: the text is kept, cut short). Raises Blocked for a blocked
+    prompt or answer, MalformedReply for a reply with no usable answer."""
     feedback = response.prompt_feedback
     if feedback is not None and feedback.block_reason is not None:
         raise Blocked(f"blocked: {feedback.block_reason.name}")
     candidate = response.candidates[0] if response.candidates else None
     reason = candidate.finish_reason.name if candidate is not None and candidate.finish_reason else None
-    answer = response.text if candidate is not None else None
     if reason in BLOCKED_REASONS:
         raise Blocked(f"blocked: {reason}")
+    answer = response.text if candidate is not None else None
     if answer is None:
         if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
             raise Blocked(f"no answer: finish reason {reason}")  # e.g. MAX_TOKENS spent on thinking
         raise MalformedReply("no answer in the reply")
+    if json_output:
+        try:
+            answer = json.loads(answer)
+        except ValueError:
+            raise MalformedReply("response is not valid JSON") from None  # a new sample may parse
     return answer, reason if reason not in (None, "STOP") else None
 
 
 async def generate_one(
     client: Client,
-    prompt_id: str,
-    text: str,
+    prompt: Prompt,
     *,
-    model: str,
+    config: Config,
+    generation: types.GenerateContentConfig | None,
     gate: Gate,
-    max_attempts: int,
-    request_timeout_s: float,
-    base_delay_s: float,
     stats: Stats,
-) -> Result:
-    """Calls the model for one prompt, each attempt bounded by request_timeout_s, retrying
-    transient errors; failures come back as data."""
-    for attempt in range(1, max_attempts + 1):
-        await gate.wait_turn()
+    shutdown: Shutdown,
+) -> Result | None:
+    """Calls the model for one prompt, each attempt bounded by config.request_timeout_s,
+    retrying transient errors; failures come back as data. An error about the request as a
+    whole (a bad key or model) calls shutdown.fail and returns None: the prompt is left for
+    the next run."""
+    prompt_id, text, metadata = prompt
+    estimate = 0.0
+    if config.tpm:  # characters / 4 for the prompt, and the answer we expect
+        expected = stats.output_tokens / stats.answers if stats.answers else config.max_output_tokens
+        estimate = (len(text) + len(config.system_instruction or "")) / 4 + (expected or OUTPUT_TOKENS_GUESS)
+    for attempt in range(1, config.max_attempts + 1):
+        await gate.wait_turn(estimate)
+        used = 0
         try:
-            answer, reason = await bounded(request_answer(client, text, model=model), request_timeout_s)
-            return Result(prompt_id, text, response=answer, attempts=attempt, finish_reason=reason)
+            call = call_model(client, text, model=config.model, generation=generation)
+            response = await bounded(call, config.request_timeout_s)
+            usage = count_usage(response, stats)
+            used = sum(usage.values()) if usage else 0
+            answer, reason = read_answer(response, json_output=config.json_schema is not None)
+            return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked))):
                 raise  # a bug, not a fault of this prompt: let it surface
-            if not is_transient(exc) or attempt == max_attempts:
-                return Result(prompt_id, text, error=describe(exc), attempts=attempt)
+            if is_request_wide(exc):
+                shutdown.fail(f"the API refused the request as a whole (key, access or model): {describe(exc)}")
+                return None
+            if not is_transient(exc) or attempt == config.max_attempts:
+                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt)
             if (delay_s := server_retry_delay_s(exc)) is not None:
                 gate.pause(delay_s)
             stats.retries += 1
             log.info("%s: retrying after %s", prompt_id, describe(exc))
-            await asyncio.sleep(random.uniform(0, min(30.0, base_delay_s * 2 ** (attempt - 1))))
+            await asyncio.sleep(random.uniform(0, min(30.0, config.base_delay_s * 2 ** (attempt - 1))))
+        finally:
+            gate.settle(estimate, used)
     raise AssertionError("unreachable")
 
 
@@ -493,57 +687,62 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
+def ignore_interrupts() -> None:
+    """In each pool process: a terminal's Ctrl-C reaches the whole process group, but the
+    parent handles it (drain, summary); a worker killed by it would break the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 async def generate_content(
     client: Client,
     input_queue: asyncio.Queue[Prompt | None],
     output_queue: asyncio.Queue[Result | None],
     *,
-    error_queue: asyncio.Queue[Result | None] | None = None,
-    model: str = "gemini-flash-latest",
-    gate: Gate | None = None,
-    max_attempts: int = 5,
-    request_timeout_s: float = REQUEST_TIMEOUT_S,
-    base_delay_s: float = 0.5,
+    error_queue: asyncio.Queue[Result | None],
+    config: Config,
+    gate: Gate,
+    stats: Stats,
+    shutdown: Shutdown,
     word_count_pool: Executor | None = None,
-    stats: Stats | None = None,
-    shutdown: Shutdown | None = None,
 ) -> None:
-    """One worker: takes prompts until the sentinel and puts each Result on output_queue
-    (successes) or error_queue (failures; output_queue when there is none).
-
-    After a shutdown request it takes no new prompt: the rest is left for the next run.
-    """
+    """config.workers workers take prompts until their sentinel and put each Result on
+    output_queue (successes) or error_queue (failures). After a shutdown request they take
+    no new prompt: the rest is left for the next run. Ends output_queue with one sentinel
+    per writer, and error_queue with one, once every worker is done."""
     loop = asyncio.get_running_loop()
-    gate, stats, shutdown = gate or Gate(), stats or Stats(), shutdown or Shutdown()
-    while (prompt := await input_queue.get()) is not None:
-        prompt_id, text = prompt
-        if shutdown.requested:
-            continue  # drain without calling, so the readers and the sentinel get through
-        stats.in_flight += 1
-        try:
-            async with shutdown.abandonable():
-                result = await generate_one(
-                    client,
-                    prompt_id,
-                    text,
-                    model=model,
-                    gate=gate,
-                    max_attempts=max_attempts,
-                    request_timeout_s=request_timeout_s,
-                    base_delay_s=base_delay_s,
-                    stats=stats,
-                )
-        except TimeoutError:
-            log.warning("%s: abandoned after the interrupt; the next run redoes it", prompt_id)
-            continue
-        finally:
-            stats.in_flight -= 1
-        if result.error is not None:
-            await (error_queue or output_queue).put(result)
-            continue
-        if word_count_pool is not None:
-            result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response or "")
-        await output_queue.put(result)
+    generation = config.generation()  # built once, shared by every call
+
+    async def worker() -> None:
+        while (prompt := await input_queue.get()) is not None:
+            if shutdown.requested:
+                continue  # drain without calling, so the readers and the sentinel get through
+            stats.in_flight += 1
+            try:
+                async with shutdown.abandonable():
+                    result = await generate_one(
+                        client, prompt, config=config, generation=generation, gate=gate, stats=stats, shutdown=shutdown
+                    )
+            except TimeoutError:
+                log.warning("%s: abandoned after the interrupt; the next run redoes it", prompt[0])
+                continue
+            finally:
+                stats.in_flight -= 1
+            if result is None:
+                continue  # a request-wide error: left for the next run
+            if result.error is not None:
+                await error_queue.put(result)
+                continue
+            if word_count_pool is not None and isinstance(result.response, str):
+                result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response)
+            await output_queue.put(result)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(config.workers):
+            tg.create_task(worker())
+    for _ in range(config.writers):
+        await output_queue.put(None)
+    await error_queue.put(None)
 
 
 # --- Stage 3: the output writers --------------------------------------------------------------
@@ -571,7 +770,7 @@ async def write_outputs(
     stats: Stats,
     quiet: bool = False,
 ) -> None:
-    """Appends records to shards of at most shard_size lines until the sentinel.
+    """One writer: appends records to shards of at most shard_size lines until its sentinel.
 
     Each writer owns the shards it starts (numbers come from the shared shard_numbers), and
     starts one only for a record, so no shard is empty. A shard stays open across batches:
@@ -580,8 +779,7 @@ async def write_outputs(
     """
     async with contextlib.AsyncExitStack() as shard:
         f: Any = None
-        path = output_dir
-        lines_in_shard = shard_size
+        path, lines_in_shard = output_dir, shard_size
         while True:
             results, ended = await take_available(output_queue)
             data: list[str] = []
@@ -625,7 +823,9 @@ async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | Non
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """The complete records of a JSONL file. A torn last line (no newline: the run was
-    killed mid-write) is cut off the file; an unparsable line is skipped with a warning."""
+    killed mid-write) is cut off the file; an unreadable line is skipped with a warning."""
+    if not path.is_file():
+        raise UsageError(f"not a file, where the run keeps its records: {path}")
     offset = 0
     with path.open("rb") as f:
         for line in f:
@@ -639,7 +839,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 if isinstance(record, dict) and isinstance(record.get("id"), str):
                     yield record
                     continue
-            except ValueError:
+            except ValueError:  # not JSON, or not UTF-8
                 pass
             log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
 
@@ -662,46 +862,15 @@ def compact_errors(output_dir: Path, done: Collection[str]) -> set[str]:
     if not path.exists():
         return set()
     latest = {record["id"]: record for record in read_records(path) if record["id"] not in done}
-    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in latest.values()]
-    if path.read_text(encoding="utf-8") != "".join(lines):
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in latest.values()).encode()
+    if path.read_bytes() != data:
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     return set(latest)
 
 
 # --- main ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    """The pipeline's settings: one per command-line flag, checked when made."""
-
-    inputs: Path = Path("inputs")
-    outputs: Path = Path("outputs")
-    workers: int = 5
-    readers: int = 1
-    writers: int = 1
-    queue_size: int = 5
-    shard_size: int = 5
-    max_attempts: int = 5
-    request_timeout_s: float = REQUEST_TIMEOUT_S
-    base_delay_s: float = 0.5
-    rpm: float | None = None
-    retry_errors: bool = False
-    word_count: bool = False
-    model: str = "gemini-flash-latest"
-    quiet: bool = False
-    progress: bool = False  # a progress line on stderr: redrawn on a terminal, else every 30 s
-
-    def __post_init__(self) -> None:
-        for name in ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "rpm"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def check_paths(config: Config) -> list[Path]:
@@ -710,7 +879,7 @@ def check_paths(config: Config) -> list[Path]:
         raise UsageError(f"input folder not found: {config.inputs}")
     files = input_files(config.inputs)
     if not files:
-        raise UsageError(f"no *.txt files in the input folder: {config.inputs}")
+        raise UsageError(f"no *.txt or *.jsonl files in the input folder: {config.inputs}")
     try:
         config.outputs.mkdir(parents=True, exist_ok=True)
         probe = config.outputs / f".write-test-{os.getpid()}"
@@ -734,19 +903,6 @@ def locked(output_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-async def close_after(stage: Awaitable[Any], queue: asyncio.Queue[Any], consumers: int) -> None:
-    """Runs a stage, then puts one sentinel per consumer of its output queue."""
-    await stage
-    for _ in range(consumers):
-        await queue.put(None)
-
-
-async def all_of(coros: list[Coroutine[Any, Any, None]]) -> None:
-    async with asyncio.TaskGroup() as tg:
-        for coro in coros:
-            tg.create_task(coro)
 
 
 def count_lines(files: list[Path]) -> int:
@@ -779,80 +935,69 @@ async def show_progress(stats: Stats, files: list[Path], *, tty: bool) -> None:
             print(file=sys.stderr)
 
 
-async def main(config: Config, client: Client, *, shutdown: Shutdown | None = None) -> int:
-    """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed,
-    130 or 143 interrupted. Raises UsageError on bad input, or when another run holds the
-    output folder."""
+async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
+    """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed, 2 an
+    error about every request (a bad key or model), 130 or 143 interrupted. Raises
+    UsageError on bad input, or when another run holds the output folder."""
     files = check_paths(config)
+    if isinstance(client, SimulatedClient):
+        print(
+            f"pipeline: no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)",
+            file=sys.stderr,
+        )
     with locked(config.outputs):
-        return await run_locked(config, client, files, shutdown=shutdown or Shutdown())
-
-
-async def run_locked(config: Config, client: Client, files: list[Path], *, shutdown: Shutdown) -> int:
-    done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
-    failed = await asyncio.to_thread(compact_errors, config.outputs, done)
-    skip = done if config.retry_errors else done | failed
-    if skip:
-        log.info("resuming: %d done and %d failed in earlier runs", len(done), len(failed))
-
-    stats, gate = Stats(), Gate(rpm=config.rpm)
-    input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
-    output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-    error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-    shard_numbers = itertools.count(next_shard)
-    pool = ProcessPoolExecutor(mp_context=get_context("spawn")) if config.word_count else None
-    readers = [
-        read_inputs(
-            config.inputs,
-            input_queue,
-            files=files[i :: config.readers],
-            skip=skip,
-            error_queue=error_queue,
-            stats=stats,
-            shutdown=shutdown,
-        )
-        for i in range(config.readers)
-    ]
-    workers = [
-        generate_content(
-            client, input_queue, output_queue, error_queue=error_queue, model=config.model, gate=gate,
-            max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s,
-            base_delay_s=config.base_delay_s, word_count_pool=pool,
-            stats=stats, shutdown=shutdown,
-        )
-        for _ in range(config.workers)
-    ]  # fmt: skip
-    writers = [
-        write_outputs(
-            config.outputs,
-            output_queue,
-            shard_size=config.shard_size,
-            shard_numbers=shard_numbers,
-            stats=stats,
-            quiet=config.quiet,
-        )
-        for _ in range(config.writers)
-    ]
-    tty = sys.stderr.isatty()
-    progress = asyncio.create_task(show_progress(stats, files, tty=tty)) if config.progress else None
-    try:
-        async with asyncio.TaskGroup() as tg:
-            reading = tg.create_task(close_after(all_of(readers), input_queue, config.workers))
-            generating = tg.create_task(close_after(all_of(workers), output_queue, config.writers))
-            tg.create_task(all_of(writers))
-            tg.create_task(write_errors(config.outputs, error_queue, stats=stats))
-            # asyncio.wait, not gather: cancelling a gather would cancel these tasks a second
-            # time, mid-cleanup (a reader closing its file), when the group shuts down on an error.
-            tg.create_task(close_after(asyncio.wait([reading, generating]), error_queue, 1))
-    finally:
-        if progress is not None:
-            progress.cancel()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if config.retry_errors:  # retried ids that succeeded leave errors.jsonl
-        done, _ = await asyncio.to_thread(scan_outputs, config.outputs)
-    errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
+        done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
+        failed = await asyncio.to_thread(compact_errors, config.outputs, done)
+        skip = done if config.retry_errors else done | failed
+        if skip:
+            log.info("resuming: %d done and %d failed in earlier runs", len(done), len(failed))
+        stats, gate = Stats(), Gate(rpm=config.rpm, tpm=config.tpm)
+        input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
+        output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+        error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+        shard_numbers = itertools.count(next_shard)
+        pool = None
+        if config.word_count:
+            pool = ProcessPoolExecutor(mp_context=get_context("spawn"), initializer=ignore_interrupts)
+        progress = None
+        if config.progress:
+            progress = asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(
+                    read_inputs(
+                        files, input_queue, error_queue=error_queue, readers=config.readers,
+                        consumers=config.workers, skip=skip, stats=stats, shutdown=shutdown,
+                    )
+                )  # fmt: skip
+                tg.create_task(
+                    generate_content(
+                        client, input_queue, output_queue, error_queue=error_queue, config=config, gate=gate,
+                        stats=stats, shutdown=shutdown, word_count_pool=pool,
+                    )
+                )  # fmt: skip
+                for _ in range(config.writers):
+                    tg.create_task(
+                        write_outputs(
+                            config.outputs, output_queue, shard_size=config.shard_size,
+                            shard_numbers=shard_numbers, stats=stats, quiet=config.quiet,
+                        )
+                    )  # fmt: skip
+                tg.create_task(write_errors(config.outputs, error_queue, stats=stats))
+        finally:
+            if progress is not None:
+                progress.cancel()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        if config.retry_errors:  # retried ids that succeeded leave errors.jsonl
+            done, _ = await asyncio.to_thread(scan_outputs, config.outputs)
+        errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
     print(stats.summary(errors_held))
+    if shutdown.failure is not None:
+        print(
+            f"pipeline.py: error: {shutdown.failure}; the prompts not done are left for the next run", file=sys.stderr
+        )
+        return 2
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if errors_held else 0
@@ -867,16 +1012,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(
-    kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float = math.inf
-) -> Callable[[str], Any]:
+def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
+    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if (value <= low if strict else value < low) or value > high or not math.isfinite(value):
-            bound = f"> {low}" if strict else f"{low}..{high}" if high < math.inf else f">= {low}"
+        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
+            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
@@ -885,39 +1030,68 @@ def _number(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", type=Path, default=Path("inputs"), help="folder of *.txt prompt files (default inputs/)")
-    p.add_argument(
-        "--outputs", type=Path, default=Path("outputs"), help="folder for shards and errors.jsonl (default outputs/)"
-    )
-    p.add_argument("--workers", type=_number(int, 1), default=5, help="concurrent model calls (default 5)")
-    p.add_argument("--readers", type=_number(int, 1), default=1, help="reader tasks; they split the files (default 1)")
-    p.add_argument("--writers", type=_number(int, 1), default=1, help="writer tasks; each owns its shards (default 1)")
-    p.add_argument("--queue-size", type=_number(int, 1), default=5, help="bound of each queue (default 5)")
-    p.add_argument("--shard-size", type=_number(int, 1), default=5, help="records per output shard at most (default 5)")
-    p.add_argument(
-        "--max-attempts", type=_number(int, 1), default=5, help="calls per prompt, retries included (default 5)"
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("--inputs", type=Path, default=Path("inputs"), help="folder of *.txt and *.jsonl inputs (default inputs/)")
+    add("--outputs", type=Path, default=Path("outputs"), help="folder for shards and errors.jsonl (default outputs/)")
+    add("--workers", type=number(int, 1), default=5, help="concurrent model calls (default 5)")
+    add("--readers", type=number(int, 1), default=1, help="reader tasks; they split the files (default 1)")
+    add("--writers", type=number(int, 1), default=1, help="writer tasks; each owns its shards (default 1)")
+    add("--queue-size", type=number(int, 1), default=5, help="bound of each queue (default 5)")
+    add("--shard-size", type=number(int, 1), default=5, help="records per output shard at most (default 5)")
+    add("--max-attempts", type=number(int, 1), default=5, help="calls per prompt, retries included (default 5)")
+    add(
         "--request-timeout",
-        type=_number(float, 0, strict=True),
+        type=number(float, 0, above=True),
         default=REQUEST_TIMEOUT_S,
         help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: room for a long answer with"
         " thinking; a call never answered is cut off and retried)",
     )
-    p.add_argument(
-        "--rpm", type=_number(float, 0, strict=True), help="cap on call starts per minute, all workers together"
-    )
-    p.add_argument("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
-    p.add_argument("--word-count", action="store_true", help="add word_count, computed in a process pool")
-    p.add_argument("--model", default="gemini-flash-latest", help="model (default gemini-flash-latest)")
-    p.add_argument("--offline", action="store_true", help="use the simulated model even with a key")
-    p.add_argument(
-        "--fake-latency", type=_number(float, 0), default=0.1, help="simulated latency, seconds (default 0.1)"
-    )
-    p.add_argument("--fake-failure-rate", type=_number(float, 0, high=1), default=0.0, help="simulated 503 share, 0..1")
-    p.add_argument("--seed", type=int, help="random seed, for repeatable runs")
-    p.add_argument("--quiet", action="store_true", help="no progress line or per-record lines; the summary stays")
+    add("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, all workers together")
+    add("--tpm", type=number(float, 0, above=True), help="cap on tokens per minute, all workers together")
+    add("--model", default="gemini-flash-latest", help="model (default gemini-flash-latest)")
+    add("--system-instruction", metavar="TEXT", help="system instruction, or @PATH to read it from a file")
+    add("--temperature", type=number(float, 0, 2), help="sampling temperature, 0..2")
+    add("--max-output-tokens", type=number(int, 1), help="cap on each answer's tokens")
+    add("--thinking-budget", type=number(int, -1), help="thinking tokens per answer (0: off where allowed; -1: auto)")
+    add("--json-schema", type=Path, metavar="PATH", help="ask for JSON matching this JSON Schema file; parse it")
+    add("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
+    add("--word-count", action="store_true", help="add word_count, computed in a process pool")
+    add("--offline", action="store_true", help="use the simulated model even with a key")
+    add("--fake-latency", type=number(float, 0), default=0.1, help="simulated latency, seconds (default 0.1)")
+    add("--fake-failure-rate", type=number(float, 0, 1), default=0.0, help="simulated 503 share, 0..1")
+    add("--seed", type=int, help="random seed, for repeatable runs")
+    add("--quiet", action="store_true", help="only the summary and run-level problems on stderr")
     return p.parse_args(argv)
+
+
+def read_setting_file(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The Config the flags describe. Raises UsageError for an unreadable file or a bad schema."""
+    instruction = args.system_instruction
+    if instruction is not None and instruction.startswith("@"):
+        instruction = read_setting_file(Path(instruction[1:]), "--system-instruction")
+    schema = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(read_setting_file(args.json_schema, "--json-schema"))
+        except ValueError as exc:
+            raise UsageError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise UsageError(f"--json-schema: {args.json_schema} is not a JSON Schema object")
+    return Config(
+        inputs=args.inputs, outputs=args.outputs, workers=args.workers, readers=args.readers, writers=args.writers,
+        queue_size=args.queue_size, shard_size=args.shard_size, max_attempts=args.max_attempts,
+        request_timeout_s=args.request_timeout, rpm=args.rpm, tpm=args.tpm, model=args.model,
+        system_instruction=instruction, temperature=args.temperature, max_output_tokens=args.max_output_tokens,
+        thinking_budget=args.thinking_budget, json_schema=schema, retry_errors=args.retry_errors,
+        word_count=args.word_count, quiet=args.quiet, progress=not args.quiet,
+    )  # fmt: skip
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -927,24 +1101,15 @@ def run_cli(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
-    config = Config(
-        inputs=args.inputs, outputs=args.outputs, workers=args.workers, readers=args.readers, writers=args.writers,
-        queue_size=args.queue_size, shard_size=args.shard_size, max_attempts=args.max_attempts, rpm=args.rpm,
-        retry_errors=args.retry_errors, word_count=args.word_count, model=args.model, quiet=args.quiet,
-        progress=not args.quiet, request_timeout_s=args.request_timeout,
-    )  # fmt: skip
 
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
-            check_paths(config)  # before anything else is said: bad input gets one line
             client = make_client(
-                offline=args.offline,
-                fake_latency_s=args.fake_latency,
-                fake_failure_rate=args.fake_failure_rate,
+                offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
                 request_timeout_s=args.request_timeout,
-            )
-            return await main(config, client, shutdown=shutdown)
+            )  # fmt: skip
+            return await main(config_from(args), client, shutdown=shutdown)
 
     try:
         return asyncio.run(run())

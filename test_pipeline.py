@@ -20,7 +20,7 @@ import threading
 import time
 import unittest
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,7 +70,7 @@ class SpyClient(pipeline.SimulatedClient):
         call_number = len(self.prompts)
         if self.on_call:
             self.on_call(call_number)
-        response = await super().generate_content(model=model, contents=contents)
+        response = await super().generate_content(model=model, contents=contents, config=config)
         if self.fail and (exc := self.fail(contents, call_number)):
             raise exc
         return response
@@ -123,7 +123,9 @@ class PipelineTestCase(unittest.IsolatedAsyncioTestCase):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             async with asyncio.timeout(30):  # a hang fails the test instead of the suite
-                status = await pipeline.main(replace(self.config, **changes), client or SpyClient(), shutdown=shutdown)
+                status = await pipeline.main(
+                    replace(self.config, **changes), client or SpyClient(), shutdown=shutdown or Shutdown()
+                )
         return status, out.getvalue()
 
     def assert_exactly_once(self, prompts: list[str]) -> None:
@@ -142,9 +144,10 @@ class EndToEndTest(PipelineTestCase):
         got = records(self.outputs)
         self.assertEqual(sorted(r["prompt"] for r in got), sorted(prompts))
         for r in got:
-            self.assertEqual(set(r), {"id", "prompt", "response"})
+            self.assertEqual(set(r), {"id", "prompt", "response", "usage"})
             self.assertEqual(int(r["response"]), 2 * int(r["prompt"].split()[-1][:-1]))
-        self.assertIn({"id": "shard_4.txt:2", "prompt": "What is two times 13?", "response": "26"}, got)
+        usage = {"input_tokens": 6, "output_tokens": 1}  # the simulated model's characters / 4, rounded up
+        self.assertIn({"id": "shard_4.txt:2", "prompt": "What is two times 13?", "response": "26", "usage": usage}, got)
         self.assertIn("30 prompts read, 0 skipped (already done), 30 succeeded, 0 failed, 0 retries", summary)
 
     async def test_blank_lines_are_skipped_and_line_numbers_kept(self) -> None:
@@ -168,9 +171,12 @@ class EndToEndTest(PipelineTestCase):
         (self.inputs / "u.txt").write_text("\n".join(lines), encoding="utf-8")
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100)
         with mock.patch.object(pipeline, "CHUNK_BYTES", 7):
-            await pipeline.read_inputs(self.inputs, queue)
+            await pipeline.read_inputs(
+                pipeline.input_files(self.inputs), queue, error_queue=queue, consumers=0, stats=pipeline.Stats(),
+                shutdown=Shutdown(),
+            )  # fmt: skip
         got = [queue.get_nowait() for _ in range(queue.qsize())]
-        expected = [(f"u.txt:{n}", text) for n, text in enumerate(lines, 1) if text]
+        expected = [(f"u.txt:{n}", text, None) for n, text in enumerate(lines, 1) if text]
         self.assertEqual(got, expected)
 
     async def test_shards_hold_at_most_shard_size_records_and_none_is_empty(self) -> None:
@@ -204,9 +210,12 @@ class EndToEndTest(PipelineTestCase):
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         input_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         for i, text in enumerate(["What is two times 5?", "Say hi"]):
-            input_queue.put_nowait((f"a:{i}", text))
+            input_queue.put_nowait((f"a:{i}", text, None))
         input_queue.put_nowait(None)
-        await pipeline.generate_content(client, input_queue, output_queue, word_count_pool=pool)
+        await pipeline.generate_content(
+            client, input_queue, output_queue, error_queue=output_queue, config=Config(workers=1),
+            gate=pipeline.Gate(rpm=None, tpm=None), stats=pipeline.Stats(), shutdown=Shutdown(), word_count_pool=pool,
+        )  # fmt: skip
         results = [output_queue.get_nowait() for _ in range(2)]
         self.assertEqual([r.word_count for r in results], [1, 6])  # "10"; "A simulated answer to: Say hi"
         self.assertEqual(submitted, [pipeline.count_words, pipeline.count_words])
@@ -239,13 +248,13 @@ class FaultTest(PipelineTestCase):
 
     async def test_permanent_errors_go_to_errors_jsonl_without_retry(self) -> None:
         prompts = write_inputs(self.inputs, 2, 3)
-        client = SpyClient(fail=lambda prompt, n: api_error(404) if prompt.endswith("4?") else None)
+        client = SpyClient(fail=lambda prompt, n: api_error(400) if prompt.endswith("4?") else None)
         status, _ = await self.run_pipeline(client)
         self.assertEqual(status, 1)
         failure = records(self.outputs, "errors.jsonl")
         self.assertEqual(
             failure,
-            [{"id": "shard_1.txt:2", "prompt": "What is two times 4?", "error": "404 X: fake 404", "attempts": 1}],
+            [{"id": "shard_1.txt:2", "prompt": "What is two times 4?", "error": "400 X: fake 400", "attempts": 1}],
         )
         self.assertEqual(client.prompts.count("What is two times 4?"), 1)
         self.assert_exactly_once(prompts)
@@ -582,8 +591,11 @@ class CancelledOpenTest(PipelineTestCase):
             for i in range(200):
                 queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
                 stats = pipeline.Stats()
+                stage: Coroutine[Any, Any, None]
                 if i % 2:
-                    stage = pipeline.read_inputs(self.inputs, queue, files=files, stats=stats)
+                    stage = pipeline.read_inputs(
+                        files, queue, error_queue=queue, consumers=1, stats=stats, shutdown=Shutdown()
+                    )
                 else:
                     queue.put_nowait(pipeline.Result(f"x:{i}", "p", response="r"))
                     stage = pipeline.write_outputs(
@@ -598,6 +610,221 @@ class CancelledOpenTest(PipelineTestCase):
             gc.collect()
         self.assertEqual(self.open_fds(), before)
         self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """generateContent answered by a test's function: respond(body, call_number) -> (status,
+    JSON payload). Records every request body."""
+
+    bodies: list[dict[str, Any]]
+    respond: Callable[[dict[str, Any], int], tuple[int, dict[str, Any]]]
+    lock = threading.Lock()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.bodies.append(body)
+            number = len(self.bodies)
+        status, payload = type(self).respond(body, number)
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def answer(text: str, input_tokens: int = 10, output_tokens: int = 5, thinking: int = 0) -> tuple[int, dict[str, Any]]:
+    usage = {"promptTokenCount": input_tokens, "candidatesTokenCount": output_tokens}
+    if thinking:
+        usage["thoughtsTokenCount"] = thinking
+    candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
+    return 200, {"candidates": [candidate], "usageMetadata": usage}
+
+
+def prompt_of(body: dict[str, Any]) -> str:
+    return str(body["contents"][0]["parts"][0]["text"])
+
+
+@contextlib.contextmanager
+def scripted_client(
+    respond: Callable[[dict[str, Any], int], tuple[int, dict[str, Any]]],
+) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """The real genai.Client, made by pipeline.make_client, against a scripted stub."""
+    bodies: list[dict[str, Any]] = []
+    handler = type("Handler", (ScriptedHandler,), {"bodies": bodies, "respond": staticmethod(respond)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base_url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with mock.patch.dict(
+            os.environ, {"GEMINI_API_KEY": "k", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+        ):
+            yield pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0), bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class JsonlInputTest(PipelineTestCase):
+    async def test_txt_and_jsonl_together_with_ids_metadata_duplicates_and_bad_lines(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_text("What is two times 1?\n")
+        rows = [
+            {"id": "r1", "prompt": "What is two times 2?", "label": "x", "tags": [1, 2]},
+            {"prompt": "What is two times 3?"},
+            "not an object",
+            {"id": "r1", "prompt": "What is two times 4?"},
+            {"id": 7, "prompt": "bad id"},
+            {"id": "r5"},
+        ]
+        lines = [json.dumps(row) for row in rows] + ["{not json"]
+        (self.inputs / "b.jsonl").write_text("\n".join(lines) + "\n")
+        status, _ = await self.run_pipeline()
+        self.assertEqual(status, 1)
+        done = {r["id"]: r for r in records(self.outputs)}
+        self.assertEqual(set(done), {"a.txt:1", "r1", "b.jsonl:2"})
+        self.assertEqual(done["r1"]["metadata"], {"label": "x", "tags": [1, 2]})
+        self.assertEqual(done["r1"]["response"], "4")
+        self.assertNotIn("metadata", done["b.jsonl:2"])
+        failed = {r["id"]: r["error"] for r in records(self.outputs, "errors.jsonl")}
+        self.assertEqual(set(failed), {"b.jsonl:3", "b.jsonl:4", "b.jsonl:5", "b.jsonl:6", "b.jsonl:7"})
+        self.assertIn("not a JSON object", failed["b.jsonl:3"])
+        self.assertIn("duplicate id 'r1'", failed["b.jsonl:4"])
+        self.assertIn('"id" must be a non-empty string', failed["b.jsonl:5"])
+        self.assertIn('"prompt" must be a non-empty string', failed["b.jsonl:6"])
+        self.assertIn("bad JSONL line", failed["b.jsonl:7"])
+
+    async def test_resume_with_jsonl_ids_gives_exactly_once(self) -> None:
+        self.inputs.mkdir()
+        rows = [{"id": f"row-{i}", "prompt": f"What is two times {i}?"} for i in range(200)]
+        (self.inputs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        shutdown = Shutdown(grace_s=0.05)
+        client = SpyClient(latency_s=0.002, on_call=lambda n: shutdown.request() if n == 60 else None)
+        status, _ = await self.run_pipeline(client, shutdown=shutdown, workers=4, readers=1)
+        self.assertEqual(status, 130)
+        first = [r["id"] for r in records(self.outputs)]
+        self.assertLess(len(first), 200)
+        again = SpyClient()
+        status, _ = await self.run_pipeline(again, workers=4)
+        self.assertEqual(status, 0)
+        ids = [r["id"] for r in records(self.outputs)]
+        self.assertEqual(sorted(ids), sorted(row["id"] for row in rows))
+        self.assertEqual(len(again.prompts), 200 - len(first))
+
+
+class GenerationSettingsTest(PipelineTestCase):
+    async def test_every_setting_reaches_the_request_body(self) -> None:
+        write_inputs(self.inputs, 1, 1)
+        schema = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+        with scripted_client(lambda body, n: answer('{"label": "pos"}')) as (client, bodies):
+            status, _ = await self.run_pipeline(
+                client, system_instruction="Be brief.", temperature=0.2, max_output_tokens=64, thinking_budget=0,
+                json_schema=schema,
+            )  # fmt: skip
+        self.assertEqual(status, 0)
+        [body] = bodies
+        self.assertEqual(body["systemInstruction"]["parts"][0]["text"], "Be brief.")
+        config = body["generationConfig"]
+        self.assertEqual(config["temperature"], 0.2)
+        self.assertEqual(config["maxOutputTokens"], 64)
+        self.assertEqual(list(config["thinkingConfig"].values()), [0])  # either spelling of thinkingBudget
+        self.assertEqual(config["responseMimeType"], "application/json")
+        self.assertEqual(config["responseJsonSchema"], schema)
+        [record] = records(self.outputs)
+        self.assertEqual(record["response"], {"label": "pos"})  # parsed, not a string
+
+    async def test_a_cut_off_json_answer_is_retried_and_usage_is_counted_for_every_answer(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+
+        def respond(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
+            if prompt_of(body).endswith("1?") and n <= 2:
+                return answer('{"label": "po', input_tokens=7, output_tokens=3)  # cut off
+            return answer('{"label": "neg"}', input_tokens=7, output_tokens=4, thinking=2)
+
+        with scripted_client(respond) as (client, bodies):
+            status, summary = await self.run_pipeline(client, json_schema={"type": "object"}, workers=1)
+        self.assertEqual(status, 0)
+        self.assertEqual(len(bodies), 3)
+        self.assertEqual(
+            [r["usage"] for r in records(self.outputs)],
+            [{"input_tokens": 7, "output_tokens": 4, "thinking_tokens": 2}] * 2,
+        )
+        self.assertIn("tokens: 21 input, 11 output, 4 thinking (3 answered calls)", summary)
+
+    async def test_a_json_answer_that_never_parses_fails_with_the_reason(self) -> None:
+        write_inputs(self.inputs, 1, 1)
+        with scripted_client(lambda body, n: answer("not json")) as (client, bodies):
+            status, _ = await self.run_pipeline(client, json_schema={"type": "object"}, max_attempts=3)
+        self.assertEqual((status, len(bodies)), (1, 3))
+        [failed] = records(self.outputs, "errors.jsonl")
+        self.assertEqual((failed["error"], failed["attempts"]), ("response is not valid JSON", 3))
+
+    async def test_the_simulated_model_answers_json_and_reports_usage(self) -> None:
+        write_inputs(self.inputs, 1, 1)
+        schema = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}, "n": {"type": "integer"}}}
+        status, _ = await self.run_pipeline(json_schema=schema)
+        self.assertEqual(status, 0)
+        [record] = records(self.outputs)
+        self.assertEqual(record["response"], {"label": "pos", "n": 0})
+        self.assertGreater(record["usage"]["input_tokens"], 0)
+
+    async def test_tpm_paces_tokens_evenly_and_uses_most_of_the_budget(self) -> None:
+        write_inputs(self.inputs, 1, 30)
+        started_at: list[float] = []
+
+        def respond(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
+            started_at.append(time.monotonic())
+            input_tokens = -(-len(prompt_of(body)) // 4)  # 5 or 6, as the estimate reckons
+            sent.append(input_tokens + 95)
+            return answer("x", input_tokens=input_tokens, output_tokens=95)
+
+        sent: list[int] = []
+        tpm = 60_000  # 1,000 tokens a second: 30 calls of about 100 take about 3 s
+        with scripted_client(respond) as (client, _):
+            started = time.monotonic()
+            status, _ = await self.run_pipeline(client, tpm=tpm, workers=10, max_output_tokens=95)
+            wall_s = time.monotonic() - started
+        self.assertEqual(status, 0)
+        self.assertLessEqual(wall_s, 1.5 * sum(sent) / (tpm / 60))
+        for start in started_at:  # any 1 s window holds at most tpm / 60 tokens plus one call's worth
+            # (the window less 20 ms: arrival times at the stub carry the HTTP path's jitter)
+            window = [tokens for t, tokens in zip(started_at, sent, strict=True) if start <= t < start + 0.98]
+            in_window = sum(window)
+            self.assertLessEqual(in_window, tpm / 60 + max(sent), started_at)
+
+
+class RequestWideErrorTest(PipelineTestCase):
+    async def test_a_bad_key_stops_the_run_records_nothing_and_a_rerun_does_everything(self) -> None:
+        prompts = write_inputs(self.inputs, 10, 30)
+        info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+        bad_key = errors.ClientError(
+            400,
+            {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT", "details": [info]}},
+        )
+        client = SpyClient(fail=lambda prompt, n: bad_key)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status, _ = await self.run_pipeline(client, workers=5)
+        self.assertEqual(status, 2)
+        self.assertLessEqual(len(client.prompts), 5 + 5)  # the calls in flight, not 300
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+        [line] = [line for line in err.getvalue().splitlines() if "error" in line]
+        self.assertIn("API key not valid", line)
+        status, _ = await self.run_pipeline(SpyClient())
+        self.assertEqual(status, 0)
+        self.assert_exactly_once(prompts)
+
+    async def test_an_unknown_model_stops_the_run(self) -> None:
+        write_inputs(self.inputs, 3, 10)
+        client = SpyClient(fail=lambda prompt, n: api_error(404))
+        with contextlib.redirect_stderr(io.StringIO()):
+            status, _ = await self.run_pipeline(client, workers=2)
+        self.assertEqual(status, 2)
+        self.assertLessEqual(len(client.prompts), 4)
 
 
 class CommandLineTest(unittest.TestCase):
@@ -644,7 +871,7 @@ class CommandLineTest(unittest.TestCase):
         (self.tmp / "afile").write_text("")
         cases = [
             (["--inputs", "nope"], "input folder not found: nope"),
-            (["--inputs", "empty"], "no *.txt files in the input folder: empty"),
+            (["--inputs", "empty"], "no *.txt or *.jsonl files in the input folder: empty"),
             (["--outputs", "afile"], "output folder is not a writable folder: afile"),
             (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
             (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
