@@ -154,14 +154,30 @@ async def bounded(call: Awaitable[T], timeout_s: float) -> T:
         raise
 
 
+def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
+    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
+
+
+def is_request_wide(exc: BaseException) -> bool:
+    """An error about the request as a whole (a bad key, no access, an unknown model), not
+    about its texts: every other call would fail alike, so the run stops."""
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code in (401, 403, 404):
+        return True
+    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
+    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
+
+
 def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
         return None
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    details = body.get("details") if isinstance(body, dict) else None
-    for detail in details if isinstance(details, list) else []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+    for detail in error_details(exc):
+        if str(detail.get("@type", "")).endswith("RetryInfo"):
             match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
             if match:
                 return float(match.group(1))
@@ -247,7 +263,7 @@ class Retrier:
                 if (delay_s := server_retry_delay_s(exc)) is not None:
                     self._paused_until = max(self._paused_until, loop.time() + delay_s)
                 backoff_s = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-                log.warning("retrying after %s (attempt %d)", describe(exc), attempt)
+                log.info("retrying after %s (attempt %d)", describe(exc), attempt)
                 self.retries += 1
                 await asyncio.sleep(random.uniform(0, backoff_s))
         raise AssertionError("unreachable")
@@ -279,33 +295,63 @@ async def embed_batch(
     """Embeds texts in one call; returns an embedding or an error per text, in order.
 
     A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
-    fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls.
+    fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls. Bisection stops
+    when both halves fail alike (the error does not depend on the texts), and never starts
+    for an error about the request as a whole (the key, the model).
     """
+    outcome = await try_embed(client, texts, retrier=retrier, model=model, dimensions=dimensions)
+    if not isinstance(outcome, errors.APIError) or outcome.code not in BISECT_CODES or is_request_wide(outcome):
+        return outcome if isinstance(outcome, list) else [outcome] * len(texts)
+    return await bisect(client, texts, outcome, retrier=retrier, model=model, dimensions=dimensions)
+
+
+async def try_embed(
+    client: Client, texts: list[str], *, retrier: Retrier, model: str, dimensions: int | None
+) -> list[types.ContentEmbedding | Exception] | Exception:
+    """One call, retried: the embeddings, or the error that ended it."""
     try:
         return list(await retrier.call(lambda: request_embeddings(client, texts, model=model, dimensions=dimensions)))
-    except errors.APIError as exc:
-        if exc.code not in BISECT_CODES or len(texts) == 1:
-            return [exc] * len(texts)
     except Exception as exc:
-        if not is_transient(exc):
+        if not (is_transient(exc) or isinstance(exc, errors.APIError)):
             raise  # a bug, not a fault of this batch: let it surface
-        return [exc] * len(texts)
-    middle = len(texts) // 2
-    left = await embed_batch(client, texts[:middle], retrier=retrier, model=model, dimensions=dimensions)
-    right = await embed_batch(client, texts[middle:], retrier=retrier, model=model, dimensions=dimensions)
-    return left + right
+        return exc
+
+
+async def bisect(
+    client: Client, texts: list[str], error: errors.APIError, *, retrier: Retrier, model: str, dimensions: int | None
+) -> list[types.ContentEmbedding | Exception]:
+    """Splits a batch that failed with `error` until the texts that cause it are alone."""
+    if len(texts) == 1:
+        return [error]
+    halves = [texts[: len(texts) // 2], texts[len(texts) // 2 :]]
+    outcomes = [await try_embed(client, half, retrier=retrier, model=model, dimensions=dimensions) for half in halves]
+    if all(isinstance(o, errors.APIError) and (o.code, o.message) == (error.code, error.message) for o in outcomes):
+        return [error] * len(texts)  # both halves fail alike: the error does not depend on the texts
+    results: list[types.ContentEmbedding | Exception] = []
+    for half, outcome in zip(halves, outcomes, strict=True):
+        if isinstance(outcome, errors.APIError) and outcome.code in BISECT_CODES:
+            outcome = await bisect(client, half, outcome, retrier=retrier, model=model, dimensions=dimensions)
+        results += outcome if isinstance(outcome, list) else [outcome] * len(half)
+    return results
 
 
 class Shutdown:
     """The first Ctrl-C or SIGTERM stops the input; what is in flight drains, the summary is
-    printed, and the exit status is 128 + the signal (130, 143). A second signal exits at once."""
+    printed, and the exit status is 128 + the signal (130, 143). A second signal exits at once.
+    fail() stops the run for an error that concerns every request (a bad key, an unknown
+    model): no further call is made, and the exit status is 2."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.failure: str | None = None
 
     @property
     def requested(self) -> bool:
-        return self.signal is not None
+        return self.signal is not None or self.failure is not None
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
 
     def request(self, signum: int) -> None:
         if self.signal is not None:
@@ -601,20 +647,27 @@ async def embed_content(
     output_queue: asyncio.Queue[Output | None],
     *,
     retrier: Retrier,
+    shutdown: Shutdown,
     concurrency: int = 4,
     model: str = "gemini-embedding-001",
     dimensions: int | None = 3,
 ) -> None:
     """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
-    or (item, error) pair per item on output_queue. Ends output_queue with the None sentinel
-    once its workers have all finished."""
+    or (item, error) pair per item on output_queue. An error about the request as a whole
+    (a bad key or model) calls shutdown.fail: that batch and the rest are not reported, but
+    left for the next run. Ends output_queue with the None sentinel once its workers are done."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
 
     async def worker() -> None:
         while (batch := await batch_queue.get()) is not None:
+            if shutdown.failure is not None:
+                continue  # drain without calling: every call would fail alike
             texts = [text for _, text in batch]
             results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
+            if wide := [r for r in results if isinstance(r, Exception) and is_request_wide(r)]:
+                shutdown.fail(f"the API refused the request as a whole (key, access or model): {describe(wide[0])}")
+                continue
             for pair in zip(batch, results, strict=True):
                 await output_queue.put(pair)
         batch_queue.put_nowait(None)  # the slot we just emptied: wake the next worker
@@ -1005,6 +1058,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                     batch_queue,
                     output_queue,
                     retrier=retrier,
+                    shutdown=shutdown,
                     concurrency=config.concurrency,
                     model=config.model,
                     dimensions=config.dimensions,
@@ -1023,8 +1077,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 await embedding
                 progress.cancel()
     print(summary(batcher.counts, retrier, stats))
-    if shutdown.requested:
-        return 128 + (shutdown.signal or 0)
+    if shutdown.failure is not None:
+        print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
+        return 2
+    if shutdown.signal is not None:
+        return 128 + shutdown.signal
     return 1 if stats.failed else 0
 
 

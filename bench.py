@@ -186,7 +186,11 @@ async def run_chain(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
         tg.create_task(stage.batch(inputs, batches))
-        tg.create_task(batcher.embed_content(client, batches, outputs, concurrency=concurrency, retrier=retrier))
+        tg.create_task(
+            batcher.embed_content(
+                client, batches, outputs, concurrency=concurrency, retrier=retrier, shutdown=batcher.Shutdown()
+            )
+        )
         tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
     counts = stage.counts
     return ChainResult(retrier.calls, counts.items / counts.batches, stats.latencies_s, loop.time() - started)

@@ -264,6 +264,7 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         batch_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         kwargs.setdefault("retrier", Retrier(base_delay_s=0.001))
+        kwargs.setdefault("shutdown", batcher.Shutdown())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(feed(batch_queue, [[(text, text) for text in batch] for batch in batches]))
             tg.create_task(embed_content(client, batch_queue, output_queue, **kwargs))
@@ -329,11 +330,21 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         self.assertLessEqual(len(client.calls) - 1, 2 * math.ceil(math.log2(100)) + 1)
         self.assertEqual(len(outputs), 100)
 
-    async def test_not_found_fails_the_batch_without_bisecting(self) -> None:
+    async def test_an_unknown_model_stops_the_run_without_bisecting_or_reporting_items(self) -> None:
         client = SpyClient(fail=lambda texts, n: api_error(404))
-        outputs = await self.run_stage(client, [[f"t{i}" for i in range(50)]])
-        self.assertEqual(len(client.calls), 1)
-        self.assertTrue(all(isinstance(e, errors.ClientError) and e.code == 404 for _, e in outputs))
+        shutdown = batcher.Shutdown()
+        batches = [[f"b{b}-{i}" for i in range(50)] for b in range(6)]
+        outputs = await self.run_stage(client, batches, shutdown=shutdown, concurrency=2)
+        self.assertLessEqual(len(client.calls), 2)  # the calls in flight when it was seen
+        self.assertEqual(outputs, [])  # left for the next run, not failed
+        self.assertIn("404", shutdown.failure or "")
+
+    async def test_bisection_stops_when_both_halves_fail_alike(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(400))  # whatever the texts
+        outputs = await self.run_stage(client, [[f"t{i}" for i in range(100)]])
+        self.assertEqual(len(client.calls), 3)  # the batch, then each half once
+        self.assertEqual(len(outputs), 100)
+        self.assertTrue(all(isinstance(e, errors.ClientError) for _, e in outputs))
 
     def test_retry_delay_read_from_retry_info_or_retry_after(self) -> None:
         self.assertEqual(batcher.server_retry_delay_s(api_error(429, retry_delay="1.5s")), 1.5)
@@ -410,6 +421,60 @@ class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual((await keep).values, [4.0])
         self.assertTrue(drop.cancelled())
         self.assertEqual(client.calls, [["keep"]])
+
+    async def test_embed_outside_the_block_raises_at_once(self) -> None:
+        embedder = BatchedEmbedder(SpyClient())
+        with self.assertRaisesRegex(RuntimeError, "outside its `async with` block"):
+            async with asyncio.timeout(1):
+                await embedder.embed("a")
+
+    async def test_a_failing_worker_ends_every_waiting_caller_promptly(self) -> None:
+        client = SpyClient(latency_s=0.05, fail=lambda texts, n: AttributeError("a bug"))  # not a classified fault
+        callers: list[asyncio.Task[Any]] = []
+
+        async def own() -> None:
+            async with BatchedEmbedder(client, batch_size=2, timeout=timedelta(milliseconds=10)) as embedder:
+                callers.extend(asyncio.create_task(embedder.embed(f"t{i}")) for i in range(6))
+                await asyncio.sleep(10)  # the owner is busy elsewhere when the worker fails
+
+        owner = asyncio.create_task(own())
+        async with asyncio.timeout(1):
+            with self.assertRaises(ExceptionGroup):
+                await owner
+            results = await asyncio.gather(*callers, return_exceptions=True)
+        self.assertEqual(len(results), 6)
+        self.assertTrue(all(isinstance(r, batcher.EmbeddingFailed) for r in results), results)
+
+    async def test_a_cancelled_owner_ends_every_waiting_and_queued_caller_promptly(self) -> None:
+        client = SpyClient(latency_s=10)
+        callers: list[asyncio.Task[Any]] = []
+        entered = asyncio.Event()
+
+        async def own() -> None:
+            async with BatchedEmbedder(client, batch_size=1, timeout=timedelta(milliseconds=1), concurrency=1) as e:
+                # more callers than the request queue holds: some wait for room
+                callers.extend(asyncio.create_task(e.embed(f"t{i}")) for i in range(batcher.QUEUE_SIZE + 50))
+                entered.set()
+                await asyncio.sleep(10)
+
+        owner = asyncio.create_task(own())
+        await entered.wait()
+        await asyncio.sleep(0.05)  # one call in flight, the batch queue full, the request queue full
+        owner.cancel()
+        async with asyncio.timeout(1):
+            with self.assertRaises(asyncio.CancelledError):
+                await owner
+            results = await asyncio.gather(*callers, return_exceptions=True)
+        self.assertTrue(all(isinstance(r, batcher.EmbeddingFailed) for r in results))
+
+    async def test_each_failed_caller_gets_its_own_exception(self) -> None:
+        client = SpyClient(fail=lambda texts, n: api_error(503))
+        async with BatchedEmbedder(client, batch_size=4, max_attempts=1) as embedder:
+            results = await asyncio.gather(*(embedder.embed(t) for t in "abcd"), return_exceptions=True)
+        self.assertEqual(len({id(r) for r in results}), 4)
+        self.assertTrue(
+            all(isinstance(r, batcher.EmbeddingFailed) and getattr(r.error, "code", 0) == 503 for r in results)
+        )
 
 
 class StubHandler(BaseHTTPRequestHandler):
@@ -874,6 +939,47 @@ class CorpusCommandLineTest(unittest.TestCase):
         second = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0")
         self.assertEqual(second.returncode, 2)
         self.assertIn("batcher.py: error: another run is using out.jsonl", second.stderr)
+
+    def test_a_bad_key_stops_the_run_with_one_line_and_a_rerun_does_everything(self) -> None:
+        self.write_corpus(100)
+
+        class BadKeyHandler(BaseHTTPRequestHandler):
+            calls = 0
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                type(self).calls += 1
+                info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+                error = {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT", "details": [info]}
+                data = json.dumps({"error": error}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), BadKeyHandler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        env = {"GEMINI_API_KEY": "secret-bad-key", "GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{server.server_port}"}
+        args = ["--input", "corpus.txt", "--output", "out.jsonl", "--batch-size", "8", "--timeout", "0.01"]
+        result = subprocess.run(
+            self.command(*args), cwd=self.tmp, env=self.env | env, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertLessEqual(BadKeyHandler.calls, 4)  # the calls in flight (--concurrency 4), not 187
+        [line] = [line for line in result.stderr.splitlines() if "error" in line]
+        self.assertIn("batcher.py: error: the API refused the request as a whole", line)
+        self.assertIn("API key not valid", line)
+        self.assertNotIn("secret-bad-key", result.stdout + result.stderr)
+        self.assertNotIn("Failed:", result.stdout)  # nothing is reported failed: it is left for the rerun
+        result = self.run_script(*args, "--fake-latency", "0")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assert_each_line_once(100)
 
 
 if __name__ == "__main__":
