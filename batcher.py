@@ -88,21 +88,16 @@ class MalformedInput(Exception):
 
 @dataclass
 class BatchCounts:
-    """How the batches left the Batcher. (Counted with one addition per full batch.)"""
+    """How the batches left the Batcher."""
 
-    batch_size: int
     full: int = 0
     timed_out: int = 0
     flushed_at_end: int = 0
-    items_in_partial_batches: int = 0
+    items: int = 0
 
     @property
     def batches(self) -> int:
         return self.full + self.timed_out + self.flushed_at_end
-
-    @property
-    def items(self) -> int:
-        return self.full * self.batch_size + self.items_in_partial_batches
 
 
 @dataclass
@@ -442,8 +437,6 @@ def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: floa
     """
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
-        reason = "--offline" if offline else "no GEMINI_API_KEY"
-        print(f"batcher: {reason}: using the simulated client (latency {fake_latency_s}s)", file=sys.stderr)
         return SimulatedClient(latency_s=fake_latency_s)
     options = types.HttpOptions(
         retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
@@ -563,31 +556,25 @@ class Batcher(Generic[T]):
         self._adaptive = adaptive
         self._mean_gap_s: float | None = None  # moving average of inter-arrival gaps
         self._last_arrival = 0.0
-        self.counts = BatchCounts(batch_size)
+        self.counts = BatchCounts()
 
     async def batch(self, input_queue: asyncio.Queue[T | None], batch_queue: asyncio.Queue[list[T] | None]) -> None:
+        """Batches until the None sentinel, then ends batch_queue with it."""
         loop = asyncio.get_running_loop()
-        # The hot loop's names, looked up once.
-        size, adaptive, counts, get_nowait = self._batch_size, self._adaptive, self.counts, input_queue.get_nowait
-        verbose = log.isEnabledFor(logging.INFO)
         ended = False
         while not ended:
-            try:
-                item = get_nowait()
-            except asyncio.QueueEmpty:
-                item = await input_queue.get()  # idle: sleep until an item comes, no timer
+            # Idle, the batcher sleeps in one get() with no timer until an item comes.
+            item = input_queue.get_nowait() if not input_queue.empty() else await input_queue.get()
             if item is None:
                 break
-            if adaptive:
-                self._observe_arrival(loop.time())
-            batch = [item]
-            deadline = None  # the clock is read only if we must wait
-            while len(batch) < size:
-                try:
-                    item = get_nowait()
-                except asyncio.QueueEmpty:
-                    if deadline is None:  # no await since the first item came: now is its time
-                        deadline = loop.time() + self._timeout_s
+            self._observe_arrival(loop.time())
+            batch, deadline = [item], None
+            while len(batch) < self._batch_size:
+                if not input_queue.empty():
+                    item = input_queue.get_nowait()
+                else:
+                    if deadline is None:  # the clock is read only when we must wait
+                        deadline = loop.time() + self._timeout_s  # no await since the first item: its time
                     wait_s = self._flush_at(deadline) - loop.time()
                     if wait_s <= 0:
                         break
@@ -601,29 +588,26 @@ class Batcher(Generic[T]):
                 if item is None:
                     ended = True
                     break
-                if adaptive:
-                    self._observe_arrival(loop.time())
+                self._observe_arrival(loop.time())
                 batch.append(item)
+            self._count(batch, ended)
+            await batch_queue.put(batch)  # backpressure: wait for the embed stage
+        await batch_queue.put(None)
 
-            if len(batch) == size:
-                counts.full += 1
-            else:
-                counts.items_in_partial_batches += len(batch)
-                if ended:
-                    counts.flushed_at_end += 1
-                else:
-                    counts.timed_out += 1
-            if verbose:
-                log.info(
-                    "batch of %d left (%s)", len(batch), "full" if len(batch) == size else "end" if ended else "timeout"
-                )
-            try:
-                batch_queue.put_nowait(batch)
-            except asyncio.QueueFull:
-                await batch_queue.put(batch)  # backpressure: wait for the embed stage
-        await batch_queue.put(None)  # pass the sentinel on
+    def _count(self, batch: list[T], ended: bool) -> None:
+        counts, full = self.counts, len(batch) == self._batch_size
+        counts.items += len(batch)
+        if full:
+            counts.full += 1
+        elif ended:
+            counts.flushed_at_end += 1
+        else:
+            counts.timed_out += 1
+        log.info("batch of %d left (%s)", len(batch), "full" if full else "end" if ended else "timeout")
 
     def _observe_arrival(self, now: float) -> None:
+        if not self._adaptive:
+            return
         if self._last_arrival:
             gap_s = now - self._last_arrival
             mean = self._mean_gap_s
@@ -698,7 +682,9 @@ async def log_outputs(output_queue: asyncio.Queue[Output | None], *, stats: RunS
                 print(f"Content: {text} -> Embedding: {result.values}")
 
 
-async def write_outputs(output: Any, output_queue: asyncio.Queue[Output | None], *, stats: RunStats) -> None:
+async def write_outputs(
+    output: Any, output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False
+) -> None:
     """Appends one JSONL record per embedded item to the open aiofiles `output` until the
     sentinel: whatever is waiting goes in one write and one flush. A failed item is not
     written (so a re-run tries it again): its Failed: line names the id and the reason."""
@@ -708,7 +694,8 @@ async def write_outputs(output: Any, output_queue: asyncio.Queue[Output | None],
         for (item_id, text), result in outputs:
             if isinstance(result, Exception):
                 stats.failed += 1
-                print(f"Failed: {item_id} -> {describe(result)}", flush=True)
+                if not quiet:
+                    print(f"Failed: {item_id} -> {describe(result)}", flush=True)
             else:
                 lines.append(json.dumps({"id": item_id, "text": text, "embedding": result.values}) + "\n")
         if lines:
@@ -767,43 +754,32 @@ def lock_output(output: Any, path: Path) -> None:
 
 
 async def done_ids(path: Path) -> set[str]:
-    """The ids already in the output file, after cutting off a torn last line. An unreadable
-    line is skipped with a warning."""
-    await cut_torn_line(path)
+    """The ids already in the output file. A last line with no newline was torn by a kill
+    mid-write, so it was never a record: it is cut off. An unreadable line is skipped with
+    a warning."""
     done: set[str] = set()
-    async with open_file(path, "rb") as f:
+    async with open_file(path, "rb+") as f:
+        size = await f.seek(0, os.SEEK_END)
+        if size:
+            await f.seek(size - 1)
+        torn = size > 0 and await f.read(1) != b"\n"
+        await f.seek(0)
+        end = 0  # where the line read last ends, its newline included
         async for block in read_blocks(f.read):
             for line in block.split(b"\n"):
+                start, end = end, end + len(line) + 1
+                if torn and end > size:
+                    log.warning("%s: cutting off a torn last line (%d bytes)", path, size - start)
+                    await f.truncate(start)
+                    break
                 try:
                     if line.startswith(ID_PREFIX):  # read the id alone, not the whole embedding
-                        record_id = ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0]
+                        done.add(ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0])
                     else:
-                        record_id = json.loads(line)["id"]
-                    if not isinstance(record_id, str):
-                        raise TypeError(record_id)
-                    done.add(record_id)
+                        done.add(json.loads(line)["id"])
                 except (ValueError, KeyError, TypeError):
                     log.warning("%s: skipping an unreadable line: %.60r", path, line)
     return done
-
-
-async def cut_torn_line(path: Path) -> None:
-    """A last line with no newline was torn by a kill mid-write: it was never a record."""
-    async with open_file(path, "rb+") as f:
-        end = pos = await f.seek(0, os.SEEK_END)
-        while pos > 0:
-            start = max(0, pos - CHUNK_BYTES)
-            await f.seek(start)
-            chunk = await f.read(pos - start)
-            if pos == end and chunk.endswith(b"\n"):
-                return  # whole lines only: nothing to cut
-            if (cut := chunk.rfind(b"\n")) >= 0:
-                pos = start + cut + 1
-                break
-            pos = start
-        if pos < end:
-            log.warning("%s: cutting off a torn last line (%d bytes)", path, end - pos)
-            await f.truncate(pos)
 
 
 # --- The per-caller API -----------------------------------------------------------------
@@ -999,82 +975,67 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(counts: BatchCounts, retrier: Retrier, stats: RunStats) -> str:
-    lat = stats.latencies_s
+    lat, wall_s = stats.latencies_s, time.perf_counter() - stats.started
     mean_batch = counts.items / counts.batches if counts.batches else 0.0
     skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
+    latency = f"p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s" if lat else "-"
     return (
         f"Summary: {counts.items} items in {counts.batches} batches "
         f"({counts.full} full, {counts.timed_out} timed out, {counts.flushed_at_end} flushed at end){skipped}\n"
         f"  mean batch size {mean_batch:.2f}, {retrier.calls} API calls, {retrier.retries} retries, "
         f"{stats.succeeded} embedded, {stats.failed} failed items\n"
-        + (
-            f"  item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s; "
-            if lat
-            else "  "
-        )
-        + f"wall time {time.perf_counter() - stats.started:.2f}s"
+        f"  item latency {latency}; wall time {wall_s:.2f}s"
     )
 
 
 async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
-    """Runs the four stages; returns the exit status: 0 all embedded, 1 some failed,
-    130 or 143 interrupted. Raises UsageError on bad input."""
+    """Runs the four stages; returns the exit status: 0 all embedded, 1 some failed, 2 an
+    error about every request (a bad key or model), 130 or 143 interrupted. Raises
+    UsageError on bad input, or when another run holds the output file."""
     check_paths(config)
-    source = None if config.input in (None, STDIN) else config.input
+    if isinstance(client, SimulatedClient):
+        print(f"batcher: no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)",
+              file=sys.stderr)  # fmt: skip
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
     retrier = Retrier(max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm)
-    stats = RunStats()
+    stats, tty = RunStats(), sys.stderr.isatty()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-    tty = sys.stderr.isatty()
     async with contextlib.AsyncExitStack() as stack:
-        output = None
+        skip: set[str] = set()
         if config.output is not None:
             output = await stack.enter_async_context(open_file(config.output, "ab"))
-            lock_output(output, config.output)
-        skip = await done_ids(config.output) if config.output is not None else set()
-        if skip:
-            log.info("resuming: %d texts already in %s", len(skip), config.output)
-        async with asyncio.TaskGroup() as tg:
-            if config.input is None:
-                tg.create_task(
-                    enqueue_inputs(
-                        input_queue,
-                        num_inputs=config.num_inputs,
-                        max_delay_s=config.input_delay_s,
-                        stats=stats,
-                        shutdown=shutdown,
-                    )
-                )
-            else:
-                tg.create_task(
-                    read_corpus(source, input_queue, output_queue, skip=skip, stats=stats, shutdown=shutdown)
-                )
-            tg.create_task(batcher.batch(input_queue, batch_queue))
-            embedding = tg.create_task(
-                embed_content(
-                    client,
-                    batch_queue,
-                    output_queue,
-                    retrier=retrier,
-                    shutdown=shutdown,
-                    concurrency=config.concurrency,
-                    model=config.model,
-                    dimensions=config.dimensions,
-                )
-            )
-            # In the demo, per-item lines are the output. For a corpus the file is, so a
-            # terminal shows a progress line; off a terminal a plain line every 30 s.
-            progress = None
-            if not config.quiet and (config.input is not None or not tty):
-                progress = tg.create_task(show_progress(stats, tty=tty))
-            if output is not None:
-                tg.create_task(write_outputs(output, output_queue, stats=stats))
-            else:
-                tg.create_task(log_outputs(output_queue, stats=stats, quiet=config.quiet or config.input is not None))
+            lock_output(output, config.output)  # before reading it: another run may be writing
+            if skip := await done_ids(config.output):
+                log.warning("resuming: %d texts already in %s", len(skip), config.output)
+        if config.input is None:  # the document's demo
+            source = enqueue_inputs(
+                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, stats=stats,
+                shutdown=shutdown,
+            )  # fmt: skip
+        else:
+            path = None if config.input == STDIN else config.input
+            source = read_corpus(path, input_queue, output_queue, skip=skip, stats=stats, shutdown=shutdown)
+        embedder = embed_content(
+            client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
+            model=config.model, dimensions=config.dimensions,
+        )  # fmt: skip
+        if config.output is not None:
+            sink = write_outputs(output, output_queue, stats=stats, quiet=config.quiet)
+        else:
+            sink = log_outputs(output_queue, stats=stats, quiet=config.quiet or config.input is not None)
+        # In the demo the per-item lines are the output; for a corpus the file is, so a
+        # terminal shows a progress line instead. Off a terminal: a plain line every 30 s.
+        progress = None
+        if not config.quiet and (config.input is not None or not tty):
+            progress = asyncio.create_task(show_progress(stats, tty=tty))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for stage in (source, batcher.batch(input_queue, batch_queue), embedder, sink):
+                    tg.create_task(stage)
+        finally:
             if progress is not None:
-                await embedding
                 progress.cancel()
     print(summary(batcher.counts, retrier, stats))
     if shutdown.failure is not None:
@@ -1112,40 +1073,30 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog="batcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", type=Path, help="embed this file, one text per non-blank line ('-': stdin)")
-    p.add_argument("--output", type=Path, help="append {id, text, embedding} JSONL here; a re-run resumes")
-    p.add_argument("--num-inputs", type=number(int, 0), default=100, help="demo inputs to enqueue (default 100)")
-    p.add_argument("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
-    p.add_argument(
-        "--timeout",
-        type=number(float, 0, above=True),
-        default=1.0,
-        help="seconds from a batch's first item (default 1)",
-    )
-    p.add_argument(
-        "--input-delay", type=number(float, 0), default=0.3, help="demo: max random gap between inputs, s (default 0.3)"
-    )
-    p.add_argument("--concurrency", type=number(int, 1), default=4, help="API calls in flight (default 4)")
-    p.add_argument(
-        "--max-attempts", type=number(int, 1), default=5, help="calls per batch, retries included (default 5)"
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("--input", type=Path, help="embed this file, one text per non-blank line ('-': stdin)")
+    add("--output", type=Path, help="append {id, text, embedding} JSONL here; a re-run resumes")
+    add("--num-inputs", type=number(int, 0), default=100, help="demo inputs to enqueue (default 100)")
+    add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
+    add("--timeout", type=number(float, 0, above=True), default=1.0, help="s from a batch's first item (default 1)")
+    add("--input-delay", type=number(float, 0), default=0.3, help="demo: max random gap between inputs, s (0.3)")
+    add("--concurrency", type=number(int, 1), default=4, help="API calls in flight (default 4)")
+    add("--max-attempts", type=number(int, 1), default=5, help="calls per batch, retries included (default 5)")
+    add(
         "--request-timeout",
         type=number(float, 0, above=True),
         default=REQUEST_TIMEOUT_S,
         help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: an embed call is answered in about"
         " a second, so this only cuts off calls that will never be answered)",
     )
-    p.add_argument("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, evenly spaced")
-    p.add_argument("--dimensions", type=number(int, 1), default=3, help="output_dimensionality (default 3)")
-    p.add_argument("--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)")
-    p.add_argument("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
-    p.add_argument("--offline", action="store_true", help="use the simulated client even with a key")
-    p.add_argument(
-        "--fake-latency", type=number(float, 0), default=0.2, help="simulated API latency, seconds (default 0.2)"
-    )
-    p.add_argument("--seed", type=int, help="random seed, for repeatable runs")
-    p.add_argument("--quiet", action="store_true", help="no per-item lines or progress, only the summary")
+    add("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, evenly spaced")
+    add("--dimensions", type=number(int, 1), default=3, help="output_dimensionality (default 3)")
+    add("--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)")
+    add("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
+    add("--offline", action="store_true", help="use the simulated client even with a key")
+    add("--fake-latency", type=number(float, 0), default=0.2, help="simulated API latency, seconds (default 0.2)")
+    add("--seed", type=int, help="random seed, for repeatable runs")
+    add("--quiet", action="store_true", help="only the summary and run-level problems")
     return p.parse_args(argv)
 
 
@@ -1162,14 +1113,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         rpm=args.rpm, dimensions=args.dimensions, model=args.model, adaptive=args.adaptive, input=args.input,
         output=args.output, quiet=args.quiet,
     )  # fmt: skip
+    client = make_client(offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout)
 
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
-            check_paths(config)  # before anything else is said: bad input gets one line
-            client = make_client(
-                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout
-            )
             return await main(config, client, shutdown=shutdown)
 
     try:
@@ -1177,6 +1125,21 @@ def run_cli(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"batcher.py: error: {exc}", file=sys.stderr)
         return 2
+    except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
+        faults = list(leaf_exceptions(group))
+        if not all(isinstance(fault, OSError) for fault in faults):
+            raise  # a bug: the traceback is what helps
+        for fault in faults:  # a disk or file error: say which, in one line
+            print(f"batcher.py: error: {fault}", file=sys.stderr)
+        return 1
+
+
+def leaf_exceptions(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from leaf_exceptions(exc)
+        else:
+            yield exc
 
 
 if __name__ == "__main__":

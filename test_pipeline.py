@@ -968,6 +968,75 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(len(records(self.tmp / "outputs")), len(prompts))
 
+    def run_in_process(self, *args: str) -> tuple[int, str]:
+        """run_cli in this process, in the temp folder; returns the status and stderr."""
+        err = io.StringIO()
+        with contextlib.chdir(self.tmp), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                status = pipeline.run_cli([*args, "--offline", "--fake-latency", "0"])
+            except SystemExit as exit_:
+                status = int(exit_.code or 0)
+        return status, err.getvalue()
+
+    def test_a_folder_named_like_a_shard_gets_one_line_and_exit_2(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 3)
+        (self.tmp / "outputs" / "shard_00000.jsonl").mkdir(parents=True)
+        status, err = self.run_in_process("--quiet")
+        self.assertEqual(status, 2)
+        lines = [line for line in err.splitlines() if "simulated" not in line]
+        self.assertEqual(
+            lines, ["pipeline.py: error: not a file, where the run keeps its records: outputs/shard_00000.jsonl"]
+        )
+
+    def test_unreadable_lines_in_shards_and_errors_jsonl_are_skipped_with_a_warning(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 1, 3)
+        outputs = self.tmp / "outputs"
+        outputs.mkdir()
+        good = json.dumps({"id": "shard_0.txt:1", "prompt": prompts[0], "response": "0"})
+        (outputs / "shard_00000.jsonl").write_bytes(b"\xff\xfe not utf-8\n" + good.encode() + b"\n{not json\n")
+        (outputs / "errors.jsonl").write_bytes(b"\xff bad\n[1, 2]\n")
+        result = self.run_script("--fake-latency", "0")  # (a child: the warnings go through logging)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("skipping an unreadable line", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        ids = [r["id"] for r in [json.loads(line) for line in (outputs / "shard_00001.jsonl").read_text().splitlines()]]
+        self.assertEqual(sorted(ids), ["shard_0.txt:2", "shard_0.txt:3"])  # :1 was done already
+
+    def test_quiet_leaves_only_the_summary_and_run_level_lines(self) -> None:
+        write_inputs(self.tmp / "inputs", 10, 30)
+        status, err = self.run_in_process("--quiet", "--fake-failure-rate", "1", "--max-attempts", "1")
+        self.assertEqual(status, 1)
+        self.assertEqual([line for line in err.splitlines() if "simulated" not in line], [])
+
+    def test_ctrl_c_from_a_terminal_with_word_count_drains_exits_130_and_resumes_exactly_once(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 10, 100)
+        command = [
+            sys.executable,
+            str(HERE / "pipeline.py"),
+            "--word-count",
+            "--fake-latency",
+            "0.02",
+            "--workers",
+            "10",
+        ]
+        # A session of its own, so the signal can go to the whole process group, as a terminal sends it.
+        proc = subprocess.Popen(
+            command, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "wrote shard_1.txt" in line:
+                break  # under way, the pool's processes started
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertIn("Summary:", out)
+        self.assertNotIn("Traceback", err)
+        result = self.run_script("--quiet", "--word-count", "--fake-latency", "0", "--workers", "10")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(r["prompt"] for r in records(self.tmp / "outputs")), sorted(prompts))
+
     def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
         with stub_server() as (base_url, paths):
