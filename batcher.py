@@ -492,9 +492,9 @@ async def read_corpus(
         else:
             read = (await stack.enter_async_context(open_file(source, "rb"))).read
         async for block in read_blocks(read):
-            if shutdown.requested:
-                break
             for raw in block.split(b"\n"):
+                if shutdown.requested:
+                    break
                 number += 1
                 try:
                     text = raw.decode().strip()
@@ -511,6 +511,8 @@ async def read_corpus(
                     continue
                 stats.enqueued += 1
                 await input_queue.put((item_id, text))
+            if shutdown.requested:
+                break
     await input_queue.put(None)
 
 
