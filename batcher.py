@@ -563,20 +563,28 @@ class Batcher(Generic[T]):
     async def batch(self, input_queue: asyncio.Queue[T | None], batch_queue: asyncio.Queue[list[T] | None]) -> None:
         """Batches until the None sentinel, then ends batch_queue with it."""
         loop = asyncio.get_running_loop()
+        # The hot loop looks its names up once, takes waiting items with get_nowait() in a
+        # try, and checks `adaptive` inline. Measured (bench.py, Batcher stage / plain drain,
+        # target >= 0.70): about 1.0 at batch 8 and 100 with these; 0.70 and 0.61 with empty() and
+        # a method call per item.
+        size, get_nowait, adaptive = self._batch_size, input_queue.get_nowait, self._adaptive
         ended = False
         while not ended:
-            # Idle, the batcher sleeps in one get() with no timer until an item comes.
-            item = input_queue.get_nowait() if not input_queue.empty() else await input_queue.get()
+            try:
+                item = get_nowait()
+            except asyncio.QueueEmpty:
+                item = await input_queue.get()  # idle: one get(), no timer, until an item comes
             if item is None:
                 break
-            self._observe_arrival(loop.time())
+            if adaptive:
+                self._observe_arrival(loop.time())
             batch, deadline = [item], None
-            while len(batch) < self._batch_size:
-                if not input_queue.empty():
-                    item = input_queue.get_nowait()
-                else:
-                    if deadline is None:  # the clock is read only when we must wait
-                        deadline = loop.time() + self._timeout_s  # no await since the first item: its time
+            while len(batch) < size:
+                try:
+                    item = get_nowait()
+                except asyncio.QueueEmpty:
+                    if deadline is None:  # no await since the first item came: now is its time
+                        deadline = loop.time() + self._timeout_s
                     wait_s = self._flush_at(deadline) - loop.time()
                     if wait_s <= 0:
                         break
@@ -590,7 +598,8 @@ class Batcher(Generic[T]):
                 if item is None:
                     ended = True
                     break
-                self._observe_arrival(loop.time())
+                if adaptive:
+                    self._observe_arrival(loop.time())
                 batch.append(item)
             self._count(batch, ended)
             await batch_queue.put(batch)  # backpressure: wait for the embed stage
@@ -608,8 +617,6 @@ class Batcher(Generic[T]):
         log.info("batch of %d left (%s)", len(batch), "full" if full else "end" if ended else "timeout")
 
     def _observe_arrival(self, now: float) -> None:
-        if not self._adaptive:
-            return
         if self._last_arrival:
             gap_s = now - self._last_arrival
             mean = self._mean_gap_s

@@ -868,6 +868,7 @@ class CommandLineTest(unittest.TestCase):
         (self.tmp / "empty").mkdir()
         write_inputs(self.tmp / "inputs", 1, 1)
         (self.tmp / "afile").write_text("")
+        (self.tmp / "list.json").write_text("[1, 2]")
         cases = [
             (["--inputs", "nope"], "input folder not found: nope"),
             (["--inputs", "empty"], "no *.txt or *.jsonl files in the input folder: empty"),
@@ -875,6 +876,13 @@ class CommandLineTest(unittest.TestCase):
             (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
             (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
             (["--shard-size", "0"], "argument --shard-size: must be >= 1, got 0"),
+            (["--temperature", "3"], "argument --temperature: must be 0..2, got 3"),
+            (["--tpm", "0"], "argument --tpm: must be > 0, got 0"),
+            (["--request-timeout", "-1"], "argument --request-timeout: must be > 0, got -1"),
+            (["--system-instruction", "@missing.txt"], "--system-instruction: cannot read missing.txt"),
+            (["--json-schema", "missing.json"], "--json-schema: cannot read missing.json"),
+            (["--json-schema", "afile"], "--json-schema: afile is not JSON"),
+            (["--json-schema", "list.json"], "--json-schema: list.json is not a JSON Schema object"),
         ]
         for args, message in cases:
             err = io.StringIO()
