@@ -898,55 +898,42 @@ class CommandLineTest(unittest.TestCase):
         result = self.run_script("--inputs", "nope")  # and no traceback from the real command
         self.assertEqual((result.returncode, result.stderr), (2, "pipeline.py: error: input folder not found: nope\n"))
 
-    def test_ctrl_c_writes_what_completed_exits_130_and_a_resume_finishes_exactly_once(self) -> None:
+    def interrupt_then_resume(self, signum: int, *extra: str, group: bool = False) -> None:
+        """Starts a run, sends signum once it is well under way (to the whole process group,
+        as a terminal does, with group=True), checks the drain, then resumes: exactly once."""
         prompts = write_inputs(self.tmp / "inputs", 20, 100)
-        args = ["--fake-latency", "0.02", "--workers", "20", "--shard-size", "50"]
+        args = ["--fake-latency", "0.02", "--workers", "20", "--shard-size", "50", *extra]
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "pipeline.py"), *args],
-            cwd=self.tmp,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+            [sys.executable, str(HERE / "pipeline.py"), *args], cwd=self.tmp, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=group,
+        )  # fmt: skip
         assert proc.stderr is not None
         for line in proc.stderr:
             if "wrote shard_2.txt" in line:
                 break  # well under way
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
-        self.assertEqual(proc.returncode, 130)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 128 + signum, err)
+        self.assertIn(f"interrupted ({signal.Signals(signum).name})", err)
+        self.assertNotIn("Traceback", err)
         self.assertIn("Summary:", out)
-        result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "20")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        got = sorted(r["prompt"] for r in records(self.tmp / "outputs"))
-        self.assertEqual(got, sorted(prompts))
-
-    def test_sigterm_drains_writes_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
-        prompts = write_inputs(self.tmp / "inputs", 20, 100)
-        args = ["--fake-latency", "0.02", "--workers", "20", "--shard-size", "50"]
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE / "pipeline.py"), *args],
-            cwd=self.tmp,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "wrote shard_2.txt" in line:
-                break  # well under way
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-        self.assertEqual(proc.returncode, 143)
-        self.assertIn("interrupted (SIGTERM)", err)
-        self.assertIn("Summary:", out)
-        written = len(records(self.tmp / "outputs"))
-        self.assertLess(written, len(prompts))
-        result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "20")
+        self.assertLess(len(records(self.tmp / "outputs")), len(prompts))  # stopped part way
+        result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "20", *extra)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(r["prompt"] for r in records(self.tmp / "outputs")), sorted(prompts))
+
+    def test_ctrl_c_writes_what_completed_exits_130_and_a_resume_finishes_exactly_once(self) -> None:
+        self.interrupt_then_resume(signal.SIGINT)
+
+    def test_sigterm_drains_writes_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
+        self.interrupt_then_resume(signal.SIGTERM)
+
+    def test_ctrl_c_from_a_terminal_with_word_count_drains_exits_130_and_resumes_exactly_once(self) -> None:
+        # A terminal sends SIGINT to the whole process group: the pool's processes get it too.
+        self.interrupt_then_resume(signal.SIGINT, "--word-count", group=True)
 
     def test_a_second_run_on_the_same_output_folder_is_refused(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 10)
@@ -1014,35 +1001,6 @@ class CommandLineTest(unittest.TestCase):
         status, err = self.run_in_process("--quiet", "--fake-failure-rate", "1", "--max-attempts", "1")
         self.assertEqual(status, 1)
         self.assertEqual([line for line in err.splitlines() if "simulated" not in line], [])
-
-    def test_ctrl_c_from_a_terminal_with_word_count_drains_exits_130_and_resumes_exactly_once(self) -> None:
-        prompts = write_inputs(self.tmp / "inputs", 10, 100)
-        command = [
-            sys.executable,
-            str(HERE / "pipeline.py"),
-            "--word-count",
-            "--fake-latency",
-            "0.02",
-            "--workers",
-            "10",
-        ]
-        # A session of its own, so the signal can go to the whole process group, as a terminal sends it.
-        proc = subprocess.Popen(
-            command, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "wrote shard_1.txt" in line:
-                break  # under way, the pool's processes started
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        self.assertEqual(proc.returncode, 130, err)
-        self.assertIn("Summary:", out)
-        self.assertNotIn("Traceback", err)
-        result = self.run_script("--quiet", "--word-count", "--fake-latency", "0", "--workers", "10")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(sorted(r["prompt"] for r in records(self.tmp / "outputs")), sorted(prompts))
 
     def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
