@@ -452,16 +452,21 @@ async def enqueue_inputs(
     *,
     num_inputs: int = 100,
     max_delay_s: float = 0.3,
+    skip: Collection[str] = frozenset(),
     stats: RunStats,
     shutdown: Shutdown,
 ) -> None:
-    """The document's demo: puts input-0, input-1, ... with random gaps (the id is the text).
-    Ends its output queue with the None sentinel, early on a shutdown request."""
+    """The document's demo: puts input-0, input-1, ... with random gaps (the id is the text),
+    passing over the ids in `skip` (already in --output). Ends its output queue with the
+    None sentinel, early on a shutdown request."""
     loop = asyncio.get_running_loop()
     for i in range(num_inputs):
         if shutdown.requested:
             break
         content = f"input-{i}"
+        if content in skip:
+            stats.skipped += 1
+            continue
         stats.arrived_at[content] = loop.time()
         stats.enqueued += 1
         await input_queue.put((content, content))
@@ -1020,7 +1025,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 log.warning("resuming: %d texts already in %s", len(skip), config.output)
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
-                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, stats=stats,
+                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=skip, stats=stats,
                 shutdown=shutdown,
             )  # fmt: skip
         else:

@@ -713,6 +713,19 @@ class CorpusTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
         self.assertIn("29 skipped", out)
 
+    async def test_quiet_leaves_out_the_per_item_lines(self) -> None:
+        self.corpus.write_bytes(b"one\nbad \xff line\n")
+        status, out = await self.run_main(SpyClient(), quiet=True)
+        self.assertEqual(status, 1)
+        self.assertEqual([line for line in out.splitlines() if not line.startswith(" ")][1:], [])  # the summary only
+        self.assertTrue(out.startswith("Summary:"))
+
+    async def test_the_demo_with_an_output_file_resumes_exactly_once(self) -> None:
+        for _ in range(2):
+            status, _ = await self.run_main(SpyClient(), input=None, num_inputs=30, input_delay_s=0)
+            self.assertEqual(status, 0)
+        self.assertEqual(sorted(r["id"] for r in self.written()), sorted(f"input-{i}" for i in range(30)))
+
     async def test_an_undecodable_line_fails_with_its_id_and_the_rest_are_embedded(self) -> None:
         self.corpus.write_bytes(b"one\nbad \xff line\nthree\n")
         status, out = await self.run_main(SpyClient())
@@ -832,8 +845,7 @@ class CommandLineTest(unittest.TestCase):
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(20)]  # running and producing
         proc.send_signal(signal.SIGINT)
-        lines += proc.stdout.read().splitlines()
-        proc.wait(timeout=20)
+        lines += proc.communicate(timeout=20)[0].splitlines()
         self.assertEqual(proc.returncode, 130)
         printed = [line for line in lines if line.startswith("Content:")]
         summary = next(line for line in lines if line.startswith("Summary:"))

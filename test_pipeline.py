@@ -700,22 +700,33 @@ class JsonlInputTest(PipelineTestCase):
         self.assertIn('"prompt" must be a non-empty string', failed["b.jsonl:6"])
         self.assertIn("bad JSONL line", failed["b.jsonl:7"])
 
-    async def test_resume_with_jsonl_ids_gives_exactly_once(self) -> None:
+    async def test_interrupt_resume_and_retry_errors_keep_exactly_once_with_jsonl_ids_and_several_readers(
+        self,
+    ) -> None:
         self.inputs.mkdir()
-        rows = [{"id": f"row-{i}", "prompt": f"What is two times {i}?"} for i in range(200)]
-        (self.inputs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        rows = [{"id": f"row-{i}", "prompt": f"What is two times {i}?"} for i in range(300)]
+        for part in range(3):
+            lines = [json.dumps(row) + "\n" for row in rows[part * 100 : (part + 1) * 100]]
+            (self.inputs / f"rows-{part}.jsonl").write_text("".join(lines))
+        all_ids = sorted(row["id"] for row in rows)
         shutdown = Shutdown(grace_s=0.05)
-        client = SpyClient(latency_s=0.002, on_call=lambda n: shutdown.request() if n == 60 else None)
-        status, _ = await self.run_pipeline(client, shutdown=shutdown, workers=4, readers=1)
+        client = SpyClient(
+            latency_s=0.002,
+            on_call=lambda n: shutdown.request() if n == 90 else None,
+            fail=lambda prompt, n: api_error(400) if prompt == "What is two times 7?" else None,
+        )
+        status, _ = await self.run_pipeline(client, shutdown=shutdown, workers=4, readers=3)
         self.assertEqual(status, 130)
-        first = [r["id"] for r in records(self.outputs)]
-        self.assertLess(len(first), 200)
-        again = SpyClient()
-        status, _ = await self.run_pipeline(again, workers=4)
-        self.assertEqual(status, 0)
-        ids = [r["id"] for r in records(self.outputs)]
-        self.assertEqual(sorted(ids), sorted(row["id"] for row in rows))
-        self.assertEqual(len(again.prompts), 200 - len(first))
+        self.assertLess(len(records(self.outputs)), 299)
+        status, _ = await self.run_pipeline(SpyClient(), workers=4, readers=3)  # resume: the rest, not the failure
+        self.assertEqual(status, 1)
+        self.assertEqual(sorted(r["id"] for r in records(self.outputs)), [i for i in all_ids if i != "row-7"])
+        self.assertEqual([r["id"] for r in records(self.outputs, "errors.jsonl")], ["row-7"])
+        retry = SpyClient()
+        status, _ = await self.run_pipeline(retry, workers=4, readers=3, retry_errors=True)
+        self.assertEqual((status, retry.prompts), (0, ["What is two times 7?"]))
+        self.assertEqual(sorted(r["id"] for r in records(self.outputs)), all_ids)
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
 
 
 class GenerationSettingsTest(PipelineTestCase):
