@@ -217,10 +217,9 @@ class Retrier:
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        if not request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
-        if rpm is not None and not rpm > 0:
-            raise ValueError(f"rpm must be > 0, got {rpm}")
+        for name, value in (("request_timeout_s", request_timeout_s), ("rpm", rpm)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
         self.base_delay_s = base_delay_s
@@ -556,7 +555,7 @@ class Batcher(Generic[T]):
     def __init__(self, batch_size: int, timeout: timedelta, *, adaptive: bool = False) -> None:
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
-        if timeout.total_seconds() <= 0:
+        if not timeout.total_seconds() > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self._batch_size = batch_size
         self._timeout_s = timeout.total_seconds()
@@ -949,18 +948,13 @@ class Config:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        """Checks the settings no stage owns; Batcher, Retrier and embed_content check theirs."""
         for name in ("num_inputs", "input_delay_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("concurrency", "max_attempts", "dimensions"):
+        for name in ("dimensions", "concurrency"):  # concurrency also bounds main's batch queue
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
-        for name in ("timeout_s", "request_timeout_s", "rpm"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def check_paths(config: Config) -> None:

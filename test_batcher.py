@@ -845,7 +845,9 @@ class CommandLineTest(unittest.TestCase):
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(20)]  # running and producing
         proc.send_signal(signal.SIGINT)
-        lines += proc.communicate(timeout=20)[0].splitlines()
+        with proc.stdout:  # read() through the same buffer readline() used; communicate() would skip it
+            lines += proc.stdout.read().splitlines()
+        proc.wait(timeout=20)
         self.assertEqual(proc.returncode, 130)
         printed = [line for line in lines if line.startswith("Content:")]
         summary = next(line for line in lines if line.startswith("Summary:"))
