@@ -1,15 +1,17 @@
 """An async request batcher for Gemini embeddings.
 
 Inputs stream in; a Batcher groups them by size or timeout; batches go to the
-Gemini embed_content API, several calls at a time; results reach a logger.
+Gemini embed_content API, several calls at a time; results reach a logger, or a file.
 
-    python batcher.py                      # offline: a simulated client, no key needed
+    python batcher.py                      # the document's demo, offline: a simulated client
     GEMINI_API_KEY=... python batcher.py   # the real API through genai.Client()
+    python batcher.py --input corpus.txt --output embeddings.jsonl --rpm 2900   # your corpus
     python batcher.py --help               # every flag
 
-The stages, in order, joined by bounded asyncio queues and ended by a None sentinel:
+The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
+queue with the None sentinel:
 
-    enqueue_inputs -> Batcher.batch -> embed_content -> log_outputs
+    enqueue_inputs (demo) | read_corpus -> Batcher.batch -> embed_content -> log_outputs | write_outputs
 
 Application code that wants one embedding per await uses BatchedEmbedder instead:
 
