@@ -51,6 +51,19 @@ def api_error(code: int, retry_delay: str | None = None) -> errors.APIError:
     return cls(code, {"error": body})
 
 
+def wait_until_locked(path: Path, timeout_s: float = 10.0) -> None:
+    """Returns once a process holds a flock on path, as Linux lists it in /proc/locks (read
+    only: taking the lock to test it could make the other run fail to take it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            inode = f":{path.stat().st_ino} "
+            if any("FLOCK" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nobody locked {path} within {timeout_s} s")
+
+
 class SpyClient:
     """A fake client.aio.models: records every call's texts, start time and peak concurrency.
 
@@ -947,10 +960,7 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.addCleanup(first.communicate)
         self.addCleanup(first.kill)
         assert first.stderr is not None
-        first.stderr.readline()  # the simulated-client line
-        while not self.output.exists():
-            time.sleep(0.01)
-        time.sleep(0.2)  # opened, locked
+        wait_until_locked(self.output)
         second = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0")
         self.assertEqual(second.returncode, 2)
         self.assertIn("batcher.py: error: another run is using out.jsonl", second.stderr)
