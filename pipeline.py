@@ -569,7 +569,7 @@ async def read_inputs(
                     if prompt_id in skip:
                         skipped += 1
                     elif error is not None:
-                        log.warning("%s:%d: %s", name, number, error)
+                        log.info("%s:%d: %s", name, number, error)
                         await error_queue.put(Result(f"{name}:{number}", text, metadata, error=error))
                     else:
                         await input_queue.put((prompt_id, text, metadata))  # backpressure: wait for the workers

@@ -1032,9 +1032,14 @@ class CommandLineTest(unittest.TestCase):
 
     def test_quiet_leaves_only_the_summary_and_run_level_lines(self) -> None:
         write_inputs(self.tmp / "inputs", 10, 30)
-        status, err = self.run_in_process("--quiet", "--fake-failure-rate", "1", "--max-attempts", "1")
-        self.assertEqual(status, 1)
-        self.assertEqual([line for line in err.splitlines() if "simulated" not in line], [])
+        (self.tmp / "inputs" / "bad.txt").write_bytes(b"not \xff utf-8\n")
+        # (a child: per-item lines would go through logging)
+        result = self.run_script("--quiet", "--fake-latency", "0", "--fake-failure-rate", "1", "--max-attempts", "1")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual([line for line in result.stderr.splitlines() if "simulated" not in line], [])
+        self.assertEqual(len(records(self.tmp / "outputs", "errors.jsonl")), 301)
+        loud = self.run_script("--fake-latency", "0", "--retry-errors", "--outputs", "loud")
+        self.assertGreater(len(loud.stderr.splitlines()), 300)  # without --quiet: a line per item
 
     def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
