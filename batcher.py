@@ -497,43 +497,36 @@ async def read_corpus(
             read = aiofiles.stdin_bytes.read1  # read1: what the pipe has now, not a full chunk
         else:
             read = (await stack.enter_async_context(open_file(source, "rb"))).read
-        async for block in read_blocks(read):
-            for raw in block.split(b"\n"):
-                if shutdown.requested:
-                    break
-                number += 1
-                try:
-                    text = raw.decode().strip()
-                except UnicodeDecodeError as exc:
-                    item = (f"{name}:{number}", raw.decode(errors="backslashreplace").strip())
-                    stats.enqueued += 1
-                    await output_queue.put((item, MalformedInput(f"undecodable UTF-8: {exc}")))
-                    continue
-                if not text:
-                    continue
-                item_id = f"{name}:{number}"
-                if item_id in skip:
-                    stats.skipped += 1
-                    continue
-                stats.enqueued += 1
-                await input_queue.put((item_id, text))
+        async for raw in read_lines(read):
             if shutdown.requested:
                 break
+            number += 1
+            try:
+                text = raw.decode().strip()
+            except UnicodeDecodeError as exc:
+                item = (f"{name}:{number}", raw.decode(errors="backslashreplace").strip())
+                stats.enqueued += 1
+                await output_queue.put((item, MalformedInput(f"undecodable UTF-8: {exc}")))
+                continue
+            if not text:
+                continue
+            item_id = f"{name}:{number}"
+            if item_id in skip:
+                stats.skipped += 1
+                continue
+            stats.enqueued += 1
+            await input_queue.put((item_id, text))
     await input_queue.put(None)
 
 
-async def read_blocks(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
-    """What read(n) returns, in blocks of whole lines of about CHUNK_BYTES, without the last
-    newline: one thread hop per chunk, not per line."""
+async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """The lines of what read(n) returns, without their newlines, read CHUNK_BYTES at a time:
+    one thread hop per chunk, not per line."""
     tail = b""
     while chunk := await read(CHUNK_BYTES):
-        data = tail + chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:  # a line longer than a chunk: read on
-            tail = data
-            continue
-        yield data[:cut]
-        tail = data[cut + 1 :]
+        *lines, tail = (tail + chunk).split(b"\n")  # the last piece may be a line's start
+        for line in lines:
+            yield line
     if tail:
         yield tail
 
@@ -780,20 +773,19 @@ async def done_ids(path: Path) -> set[str]:
         torn = size > 0 and await f.read(1) != b"\n"
         await f.seek(0)
         end = 0  # where the line read last ends, its newline included
-        async for block in read_blocks(f.read):
-            for line in block.split(b"\n"):
-                start, end = end, end + len(line) + 1
-                if torn and end > size:
-                    log.warning("%s: cutting off a torn last line (%d bytes)", path, size - start)
-                    await f.truncate(start)
-                    break
-                try:
-                    if line.startswith(ID_PREFIX):  # read the id alone, not the whole embedding
-                        done.add(ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0])
-                    else:
-                        done.add(json.loads(line)["id"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("%s: skipping an unreadable line: %.60r", path, line)
+        async for line in read_lines(f.read):
+            start, end = end, end + len(line) + 1
+            if torn and end > size:
+                log.warning("%s: cutting off a torn last line (%d bytes)", path, size - start)
+                await f.truncate(start)
+                break
+            try:
+                if line.startswith(ID_PREFIX):  # read the id alone, not the whole embedding
+                    done.add(ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0])
+                else:
+                    done.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: skipping an unreadable line: %.60r", path, line)
     return done
 
 
@@ -1004,8 +996,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     UsageError on bad input, or when another run holds the output file."""
     check_paths(config)
     if isinstance(client, SimulatedClient):
-        print(f"batcher: no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)",
-              file=sys.stderr)  # fmt: skip
+        notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
+        print(f"batcher: {notice}", file=sys.stderr)
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
     retrier = Retrier(max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm)
     stats, tty = RunStats(), sys.stderr.isatty()
@@ -1031,14 +1023,16 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
             model=config.model, dimensions=config.dimensions,
         )  # fmt: skip
+        # The demo prints a line per item (the document's output). With a corpus or --output the
+        # results are in the file, so a terminal shows a progress line instead. Off a terminal:
+        # a plain progress line every 30 s.
+        per_item_lines = config.input is None and config.output is None
         if config.output is not None:
             sink = write_outputs(output, output_queue, stats=stats, quiet=config.quiet)
         else:
-            sink = log_outputs(output_queue, stats=stats, quiet=config.quiet or config.input is not None)
-        # In the demo the per-item lines are the output; for a corpus the file is, so a
-        # terminal shows a progress line instead. Off a terminal: a plain line every 30 s.
+            sink = log_outputs(output_queue, stats=stats, quiet=config.quiet or not per_item_lines)
         progress = None
-        if not config.quiet and (config.input is not None or not tty):
+        if not config.quiet and (not per_item_lines or not tty):
             progress = asyncio.create_task(show_progress(stats, tty=tty))
         try:
             async with asyncio.TaskGroup() as tg:

@@ -507,9 +507,10 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
         return lines, bad
 
 
-def parse_jsonl(line: str) -> tuple[str | None, str, dict[str, Any] | None]:
+def parse_jsonl(line: str, seen: set[str]) -> tuple[str | None, str, dict[str, Any] | None]:
     """A JSONL input line: its "id" (or None), its "prompt", and every other field as
-    metadata. Raises ValueError naming what is wrong."""
+    metadata. An id in `seen` (the run's ids so far) is a duplicate; a new one is added.
+    Raises ValueError naming what is wrong."""
     row = json.loads(line)
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object: {line[:60]!r}")
@@ -518,6 +519,10 @@ def parse_jsonl(line: str) -> tuple[str | None, str, dict[str, Any] | None]:
         raise ValueError('"prompt" must be a non-empty string')
     if row_id is not None and not (isinstance(row_id, str) and row_id):
         raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
+    if row_id is not None:
+        if row_id in seen:
+            raise ValueError(f"duplicate id {row_id!r}: this line is not run")
+        seen.add(row_id)
     return row_id, prompt, row or None
 
 
@@ -557,15 +562,10 @@ async def read_inputs(
                     prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
                     if jsonl and error is None:
                         try:
-                            row_id, text, metadata = parse_jsonl(text)
+                            row_id, text, metadata = parse_jsonl(text, seen)
+                            prompt_id = row_id or prompt_id
                         except ValueError as exc:
                             error = f"bad JSONL line: {exc}"
-                        else:
-                            if row_id is not None and row_id in seen:
-                                error = f"duplicate id {row_id!r}: this line is not run"
-                            elif row_id is not None:
-                                prompt_id = row_id
-                                seen.add(row_id)
                     if prompt_id in skip:
                         skipped += 1
                     elif error is not None:
@@ -576,17 +576,15 @@ async def read_inputs(
                 stats.read += len(lines) - blank
                 stats.skipped += skipped
 
+    async def reader(paths: list[Path]) -> None:  # one reader: its files, one after another
+        for path in paths:
+            await read_file(path)
+
     async with asyncio.TaskGroup() as tg:
         for i in range(readers):
-            tg.create_task(read_files(files[i::readers], read_file))
+            tg.create_task(reader(files[i::readers]))
     for _ in range(consumers):
         await input_queue.put(None)
-
-
-async def read_files(files: list[Path], read_file: Callable[[Path], Awaitable[None]]) -> None:
-    """One reader: its files, one after another."""
-    for path in files:
-        await read_file(path)
 
 
 # --- Stage 2: the content generators ----------------------------------------------------------
