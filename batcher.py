@@ -36,8 +36,9 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +67,7 @@ ADAPTIVE_ALPHA = 0.1  # weight of the newest gap in the moving average
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
 # An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
 REQUEST_TIMEOUT_S = 60.0
+MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 
 T = TypeVar("T")
@@ -85,23 +87,7 @@ class MalformedInput(Exception):
     """An input line that cannot be embedded (not UTF-8): that item fails, the rest go on."""
 
 
-# --- Records ---------------------------------------------------------------------------
-
-
-@dataclass
-class BatchCounts:
-    """How the batches left the Batcher."""
-
-    full: int = 0
-    timed_out: int = 0
-    flushed_at_end: int = 0
-    items: int = 0
-
-    @property
-    def batches(self) -> int:
-        return self.full + self.timed_out + self.flushed_at_end
-
-
+# --- Records --------------------------------------------------------------------------
 @dataclass
 class RunStats:
     """What the logger saw, and when each input arrived (for latency)."""
@@ -114,15 +100,8 @@ class RunStats:
     failed: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def progress(self) -> str:
-        done, elapsed = self.succeeded + self.failed, time.perf_counter() - self.started
-        in_flight = self.enqueued - done
-        return f"{done} done, {self.failed} failed, {in_flight} in flight, {done / elapsed if elapsed else 0:.0f}/s"
 
-
-# --- Faults and retries ----------------------------------------------------------------
-
-
+# --- Faults and retries ---------------------------------------------------------------
 class MalformedReply(Exception):
     """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
 
@@ -174,10 +153,9 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
     if not isinstance(exc, errors.APIError):
         return None
     for detail in error_details(exc):
-        if str(detail.get("@type", "")).endswith("RetryInfo"):
-            match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
+        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
+        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
+            return float(match.group(1))
     headers = getattr(exc.response, "headers", None)
     value = headers.get("retry-after") if headers is not None else None
     try:
@@ -215,7 +193,6 @@ class Retrier:
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         rpm: float | None = None,
         base_delay_s: float = 0.5,
-        max_delay_s: float = 30.0,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -225,9 +202,7 @@ class Retrier:
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
         self.base_delay_s = base_delay_s
-        self.max_delay_s = max_delay_s
-        self.calls = 0
-        self.retries = 0
+        self.calls = self.retries = 0
         self._interval_s = 60.0 / rpm if rpm else 0.0
         self._next_start = 0.0  # loop time of the next free rpm slot
         self._paused_until = 0.0  # loop time before which no call may start
@@ -258,26 +233,11 @@ class Retrier:
                     raise
                 if (delay_s := server_retry_delay_s(exc)) is not None:
                     self._paused_until = max(self._paused_until, loop.time() + delay_s)
-                backoff_s = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+                backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
                 log.info("retrying after %s (attempt %d)", describe(exc), attempt)
                 self.retries += 1
                 await asyncio.sleep(random.uniform(0, backoff_s))
         raise AssertionError("unreachable")
-
-
-async def request_embeddings(
-    client: Client, texts: list[str], *, model: str, dimensions: int | None
-) -> list[types.ContentEmbedding]:
-    """One embed_content call: one embedding per text, or MalformedReply."""
-    config = types.EmbedContentConfig(output_dimensionality=dimensions)
-    try:
-        response = await client.aio.models.embed_content(model=model, contents=texts, config=config)
-    except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
-        raise MalformedReply(f"unreadable reply: {exc}") from exc
-    embeddings = response.embeddings or []
-    if len(embeddings) != len(texts):
-        raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(texts)} texts")
-    return embeddings
 
 
 async def embed_batch(
@@ -295,40 +255,43 @@ async def embed_batch(
     when both halves fail alike (the error does not depend on the texts), and never starts
     for an error about the request as a whole (the key, the model).
     """
-    outcome = await try_embed(client, texts, retrier=retrier, model=model, dimensions=dimensions)
-    if not isinstance(outcome, errors.APIError) or outcome.code not in BISECT_CODES or is_request_wide(outcome):
-        return outcome if isinstance(outcome, list) else [outcome] * len(texts)
-    return await bisect(client, texts, outcome, retrier=retrier, model=model, dimensions=dimensions)
+    config = types.EmbedContentConfig(output_dimensionality=dimensions)
 
+    async def request(part: list[str]) -> list[types.ContentEmbedding]:
+        try:
+            response = await client.aio.models.embed_content(model=model, contents=part, config=config)
+        except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
+            raise MalformedReply(f"unreadable reply: {exc}") from exc
+        if len(embeddings := response.embeddings or []) != len(part):
+            raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
+        return embeddings
 
-async def try_embed(
-    client: Client, texts: list[str], *, retrier: Retrier, model: str, dimensions: int | None
-) -> list[types.ContentEmbedding | Exception] | Exception:
-    """One call, retried: the embeddings, or the error that ended it."""
-    try:
-        return list(await retrier.call(lambda: request_embeddings(client, texts, model=model, dimensions=dimensions)))
-    except Exception as exc:
-        if not (is_transient(exc) or isinstance(exc, errors.APIError)):
-            raise  # a bug, not a fault of this batch: let it surface
-        return exc
+    async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
+        """One call, retried: the embeddings, or the error that ended it."""
+        try:
+            return list(await retrier.call(lambda: request(part)))
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
+                raise  # a bug, not a fault of this batch: let it surface
+            return exc
 
+    async def bisect(part: list[str], error: Exception) -> list[types.ContentEmbedding | Exception]:
+        """Splits `part`, which failed with `error`, while a split can tell which texts cause it."""
+        if len(part) == 1 or not isinstance(error, errors.APIError) or error.code not in BISECT_CODES:
+            return [error] * len(part)
+        if is_request_wide(error):  # a 400 for a bad key: no text causes it
+            return [error] * len(part)
+        halves = [part[: len(part) // 2], part[len(part) // 2 :]]
+        outcomes = [await attempt(half) for half in halves]
+        if all(isinstance(o, errors.APIError) and (o.code, o.message) == (error.code, error.message) for o in outcomes):
+            return [error] * len(part)  # both halves fail alike: the error does not depend on the texts
+        results: list[types.ContentEmbedding | Exception] = []
+        for half, outcome in zip(halves, outcomes, strict=True):
+            results += outcome if isinstance(outcome, list) else await bisect(half, outcome)
+        return results
 
-async def bisect(
-    client: Client, texts: list[str], error: errors.APIError, *, retrier: Retrier, model: str, dimensions: int | None
-) -> list[types.ContentEmbedding | Exception]:
-    """Splits a batch that failed with `error` until the texts that cause it are alone."""
-    if len(texts) == 1:
-        return [error]
-    halves = [texts[: len(texts) // 2], texts[len(texts) // 2 :]]
-    outcomes = [await try_embed(client, half, retrier=retrier, model=model, dimensions=dimensions) for half in halves]
-    if all(isinstance(o, errors.APIError) and (o.code, o.message) == (error.code, error.message) for o in outcomes):
-        return [error] * len(texts)  # both halves fail alike: the error does not depend on the texts
-    results: list[types.ContentEmbedding | Exception] = []
-    for half, outcome in zip(halves, outcomes, strict=True):
-        if isinstance(outcome, errors.APIError) and outcome.code in BISECT_CODES:
-            outcome = await bisect(client, half, outcome, retrier=retrier, model=model, dimensions=dimensions)
-        results += outcome if isinstance(outcome, list) else [outcome] * len(half)
-    return results
+    outcome = await attempt(texts)
+    return outcome if isinstance(outcome, list) else await bisect(texts, outcome)
 
 
 class Shutdown:
@@ -381,18 +344,15 @@ async def show_progress(stats: RunStats, *, tty: bool) -> None:
     try:
         while True:
             await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
-            if tty:
-                print(f"\r{stats.progress()}   ", end="", file=sys.stderr, flush=True)
-            else:
-                print(f"progress: {stats.progress()}", file=sys.stderr, flush=True)
+            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
+            line = f"{done} done, {stats.failed} failed, {stats.enqueued - done} in flight, {done / elapsed:.0f}/s"
+            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
             print(file=sys.stderr)
 
 
-# --- The simulated client --------------------------------------------------------------
-
-
+# --- The simulated client -------------------------------------------------------------
 class SimulatedClient:
     """Stands in for genai.Client offline: client.aio.models.embed_content returns a
     real types.EmbedContentResponse with deterministic vectors after latency_s."""
@@ -432,22 +392,18 @@ def fake_vector(text: str, dimensions: int) -> list[float]:
 
 def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S) -> Client:
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
-
-    The SDK's own retries are turned off: they ignore the server's retry delay, and ours don't.
-    Its timeout (none by default) is set too, so a hung connection is closed, not just abandoned.
-    """
+    The SDK's own retries are off (they ignore the server's retry delay; ours don't), and its
+    timeout (none by default) is set, so a hung connection is closed, not just abandoned."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
         return SimulatedClient(latency_s=fake_latency_s)
-    options = types.HttpOptions(
-        retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
+    timeout_ms = math.ceil(request_timeout_s * 1000)
+    return genai.Client(
+        http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
     )
-    return genai.Client(http_options=options)
 
 
-# --- Stage 1: the input enqueuer --------------------------------------------------------
-
-
+# --- Stage 1: the input enqueuer ------------------------------------------------------
 async def enqueue_inputs(
     input_queue: asyncio.Queue[Input | None],
     *,
@@ -501,16 +457,16 @@ async def read_corpus(
             if shutdown.requested:
                 break
             number += 1
+            item_id = f"{name}:{number}"
             try:
                 text = raw.decode().strip()
             except UnicodeDecodeError as exc:
-                item = (f"{name}:{number}", raw.decode(errors="backslashreplace").strip())
                 stats.enqueued += 1
+                item = (item_id, raw.decode(errors="backslashreplace").strip())
                 await output_queue.put((item, MalformedInput(f"undecodable UTF-8: {exc}")))
                 continue
             if not text:
                 continue
-            item_id = f"{name}:{number}"
             if item_id in skip:
                 stats.skipped += 1
                 continue
@@ -531,9 +487,7 @@ async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[b
         yield tail
 
 
-# --- Stage 2: the batcher ---------------------------------------------------------------
-
-
+# --- Stage 2: the batcher -------------------------------------------------------------
 class Batcher(Generic[T]):
     """Groups items from an input queue into batches on a batch queue.
 
@@ -545,6 +499,8 @@ class Batcher(Generic[T]):
 
     With adaptive=True a partial batch also leaves early once the observed arrival
     rate says another item is unlikely (expected < ADAPTIVE_EPSILON) before the deadline.
+    counts holds how many batches left how ("full", "timed out", "flushed at end"), and
+    items how many items they held.
     """
 
     def __init__(self, batch_size: int, timeout: timedelta, *, adaptive: bool = False) -> None:
@@ -557,7 +513,8 @@ class Batcher(Generic[T]):
         self._adaptive = adaptive
         self._mean_gap_s: float | None = None  # moving average of inter-arrival gaps
         self._last_arrival = 0.0
-        self.counts = BatchCounts()
+        self.counts: Counter[str] = Counter()
+        self.items = 0
 
     async def batch(self, input_queue: asyncio.Queue[T | None], batch_queue: asyncio.Queue[list[T] | None]) -> None:
         """Batches until the None sentinel, then ends batch_queue with it."""
@@ -600,20 +557,12 @@ class Batcher(Generic[T]):
                 if adaptive:
                     self._observe_arrival(loop.time())
                 batch.append(item)
-            self._count(batch, ended)
+            reason = "full" if len(batch) == size else "flushed at end" if ended else "timed out"
+            self.counts[reason] += 1
+            self.items += len(batch)
+            log.info("batch of %d left (%s)", len(batch), reason)
             await batch_queue.put(batch)  # backpressure: wait for the embed stage
         await batch_queue.put(None)
-
-    def _count(self, batch: list[T], ended: bool) -> None:
-        counts, full = self.counts, len(batch) == self._batch_size
-        counts.items += len(batch)
-        if full:
-            counts.full += 1
-        elif ended:
-            counts.flushed_at_end += 1
-        else:
-            counts.timed_out += 1
-        log.info("batch of %d left (%s)", len(batch), "full" if full else "end" if ended else "timeout")
 
     def _observe_arrival(self, now: float) -> None:
         if self._last_arrival:
@@ -630,9 +579,7 @@ class Batcher(Generic[T]):
         return deadline
 
 
-# --- Stage 3: the embedding generator ---------------------------------------------------
-
-
+# --- Stage 3: the embedding generator -------------------------------------------------
 async def embed_content(
     client: Client,
     batch_queue: asyncio.Queue[InputBatch | None],
@@ -670,66 +617,42 @@ async def embed_content(
     await output_queue.put(None)
 
 
-# --- Stage 4: the output logger (or, for a corpus, the output writer) ---------------------
-
-
-async def log_outputs(output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False) -> None:
-    """Prints one line per item until the sentinel, and records latency and outcome."""
-    loop = asyncio.get_running_loop()
-    while (output := await output_queue.get()) is not None:
-        (item_id, text), result = output
-        if (arrived := stats.arrived_at.pop(item_id, None)) is not None:
-            stats.latencies_s.append(loop.time() - arrived)
-        if isinstance(result, Exception):
-            stats.failed += 1
-            if not quiet:
-                print(f"Failed: {item_id} -> {describe(result)}")
-        else:
-            stats.succeeded += 1
-            if not quiet:
-                print(f"Content: {text} -> Embedding: {result.values}")
-
-
-async def write_outputs(
-    output: Any, output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False
+# --- Stage 4: the output logger (or, for a corpus, the output writer) -----------------
+async def log_outputs(
+    output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False, output: Any = None
 ) -> None:
-    """Appends one JSONL record per embedded item to the open aiofiles `output` until the
-    sentinel: whatever is waiting goes in one write and one flush. A failed item is not
-    written (so a re-run tries it again): its Failed: line names the id and the reason."""
-    while True:
-        outputs, ended = await take_available(output_queue)
+    """Until the sentinel: prints one line per item, as in the document, and records outcome
+    and latency. With `output` (an open aiofiles file) the embeddings are appended to it as
+    JSONL records instead, whatever is waiting in one write and one flush, and only failures
+    are printed. A failed item is never written, so a re-run tries it again."""
+    loop = asyncio.get_running_loop()
+    ended = False
+    while not ended:
+        taken = [await output_queue.get()]
+        while not output_queue.empty():  # and whatever else is waiting: one write for them all
+            taken.append(output_queue.get_nowait())
+        ended = taken[-1] is None  # embed_content puts the sentinel after every output
         lines = []
-        for (item_id, text), result in outputs:
+        for (item_id, text), result in filter(None, taken):
+            if (arrived := stats.arrived_at.pop(item_id, None)) is not None:
+                stats.latencies_s.append(loop.time() - arrived)
             if isinstance(result, Exception):
                 stats.failed += 1
                 if not quiet:
                     print(f"Failed: {item_id} -> {describe(result)}", flush=True)
-            else:
+            elif output is not None:
                 lines.append(json.dumps({"id": item_id, "text": text, "embedding": result.values}) + "\n")
+            else:
+                stats.succeeded += 1
+                if not quiet:
+                    print(f"Content: {text} -> Embedding: {result.values}")
         if lines:
             await output.write("".join(lines).encode())
             await output.flush()  # whole lines reach the file before we count them done
             stats.succeeded += len(lines)
-        if ended:
-            return
 
 
-async def take_available(queue: asyncio.Queue[Output | None]) -> tuple[list[Output], bool]:
-    """Waits for one item, then takes what is already waiting. Returns them and whether the
-    sentinel came."""
-    items: list[Output] = []
-    item = await queue.get()
-    while item is not None:
-        items.append(item)
-        if queue.empty():
-            return items, False
-        item = queue.get_nowait()
-    return items, True
-
-
-# --- Files: aiofiles, safely -------------------------------------------------------------
-
-
+# --- Files: aiofiles, safely ----------------------------------------------------------
 @contextlib.asynccontextmanager
 async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb"]) -> AsyncIterator[Any]:
     """aiofiles.open, safe to cancel. aiofiles opens the file in a worker thread; a task
@@ -789,9 +712,7 @@ async def done_ids(path: Path) -> set[str]:
     return done
 
 
-# --- The per-caller API -----------------------------------------------------------------
-
-
+# --- The per-caller API ---------------------------------------------------------------
 class EmbeddingFailed(Exception):
     """One caller's text could not be embedded. `error` is the API's error (an
     errors.APIError, say), shared by the batch; each caller gets its own EmbeddingFailed."""
@@ -802,10 +723,7 @@ class EmbeddingFailed(Exception):
         self.__cause__ = error
 
 
-@dataclass
-class _Request:
-    text: str
-    future: asyncio.Future[types.ContentEmbedding]
+_Request: TypeAlias = tuple[str, asyncio.Future[types.ContentEmbedding]]  # a caller's text, and its answer
 
 
 class BatchedEmbedder:
@@ -848,8 +766,7 @@ class BatchedEmbedder:
         self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=concurrency)
         self._tasks = asyncio.TaskGroup()
         self._open = False
-        self._waiting: set[asyncio.Future[types.ContentEmbedding]] = set()  # callers not yet answered
-        self._putting = 0  # callers waiting for room in the request queue
+        self._waiting: set[asyncio.Future[types.ContentEmbedding]] = set()  # callers still in embed()
 
     async def __aenter__(self) -> BatchedEmbedder:
         await self._tasks.__aenter__()
@@ -879,49 +796,42 @@ class BatchedEmbedder:
         future: asyncio.Future[types.ContentEmbedding] = asyncio.get_running_loop().create_future()
         self._waiting.add(future)
         try:
-            self._putting += 1
-            try:
-                await self._requests.put(_Request(text, future))
-            finally:
-                self._putting -= 1
+            await self._requests.put((text, future))
             return await future  # a cancelled caller cancels its future too
         finally:
             self._waiting.discard(future)
 
     async def _serve(self) -> None:
         while (batch := await self._batches.get()) is not None:
-            live = [request for request in batch if not request.future.done()]
-            if not live:
-                continue
-            texts = [request.text for request in live]
+            if not (live := [(text, future) for text, future in batch if not future.done()]):
+                continue  # every caller of this batch was cancelled
+            texts = [text for text, _ in live]
             results = await embed_batch(
                 self._client, texts, retrier=self.retrier, model=self._model, dimensions=self._dimensions
             )
-            for request, result in zip(live, results, strict=True):
-                if request.future.done():  # cancelled while in flight
+            for (_, future), result in zip(live, results, strict=True):
+                if future.done():  # cancelled while in flight
                     continue
                 if isinstance(result, Exception):
-                    request.future.set_exception(EmbeddingFailed(result))
+                    future.set_exception(EmbeddingFailed(result))
                 else:
-                    request.future.set_result(result)
+                    future.set_result(result)
         self._batches.put_nowait(None)
 
     async def _fail_waiting(self) -> None:
-        """Our tasks are gone: answer every caller still waiting, and let through those
-        blocked on the full request queue (their futures have already failed)."""
+        """Our tasks are gone: answer every caller still waiting, and make room for those
+        blocked on the full request queue (their futures have already failed) until all left."""
         stopped = RuntimeError("BatchedEmbedder stopped before this text was embedded")
         for future in self._waiting:
             if not future.done():
                 future.set_exception(EmbeddingFailed(stopped))
-        while self._putting:
+        while self._waiting:
             with contextlib.suppress(asyncio.QueueEmpty):
                 self._requests.get_nowait()
             await asyncio.sleep(0)
 
 
-# --- main -------------------------------------------------------------------------------
-
-
+# --- main -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
     """The batcher's settings: one per command-line flag, checked when made."""
@@ -943,12 +853,9 @@ class Config:
 
     def __post_init__(self) -> None:
         """Checks the settings no stage owns; Batcher, Retrier and embed_content check theirs."""
-        for name in ("num_inputs", "input_delay_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dimensions", "concurrency"):  # concurrency also bounds main's batch queue
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("dimensions", 1), ("concurrency", 1)):
+            if not getattr(self, name) >= low:  # concurrency also bounds main's batch queue
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 def check_paths(config: Config) -> None:
@@ -976,14 +883,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def summary(counts: BatchCounts, retrier: Retrier, stats: RunStats) -> str:
-    lat, wall_s = stats.latencies_s, time.perf_counter() - stats.started
-    mean_batch = counts.items / counts.batches if counts.batches else 0.0
+def summary(batcher: Batcher[Input], retrier: Retrier, stats: RunStats) -> str:
+    lat, wall_s, counts = stats.latencies_s, time.perf_counter() - stats.started, batcher.counts
+    mean_batch = batcher.items / counts.total() if counts else 0.0
     skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
     latency = f"p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s" if lat else "-"
     return (
-        f"Summary: {counts.items} items in {counts.batches} batches "
-        f"({counts.full} full, {counts.timed_out} timed out, {counts.flushed_at_end} flushed at end){skipped}\n"
+        f"Summary: {batcher.items} items in {counts.total()} batches ({counts['full']} full, "
+        f"{counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}\n"
         f"  mean batch size {mean_batch:.2f}, {retrier.calls} API calls, {retrier.retries} retries, "
         f"{stats.succeeded} embedded, {stats.failed} failed items\n"
         f"  item latency {latency}; wall time {wall_s:.2f}s"
@@ -1005,7 +912,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     async with contextlib.AsyncExitStack() as stack:
-        skip: set[str] = set()
+        output, skip = None, set[str]()
         if config.output is not None:
             output = await stack.enter_async_context(open_file(config.output, "ab"))
             lock_output(output, config.output)  # before reading it: another run may be writing
@@ -1023,14 +930,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
             model=config.model, dimensions=config.dimensions,
         )  # fmt: skip
-        # The demo prints a line per item (the document's output). With a corpus or --output the
-        # results are in the file, so a terminal shows a progress line instead. Off a terminal:
-        # a plain progress line every 30 s.
+        # The demo prints a line per item (the document's output); with --output the results are
+        # in the file and only failures are printed; a corpus with neither is a dry run. Where no
+        # line per item shows that the run moves, a progress line does (plain every 30 s off a terminal).
         per_item_lines = config.input is None and config.output is None
-        if config.output is not None:
-            sink = write_outputs(output, output_queue, stats=stats, quiet=config.quiet)
-        else:
-            sink = log_outputs(output_queue, stats=stats, quiet=config.quiet or not per_item_lines)
+        sink = log_outputs(
+            output_queue, stats=stats, quiet=config.quiet or (output is None and not per_item_lines), output=output
+        )
         progress = None
         if not config.quiet and (not per_item_lines or not tty):
             progress = asyncio.create_task(show_progress(stats, tty=tty))
@@ -1041,7 +947,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         finally:
             if progress is not None:
                 progress.cancel()
-    print(summary(batcher.counts, retrier, stats))
+    print(summary(batcher, retrier, stats))
     if shutdown.failure is not None:
         print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2
@@ -1050,9 +956,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     return 1 if stats.failed else 0
 
 
-# --- CLI --------------------------------------------------------------------------------
-
-
+# --- CLI ------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1082,18 +986,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--output", type=Path, help="append {id, text, embedding} JSONL here; a re-run resumes")
     add("--num-inputs", type=number(int, 0), default=100, help="demo inputs to enqueue (default 100)")
     add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
-    add("--timeout", type=number(float, 0, above=True), default=1.0, help="s from a batch's first item (default 1)")
-    add("--input-delay", type=number(float, 0), default=0.3, help="demo: max random gap between inputs, s (0.3)")
+    positive = number(float, 0, above=True)
+    add("--timeout", dest="timeout_s", type=positive, default=1.0, help="s from a batch's first item (default 1)")
+    add("--input-delay", dest="input_delay_s", type=number(float, 0), default=0.3, help="demo: max gap, s (0.3)")
     add("--concurrency", type=number(int, 1), default=4, help="API calls in flight (default 4)")
     add("--max-attempts", type=number(int, 1), default=5, help="calls per batch, retries included (default 5)")
-    add(
-        "--request-timeout",
-        type=number(float, 0, above=True),
-        default=REQUEST_TIMEOUT_S,
-        help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: an embed call is answered in about"
-        " a second, so this only cuts off calls that will never be answered)",
-    )
-    add("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, evenly spaced")
+    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, help="s per call (60)")
+    add("--rpm", type=positive, help="cap on call starts per minute, evenly spaced")
     add("--dimensions", type=number(int, 1), default=3, help="output_dimensionality (default 3)")
     add("--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)")
     add("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
@@ -1111,13 +1010,10 @@ def run_cli(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
-    config = Config(
-        num_inputs=args.num_inputs, batch_size=args.batch_size, timeout_s=args.timeout, input_delay_s=args.input_delay,
-        concurrency=args.concurrency, max_attempts=args.max_attempts, request_timeout_s=args.request_timeout,
-        rpm=args.rpm, dimensions=args.dimensions, model=args.model, adaptive=args.adaptive, input=args.input,
-        output=args.output, quiet=args.quiet,
-    )  # fmt: skip
-    client = make_client(offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout)
+    config = Config(**{setting.name: getattr(args, setting.name) for setting in fields(Config)})  # dest = field name
+    client = make_client(
+        offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=config.request_timeout_s
+    )
 
     async def run() -> int:
         shutdown = Shutdown()
@@ -1130,7 +1026,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         print(f"batcher.py: error: {exc}", file=sys.stderr)
         return 2
     except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
-        faults = list(leaf_exceptions(group))
+        faults = leaf_exceptions(group)
         if not all(isinstance(fault, OSError) for fault in faults):
             raise  # a bug: the traceback is what helps
         for fault in faults:  # a disk or file error: say which, in one line
@@ -1138,12 +1034,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 1
 
 
-def leaf_exceptions(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from leaf_exceptions(exc)
-        else:
-            yield exc
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions in a (nested) exception group, or [exc]."""
+    return (
+        [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)] if isinstance(exc, BaseExceptionGroup) else [exc]
+    )
 
 
 if __name__ == "__main__":

@@ -192,8 +192,7 @@ async def run_chain(
             )
         )
         tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
-    counts = stage.counts
-    return ChainResult(retrier.calls, counts.items / counts.batches, stats.latencies_s, loop.time() - started)
+    return ChainResult(retrier.calls, stage.items / stage.counts.total(), stats.latencies_s, loop.time() - started)
 
 
 def latency_cells(result: ChainResult) -> list[str]:

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
@@ -53,6 +53,7 @@ GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before t
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run. A long
 # answer with thinking can take a few minutes: 300 s leaves room for that and still ends a hang.
 REQUEST_TIMEOUT_S = 300.0
+MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 OUTPUT_TOKENS_GUESS = 500  # --tpm's guess of an answer's tokens before the first one is seen
 SHARD_NAME = "shard_{:05d}.jsonl"
@@ -79,9 +80,7 @@ class Blocked(Exception):
     """The model gave no answer for this prompt (a safety block, say): not retried."""
 
 
-# --- Records ----------------------------------------------------------------------------
-
-
+# --- Records --------------------------------------------------------------------------
 # (id, text, metadata). The id is the JSONL line's "id", else "<file name>:<line number>",
 # stable across runs. A plain tuple: the reader makes a million a second.
 Prompt: TypeAlias = tuple[str, str, dict[str, Any] | None]
@@ -131,11 +130,6 @@ class Stats:
     thinking_tokens: int = 0
     answers: int = 0  # answered calls
     started: float = field(default_factory=time.perf_counter)
-
-    def progress(self) -> str:
-        done, elapsed = self.succeeded + self.failed, time.perf_counter() - self.started
-        rate = done / elapsed if elapsed else 0.0
-        return f"{done} done, {self.failed} failed, {self.in_flight} in flight, {rate:.0f}/s"
 
     def summary(self, errors_held: int) -> str:
         wall_s = time.perf_counter() - self.started
@@ -192,22 +186,18 @@ class Config:
 
     def generation(self) -> types.GenerateContentConfig | None:
         """The one GenerateContentConfig every call shares, or None for the model's defaults."""
+        thinking = None if self.thinking_budget is None else types.ThinkingConfig(thinking_budget=self.thinking_budget)
         settings: dict[str, Any] = {
-            "system_instruction": self.system_instruction,
-            "temperature": self.temperature,
-            "max_output_tokens": self.max_output_tokens,
-        }
-        if self.thinking_budget is not None:
-            settings["thinking_config"] = types.ThinkingConfig(thinking_budget=self.thinking_budget)
-        if self.json_schema is not None:
-            settings |= {"response_mime_type": "application/json", "response_json_schema": self.json_schema}
+            "system_instruction": self.system_instruction, "temperature": self.temperature,
+            "max_output_tokens": self.max_output_tokens, "thinking_config": thinking,
+            "response_mime_type": None if self.json_schema is None else "application/json",
+            "response_json_schema": self.json_schema,
+        }  # fmt: skip
         settings = {name: value for name, value in settings.items() if value is not None}
         return types.GenerateContentConfig(**settings) if settings else None
 
 
-# --- Faults, pacing and shutdown ----------------------------------------------------------
-
-
+# --- Faults, pacing and shutdown ------------------------------------------------------
 def is_transient(exc: BaseException) -> bool:
     """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
     worth another try."""
@@ -242,10 +232,9 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
     if not isinstance(exc, errors.APIError):
         return None
     for detail in error_details(exc):
-        if str(detail.get("@type", "")).endswith("RetryInfo"):
-            match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
+        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
+        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
+            return float(match.group(1))
     headers = getattr(exc.response, "headers", None)
     value = headers.get("retry-after") if headers is not None else None
     try:
@@ -374,9 +363,7 @@ def signals_handled(shutdown: Shutdown) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-# --- The simulated client -----------------------------------------------------------------
-
-
+# --- The simulated client -------------------------------------------------------------
 class SimulatedClient:
     """Stands in for genai.Client offline: client.aio.models.generate_content returns a real
     types.GenerateContentResponse after latency_s, with usage (characters / 4 as tokens).
@@ -431,22 +418,18 @@ def make_client(
     *, offline: bool, fake_latency_s: float, fake_failure_rate: float, request_timeout_s: float = REQUEST_TIMEOUT_S
 ) -> Client:
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
-
-    The SDK's own retries are turned off: they ignore the server's retry delay, and ours don't.
-    Its timeout (none by default) is set too, so a hung connection is closed, not just abandoned.
-    """
+    The SDK's own retries are off (they ignore the server's retry delay; ours don't), and its
+    timeout (none by default) is set, so a hung connection is closed, not just abandoned."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     if offline or not has_key:
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
-    options = types.HttpOptions(
-        retry_options=types.HttpRetryOptions(attempts=1), timeout=math.ceil(request_timeout_s * 1000)
+    timeout_ms = math.ceil(request_timeout_s * 1000)
+    return genai.Client(
+        http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
     )
-    return genai.Client(http_options=options)
 
 
-# --- Stage 1: the input readers -------------------------------------------------------------
-
-
+# --- Stage 1: the input readers -------------------------------------------------------
 def input_files(input_dir: Path) -> list[Path]:
     """The *.txt and *.jsonl files of the input folder, in name order."""
     paths = itertools.chain(input_dir.glob("*.txt"), input_dir.glob("*.jsonl"))
@@ -482,12 +465,10 @@ async def read_blocks(path: Path) -> AsyncIterator[bytes]:
         tail = b""
         while chunk := await f.read(CHUNK_BYTES):
             data = tail + chunk
-            cut = data.rfind(b"\n")
-            if cut < 0:  # a line longer than a chunk: read on
-                tail = data
-                continue
-            yield data[:cut]
-            tail = data[cut + 1 :]
+            cut = data.rfind(b"\n") + 1  # 0 for no newline: a line longer than a chunk, so read on
+            if cut:
+                yield data[: cut - 1]
+            tail = data[cut:]
         if tail:
             yield tail
 
@@ -517,9 +498,9 @@ def parse_jsonl(line: str, seen: set[str]) -> tuple[str | None, str, dict[str, A
     prompt, row_id = row.pop("prompt", None), row.pop("id", None)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError('"prompt" must be a non-empty string')
-    if row_id is not None and not (isinstance(row_id, str) and row_id):
-        raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
     if row_id is not None:
+        if not (isinstance(row_id, str) and row_id):
+            raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
         if row_id in seen:
             raise ValueError(f"duplicate id {row_id!r}: this line is not run")
         seen.add(row_id)
@@ -587,22 +568,7 @@ async def read_inputs(
         await input_queue.put(None)
 
 
-# --- Stage 2: the content generators ----------------------------------------------------------
-
-
-async def call_model(
-    client: Client, text: str, *, model: str, generation: types.GenerateContentConfig | None
-) -> types.GenerateContentResponse:
-    """One generate_content call. A body the SDK cannot parse raises MalformedReply."""
-    try:
-        response: types.GenerateContentResponse = await client.aio.models.generate_content(
-            model=model, contents=text, config=generation
-        )
-    except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
-        raise MalformedReply(f"unreadable reply: {exc}") from exc
-    return response
-
-
+# --- Stage 2: the content generators --------------------------------------------------
 def count_usage(response: types.GenerateContentResponse, stats: Stats) -> dict[str, int] | None:
     """The tokens one answered call used, added to the run's totals (retries are billed too)."""
     meta = response.usage_metadata
@@ -665,8 +631,11 @@ async def generate_one(
         await gate.wait_turn(estimate)
         used = 0
         try:
-            call = call_model(client, text, model=config.model, generation=generation)
-            response = await bounded(call, config.request_timeout_s)
+            call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
+            try:
+                response = await bounded(call, config.request_timeout_s)
+            except ValueError as exc:  # the SDK could not parse the body (not JSON, a field of the wrong type)
+                raise MalformedReply(f"unreadable reply: {exc}") from exc
             usage = count_usage(response, stats)
             used = sum(usage.values()) if usage else 0
             answer, reason = read_answer(response, json_output=config.json_schema is not None)
@@ -683,7 +652,7 @@ async def generate_one(
                 gate.pause(delay_s)
             stats.retries += 1
             log.info("%s: retrying after %s", prompt_id, describe(exc))
-            await asyncio.sleep(random.uniform(0, min(30.0, config.base_delay_s * 2 ** (attempt - 1))))
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
         finally:
             gate.settle(estimate, used)
     raise AssertionError("unreachable")
@@ -752,9 +721,7 @@ async def generate_content(
     await error_queue.put(None)
 
 
-# --- Stage 3: the output writers --------------------------------------------------------------
-
-
+# --- Stage 3: the output writers ------------------------------------------------------
 async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Result], bool]:
     """Waits for one item, then takes what is already waiting (up to MAX_WRITE_BATCH).
     Returns the items and whether the sentinel came."""
@@ -779,10 +746,9 @@ async def write_outputs(
 ) -> None:
     """One writer: appends records to shards of at most shard_size lines until its sentinel.
 
-    Each writer owns the shards it starts (numbers come from the shared shard_numbers), and
-    starts one only for a record, so no shard is empty. A shard stays open across batches:
-    a batch costs one write and one flush (thread hops through aiofiles), not an open and a
-    close. A new shard is opened with "xb", so it never overwrites a file.
+    Each writer owns the shards it starts, numbered from the shared shard_numbers, and starts
+    one only for a record (no shard is empty) with "xb" (it never overwrites a file). A shard
+    stays open across batches: a batch costs one write and one flush, not an open and a close.
     """
     async with contextlib.AsyncExitStack() as shard:
         f: Any = None
@@ -825,9 +791,7 @@ async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | Non
                 return
 
 
-# --- Resume ------------------------------------------------------------------------------------
-
-
+# --- Resume ---------------------------------------------------------------------------
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """The complete records of a JSONL file. A torn last line (no newline: the run was
     killed mid-write) is cut off the file; an unreadable line is skipped with a warning."""
@@ -843,18 +807,17 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             offset += len(line)
             try:
                 record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    yield record
-                    continue
             except ValueError:  # not JSON, or not UTF-8
-                pass
-            log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                yield record
+            else:
+                log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
 
 
 def scan_outputs(output_dir: Path) -> tuple[set[str], int]:
     """The ids already written to shards, and the next shard number."""
-    done: set[str] = set()
-    next_shard = 0
+    done, next_shard = set[str](), 0
     for path in output_dir.glob("shard_*.jsonl"):
         if match := SHARD_RE.fullmatch(path.name):
             next_shard = max(next_shard, int(match.group(1)) + 1)
@@ -877,9 +840,7 @@ def compact_errors(output_dir: Path, done: Collection[str]) -> set[str]:
     return set(latest)
 
 
-# --- main ----------------------------------------------------------------------------------------
-
-
+# --- main -----------------------------------------------------------------------------
 def check_paths(config: Config) -> list[Path]:
     """The input files, after checking the input and output folders. Raises UsageError."""
     if not config.inputs.is_dir():
@@ -917,8 +878,7 @@ def count_lines(files: list[Path]) -> int:
     total = 0
     for path in files:
         with path.open("rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                total += chunk.count(b"\n")
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(CHUNK_BYTES), b""))
     return total
 
 
@@ -931,12 +891,9 @@ async def show_progress(stats: Stats, files: list[Path], *, tty: bool) -> None:
         while True:
             await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
-            left = max(0, total - stats.skipped - done)
-            eta = f"{left * elapsed / done:.0f}s" if done else "?"
-            if tty:
-                print(f"\r{stats.progress()}, ETA {eta}   ", end="", file=sys.stderr, flush=True)
-            else:
-                print(f"progress: {stats.progress()}, ETA {eta}", file=sys.stderr, flush=True)
+            eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
+            line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
+            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
             print(file=sys.stderr)
@@ -948,10 +905,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     UsageError on bad input, or when another run holds the output folder."""
     files = check_paths(config)
     if isinstance(client, SimulatedClient):
-        print(
-            f"pipeline: no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)",
-            file=sys.stderr,
-        )
+        notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
+        print(f"pipeline: {notice}", file=sys.stderr)
     with locked(config.outputs):
         done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
         failed = await asyncio.to_thread(compact_errors, config.outputs, done)
@@ -969,28 +924,25 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         progress = None
         if config.progress:
             progress = asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
+        stages = [
+            read_inputs(
+                files, input_queue, error_queue=error_queue, readers=config.readers, consumers=config.workers,
+                skip=skip, stats=stats, shutdown=shutdown,
+            ),
+            generate_content(
+                client, input_queue, output_queue, error_queue=error_queue, config=config, gate=gate, stats=stats,
+                shutdown=shutdown, word_count_pool=pool,
+            ),
+            *(write_outputs(
+                config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
+                quiet=config.quiet,
+            ) for _ in range(config.writers)),
+            write_errors(config.outputs, error_queue, stats=stats),
+        ]  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(
-                    read_inputs(
-                        files, input_queue, error_queue=error_queue, readers=config.readers,
-                        consumers=config.workers, skip=skip, stats=stats, shutdown=shutdown,
-                    )
-                )  # fmt: skip
-                tg.create_task(
-                    generate_content(
-                        client, input_queue, output_queue, error_queue=error_queue, config=config, gate=gate,
-                        stats=stats, shutdown=shutdown, word_count_pool=pool,
-                    )
-                )  # fmt: skip
-                for _ in range(config.writers):
-                    tg.create_task(
-                        write_outputs(
-                            config.outputs, output_queue, shard_size=config.shard_size,
-                            shard_numbers=shard_numbers, stats=stats, quiet=config.quiet,
-                        )
-                    )  # fmt: skip
-                tg.create_task(write_errors(config.outputs, error_queue, stats=stats))
+                for stage in stages:
+                    tg.create_task(stage)
         finally:
             if progress is not None:
                 progress.cancel()
@@ -1001,18 +953,14 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
     print(stats.summary(errors_held))
     if shutdown.failure is not None:
-        print(
-            f"pipeline.py: error: {shutdown.failure}; the prompts not done are left for the next run", file=sys.stderr
-        )
+        print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if errors_held else 0
 
 
-# --- CLI -------------------------------------------------------------------------------------------
-
-
+# --- CLI ------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1036,8 +984,9 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; each one's dest is the name of its Config field."""
     p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
+    add, positive = p.add_argument, number(float, 0, above=True)
     add("--inputs", type=Path, default=Path("inputs"), help="folder of *.txt and *.jsonl inputs (default inputs/)")
     add("--outputs", type=Path, default=Path("outputs"), help="folder for shards and errors.jsonl (default outputs/)")
     add("--workers", type=number(int, 1), default=5, help="concurrent model calls (default 5)")
@@ -1046,15 +995,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--queue-size", type=number(int, 1), default=5, help="bound of each queue (default 5)")
     add("--shard-size", type=number(int, 1), default=5, help="records per output shard at most (default 5)")
     add("--max-attempts", type=number(int, 1), default=5, help="calls per prompt, retries included (default 5)")
-    add(
-        "--request-timeout",
-        type=number(float, 0, above=True),
-        default=REQUEST_TIMEOUT_S,
-        help=f"seconds one API attempt may take (default {REQUEST_TIMEOUT_S:g}: room for a long answer with"
-        " thinking; a call never answered is cut off and retried)",
-    )
-    add("--rpm", type=number(float, 0, above=True), help="cap on call starts per minute, all workers together")
-    add("--tpm", type=number(float, 0, above=True), help="cap on tokens per minute, all workers together")
+    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, help="s per call")
+    add("--rpm", type=positive, help="cap on call starts per minute, all workers together")
+    add("--tpm", type=positive, help="cap on tokens per minute, all workers together")
     add("--model", default="gemini-flash-latest", help="model (default gemini-flash-latest)")
     add("--system-instruction", metavar="TEXT", help="system instruction, or @PATH to read it from a file")
     add("--temperature", type=number(float, 0, 2), help="sampling temperature, 0..2")
@@ -1080,25 +1023,17 @@ def read_setting_file(path: Path, flag: str) -> str:
 
 def config_from(args: argparse.Namespace) -> Config:
     """The Config the flags describe. Raises UsageError for an unreadable file or a bad schema."""
-    instruction = args.system_instruction
-    if instruction is not None and instruction.startswith("@"):
-        instruction = read_setting_file(Path(instruction[1:]), "--system-instruction")
-    schema = None
+    settings = {setting.name: getattr(args, setting.name) for setting in fields(Config) if setting.name in args}
+    if (instruction := args.system_instruction or "").startswith("@"):
+        settings["system_instruction"] = read_setting_file(Path(instruction[1:]), "--system-instruction")
     if args.json_schema is not None:
         try:
-            schema = json.loads(read_setting_file(args.json_schema, "--json-schema"))
+            settings["json_schema"] = schema = json.loads(read_setting_file(args.json_schema, "--json-schema"))
         except ValueError as exc:
             raise UsageError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise UsageError(f"--json-schema: {args.json_schema} is not a JSON Schema object")
-    return Config(
-        inputs=args.inputs, outputs=args.outputs, workers=args.workers, readers=args.readers, writers=args.writers,
-        queue_size=args.queue_size, shard_size=args.shard_size, max_attempts=args.max_attempts,
-        request_timeout_s=args.request_timeout, rpm=args.rpm, tpm=args.tpm, model=args.model,
-        system_instruction=instruction, temperature=args.temperature, max_output_tokens=args.max_output_tokens,
-        thinking_budget=args.thinking_budget, json_schema=schema, retry_errors=args.retry_errors,
-        word_count=args.word_count, quiet=args.quiet, progress=not args.quiet,
-    )  # fmt: skip
+    return Config(**settings, progress=not args.quiet)
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -1114,7 +1049,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         with signals_handled(shutdown):
             client = make_client(
                 offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
-                request_timeout_s=args.request_timeout,
+                request_timeout_s=args.request_timeout_s,
             )  # fmt: skip
             return await main(config_from(args), client, shutdown=shutdown)
 
@@ -1124,7 +1059,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         print(f"pipeline.py: error: {exc}", file=sys.stderr)
         return 2
     except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
-        faults = list(leaf_exceptions(group))
+        faults = leaf_exceptions(group)
         if not all(isinstance(fault, OSError) for fault in faults):
             raise  # a bug: the traceback is what helps
         for fault in faults:  # a disk or file error: say which, in one line
@@ -1132,12 +1067,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 1
 
 
-def leaf_exceptions(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from leaf_exceptions(exc)
-        else:
-            yield exc
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions in a (nested) exception group, or [exc]."""
+    return (
+        [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)] if isinstance(exc, BaseExceptionGroup) else [exc]
+    )
 
 
 if __name__ == "__main__":
