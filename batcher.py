@@ -176,24 +176,18 @@ def describe(exc: BaseException) -> str:
 class Retrier:
     """Runs API calls with retries, and counts calls and retries.
 
-    Every attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy,
-    a fake): a timed-out attempt is transient. Transient errors are retried with exponential
-    backoff and full jitter, up to max_attempts calls in all. When the server names a delay,
-    no call through this Retrier starts before it has passed: all concurrent calls pause,
-    not just the one that was told. Other errors are raised at once.
-
-    With rpm, call starts are spaced 60/rpm seconds apart across all concurrent calls:
-    smooth, with no burst at the start, so a corpus job runs at its quota, not against it.
+    Each attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy, a
+    fake), and a timed-out attempt is transient. Transient errors are retried with exponential
+    backoff and full jitter, up to max_attempts calls in all; others are raised at once. A
+    delay named by the server pauses every call through this Retrier, not just the one told.
+    With rpm, call starts are spaced 60/rpm seconds apart across all concurrent calls: no
+    burst at the start, so a corpus job runs at its quota, not against it.
     """
 
     def __init__(
-        self,
-        *,
-        max_attempts: int = 5,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
-        rpm: float | None = None,
+        self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
         base_delay_s: float = 0.5,
-    ) -> None:
+    ) -> None:  # fmt: skip
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         for name, value in (("request_timeout_s", request_timeout_s), ("rpm", rpm)):
@@ -241,13 +235,9 @@ class Retrier:
 
 
 async def embed_batch(
-    client: Client,
-    texts: list[str],
-    *,
-    retrier: Retrier,
-    model: str = "gemini-embedding-001",
+    client: Client, texts: list[str], *, retrier: Retrier, model: str = "gemini-embedding-001",
     dimensions: int | None = 3,
-) -> list[types.ContentEmbedding | Exception]:
+) -> list[types.ContentEmbedding | Exception]:  # fmt: skip
     """Embeds texts in one call; returns an embedding or an error per text, in order.
 
     A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
@@ -324,16 +314,14 @@ class Shutdown:
 @contextlib.contextmanager
 def signals_handled(shutdown: Shutdown) -> Iterator[None]:
     """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in signums:
         loop.add_signal_handler(signum, shutdown.request, signum)
     try:
         yield
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signums:
             loop.remove_signal_handler(signum)
 
 
@@ -359,8 +347,7 @@ class SimulatedClient:
 
     def __init__(self, *, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
-        self.aio = self  # so client.aio.models.embed_content works as on genai.Client
-        self.models = self
+        self.aio = self.models = self  # so client.aio.models.embed_content works as on genai.Client
 
     async def embed_content(
         self, *, model: str, contents: list[str], config: types.EmbedContentConfig | None = None
@@ -398,21 +385,15 @@ def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: floa
     if offline or not has_key:
         return SimulatedClient(latency_s=fake_latency_s)
     timeout_ms = math.ceil(request_timeout_s * 1000)
-    return genai.Client(
-        http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
-    )
+    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
+    return genai.Client(http_options=options)
 
 
 # --- Stage 1: the input enqueuer ------------------------------------------------------
 async def enqueue_inputs(
-    input_queue: asyncio.Queue[Input | None],
-    *,
-    num_inputs: int = 100,
-    max_delay_s: float = 0.3,
-    skip: Collection[str] = frozenset(),
-    stats: RunStats,
-    shutdown: Shutdown,
-) -> None:
+    input_queue: asyncio.Queue[Input | None], *, num_inputs: int = 100, max_delay_s: float = 0.3,
+    skip: Collection[str] = frozenset(), stats: RunStats, shutdown: Shutdown,
+) -> None:  # fmt: skip
     """The document's demo: puts input-0, input-1, ... with random gaps (the id is the text),
     passing over the ids in `skip` (already in --output). Ends its output queue with the
     None sentinel, early on a shutdown request."""
@@ -433,21 +414,15 @@ async def enqueue_inputs(
 
 
 async def read_corpus(
-    source: Path | None,
-    input_queue: asyncio.Queue[Input | None],
-    output_queue: asyncio.Queue[Output | None],
-    *,
-    skip: Collection[str],
-    stats: RunStats,
-    shutdown: Shutdown,
-) -> None:
+    source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
+    skip: Collection[str], stats: RunStats, shutdown: Shutdown,
+) -> None:  # fmt: skip
     """A real corpus: puts (id, text) for each non-blank line of the file (None: stdin), stripped,
     as fast as the bounded queue takes them. The id is "<file name>:<line number>" or
     "stdin:<line number>"; ids in `skip` (already in the output) are passed over. A line that
     is not UTF-8 goes to output_queue as failed, and reading goes on.
     Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
-    name = source.name if source is not None else "stdin"
-    number = 0
+    name, number = source.name if source is not None else "stdin", 0
     async with contextlib.AsyncExitStack() as stack:
         if source is None:
             read = aiofiles.stdin_bytes.read1  # read1: what the pipe has now, not a full chunk
@@ -491,16 +466,15 @@ async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[b
 class Batcher(Generic[T]):
     """Groups items from an input queue into batches on a batch queue.
 
-    A batch leaves when it holds batch_size items, or when timeout has passed since its
-    first item arrived. While idle the batcher waits for an item with no timer running.
-    Items already waiting are taken with get_nowait(): no timer and no task per item.
-    The None sentinel flushes the partial batch and is passed on. No batch is empty,
-    and items keep their arrival order.
+    A batch leaves when it holds batch_size items, or when timeout has passed since its first
+    item arrived. While idle the batcher waits for an item with no timer running; items already
+    waiting are taken with get_nowait(), with no timer and no task per item. The None sentinel
+    flushes the partial batch and is passed on. No batch is empty, and items keep their order.
+    With adaptive=True a partial batch also leaves early once the observed arrival rate says
+    another item is unlikely (expected < ADAPTIVE_EPSILON) before the deadline.
 
-    With adaptive=True a partial batch also leaves early once the observed arrival
-    rate says another item is unlikely (expected < ADAPTIVE_EPSILON) before the deadline.
-    counts holds how many batches left how ("full", "timed out", "flushed at end"), and
-    items how many items they held.
+    counts: how many batches left how ("full", "timed out", "flushed at end"); items: how
+    many items they held.
     """
 
     def __init__(self, batch_size: int, timeout: timedelta, *, adaptive: bool = False) -> None:
@@ -581,16 +555,10 @@ class Batcher(Generic[T]):
 
 # --- Stage 3: the embedding generator -------------------------------------------------
 async def embed_content(
-    client: Client,
-    batch_queue: asyncio.Queue[InputBatch | None],
-    output_queue: asyncio.Queue[Output | None],
-    *,
-    retrier: Retrier,
-    shutdown: Shutdown,
-    concurrency: int = 4,
-    model: str = "gemini-embedding-001",
+    client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Output | None], *,
+    retrier: Retrier, shutdown: Shutdown, concurrency: int = 4, model: str = "gemini-embedding-001",
     dimensions: int | None = 3,
-) -> None:
+) -> None:  # fmt: skip
     """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
     or (item, error) pair per item on output_queue. An error about the request as a whole
     (a bad key or model) calls shutdown.fail: that batch and the rest are not reported, but
@@ -732,28 +700,19 @@ class BatchedEmbedder:
         async with BatchedEmbedder(client, batch_size=32, timeout=timedelta(milliseconds=20)) as e:
             embedding = await e.embed("some text")
 
-    A caller whose text failed gets EmbeddingFailed (its .error is the API's error); the
-    others in its batch still get their embeddings. A cancelled caller's text is dropped
-    from its batch if the batch has not been sent. Leaving the block flushes the last batch.
-    If the block ends with an error or a cancellation, or a worker fails, every caller still
-    waiting gets EmbeddingFailed at once: none waits forever. embed() outside the block
-    raises RuntimeError.
+    A caller whose text failed gets EmbeddingFailed (its .error is the API's error); the others
+    in its batch still get their embeddings. A cancelled caller's text is dropped from its batch
+    if the batch has not been sent. Leaving the block flushes the last batch. If the block ends
+    with an error or a cancellation, or a worker fails, every caller still waiting gets
+    EmbeddingFailed at once. embed() outside the block raises RuntimeError.
     """
 
     def __init__(
-        self,
-        client: Client,
-        *,
-        batch_size: int = 8,
-        timeout: timedelta = timedelta(milliseconds=50),
-        concurrency: int = 4,
-        model: str = "gemini-embedding-001",
-        dimensions: int | None = None,
-        adaptive: bool = False,
-        max_attempts: int = 5,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        self, client: Client, *, batch_size: int = 8, timeout: timedelta = timedelta(milliseconds=50),
+        concurrency: int = 4, model: str = "gemini-embedding-001", dimensions: int | None = None,
+        adaptive: bool = False, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S,
         rpm: float | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self._client = client
@@ -876,9 +835,7 @@ def check_paths(config: Config) -> None:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile (0..100) of values; 0.0 when there are none."""
-    if not values:
-        return 0.0
+    """The nearest-rank q-th percentile (0..100) of values (not empty)."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
@@ -930,13 +887,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
             model=config.model, dimensions=config.dimensions,
         )  # fmt: skip
-        # The demo prints a line per item (the document's output); with --output the results are
-        # in the file and only failures are printed; a corpus with neither is a dry run. Where no
-        # line per item shows that the run moves, a progress line does (plain every 30 s off a terminal).
-        per_item_lines = config.input is None and config.output is None
-        sink = log_outputs(
-            output_queue, stats=stats, quiet=config.quiet or (output is None and not per_item_lines), output=output
-        )
+        # The demo prints a line per item (the document's output); with --output only failures are
+        # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
+        per_item_lines = config.input is None and output is None
+        quiet = config.quiet or (output is None and not per_item_lines)
+        sink = log_outputs(output_queue, stats=stats, quiet=quiet, output=output)
         progress = None
         if not config.quiet and (not per_item_lines or not tty):
             progress = asyncio.create_task(show_progress(stats, tty=tty))
@@ -1012,7 +967,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         random.seed(args.seed)
     config = Config(**{setting.name: getattr(args, setting.name) for setting in fields(Config)})  # dest = field name
     client = make_client(
-        offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=config.request_timeout_s
+        offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s
     )
 
     async def run() -> int:
@@ -1036,9 +991,9 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     """The exceptions in a (nested) exception group, or [exc]."""
-    return (
-        [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)] if isinstance(exc, BaseExceptionGroup) else [exc]
-    )
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -195,6 +195,7 @@ class BatcherTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(batcher_.items, 6)
 
     async def test_stress_no_item_lost_duplicated_or_reordered(self) -> None:
+        asyncio.get_running_loop().set_debug(False)  # debug mode's checks would double this test's time
         rng = random.Random(7)
         items = list(range(2000))
         for batch_size, timeout_ms in [(1, 0.2), (7, 0.5), (64, 1.0), (100, 0.3)]:
@@ -910,10 +911,18 @@ class CorpusCommandLineTest(unittest.TestCase):
             (["--request-timeout", "0"], "argument --request-timeout: must be > 0, got 0"),
             (["--rpm", "-1"], "argument --rpm: must be > 0, got -1"),
         ]
-        for args, message in cases:
-            result = self.run_script(*args, "--offline")
-            self.assertEqual((result.returncode, result.stdout), (2, ""), args)
-            self.assertEqual(result.stderr, f"batcher.py: error: {message}\n")
+        for args, message in cases:  # in this process: a child per case would cost a second each
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.chdir(self.tmp), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    status = batcher.run_cli([*args, "--offline"])
+                except SystemExit as exit_:
+                    status = int(exit_.code or 0)
+            self.assertEqual((status, out.getvalue()), (2, ""), args)
+            self.assertEqual(err.getvalue(), f"batcher.py: error: {message}\n")
+        result = self.run_script("--input", "missing.txt", "--offline")  # and no traceback from the real command
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(result.stderr, "batcher.py: error: input file not found: missing.txt\n")
         self.assertEqual(self.corpus.read_text(), "text 0\ntext 1\ntext 2\n")
 
     def test_kill_9_twice_then_a_rerun_leaves_every_text_exactly_once(self) -> None:
