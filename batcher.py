@@ -11,7 +11,7 @@ Gemini embed_content API, several calls at a time; results reach a logger, or a 
 The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
 queue with the None sentinel:
 
-    enqueue_inputs (demo) | read_corpus -> Batcher.batch -> embed_content -> log_outputs | write_outputs
+    enqueue_inputs (demo) | read_corpus -> Batcher.batch -> embed_content -> log_outputs (or --output)
 
 Application code that wants one embedding per await uses BatchedEmbedder instead:
 

@@ -49,6 +49,11 @@ TARGETS: list[Target] = []
 # This machine's speed can swing by half for seconds at a time (a shared VM). An absolute rate
 # below its target is measured again, up to this many runs in all, before it counts as missed.
 MAX_RUNS = 15
+# Issue 3's absolute rates (1M lines/s, 8,000 prompts/s) missed on a machine half as fast, so they
+# are shares of a limit measured in the same run. Reader: 1M over the 3.1M tuples/s of a bare queue
+# handoff on the machine that set it. Zero latency: about 60% of the share measured when set (0.47).
+READER_SHARE = 0.30
+ZERO_LATENCY_SHARE = 0.30
 
 
 def check(name: str, value: float, limit: float, *, at_least: bool, fmt: str = "{:.2f}") -> None:
@@ -413,9 +418,14 @@ async def bench_pipeline(tmp: Path, waves: int, big_n: int, zero_n: int) -> str:
     make_inputs(folder := tmp / f"zero-{zero_n}", zero_n)
     settings = {"workers": 16, "queue_size": 100, "shard_size": 1000}
     timings: list[float] = []
-    while len(timings) < 2 or (zero_n / min(timings) < 8000 and len(timings) < MAX_RUNS):
+    bare: list[float] = []  # the limit: as many calls of the simulated model in a plain loop
+    while len(timings) < 2 or (min(bare) / min(timings) < ZERO_LATENCY_SHARE and len(timings) < MAX_RUNS):
         timings.append(await run_pipeline(folder, 0.0, **settings))
-    check("pipeline prompts/s at zero latency", zero_n / min(timings), 8000, at_least=True, fmt="{:,.0f}")
+        bare.append(await bare_model_calls(zero_n))
+    share = min(bare) / min(timings)
+    check(
+        "pipeline at zero latency, prompts/s / bare simulated-model calls/s", share, ZERO_LATENCY_SHARE, at_least=True
+    )
     # The same run asking for JSON against a schema: every answer parsed, usage on every record.
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}}
     structured = [await run_pipeline(folder, 0.0, json_schema=schema, **settings) for _ in range(len(timings))]
@@ -423,10 +433,21 @@ async def bench_pipeline(tmp: Path, waves: int, big_n: int, zero_n: int) -> str:
     check("pipeline with --json-schema / plain, prompts/s at zero latency", ratio, 0.9, at_least=True)
     out += (
         f"\n\n### Pipeline at zero latency\n\n{zero_n:,} prompts, `--workers 16 --queue-size 100 --shard-size 1000`: "
-        f"**{zero_n / min(timings):,.0f} prompts/s** (best of {len(timings)}); with `--json-schema` (every answer "
-        f"parsed, usage recorded): {zero_n / min(structured):,.0f} prompts/s, **{ratio:.2f}×** the plain run."
+        f"**{zero_n / min(timings):,.0f} prompts/s** (best of {len(timings)}), **{share:.2f}×** the "
+        f"{zero_n / min(bare):,.0f} calls/s of the simulated model alone in a plain loop (its pydantic response is "
+        f"the floor of any pipeline on the SDK); with `--json-schema` (every answer parsed, usage recorded): "
+        f"{zero_n / min(structured):,.0f} prompts/s, **{ratio:.2f}×** the plain run."
     )
     return out
+
+
+async def bare_model_calls(n: int) -> float:
+    """The limit for the pipeline at zero latency: n calls of the simulated model, one after another."""
+    client = pipeline.SimulatedClient()
+    started = time.perf_counter()
+    for i in range(n):
+        await client.generate_content(model="m", contents=f"What is two times {i}?")
+    return time.perf_counter() - started
 
 
 async def queue_handoff(n: int) -> float:
@@ -474,10 +495,11 @@ async def reader_alone(folder: Path) -> tuple[float, int]:
 async def bench_reader(tmp: Path, n: int, repeats: int) -> str:
     make_inputs(folder := tmp / f"reader-{n}", n)
     readers: list[float] = []
-    while len(readers) < repeats or (n / min(readers) < 1_000_000 and len(readers) < MAX_RUNS):
+    handoffs: list[float] = []  # the limit: as many tuples through the same queue, no reading
+    while len(readers) < repeats or (min(handoffs) / min(readers) < READER_SHARE and len(readers) < MAX_RUNS):
         readers.append((await reader_alone(folder))[0])
-    reader, repeats = min(readers), len(readers)
-    handoff = min([await queue_handoff(n) for _ in range(repeats)])
+        handoffs.append(await queue_handoff(n))
+    reader, handoff, repeats = min(readers), min(handoffs), len(readers)
     started = time.perf_counter()
     for path in sorted(folder.glob("*.txt")):
         with path.open("rb") as f:
@@ -485,11 +507,10 @@ async def bench_reader(tmp: Path, n: int, repeats: int) -> str:
                 chunk.count(b"\n")
     raw = time.perf_counter() - started
     check(
-        "reader lines/s (read_inputs into a bounded queue, drained)",
-        n / reader,
-        1_000_000,
+        "reader lines/s (read_inputs into a bounded queue) / bare queue handoff/s",
+        handoff / reader,
+        READER_SHARE,
         at_least=True,
-        fmt="{:,.0f}",
     )
     rows = [
         ["read_inputs → bounded queue → drain", f"{n / reader:,.0f}", "1.00"],

@@ -263,12 +263,10 @@ async def bounded(call: Awaitable[T], timeout_s: float) -> T:
 
 
 class Gate:
-    """Where every worker waits before each call.
-
-    A delay named by the server pauses all workers, not just the one that was told. With rpm
-    and tpm, call starts are spaced across all workers: 60/rpm seconds apart, or as long as
-    the call's estimated tokens take at tpm, whichever is longer. Smooth, with no burst at
-    the start. settle() then corrects a call's estimate with the tokens the API reported.
+    """Where every worker waits before each call. A delay named by the server pauses all
+    workers, not just the one told. With rpm and tpm, call starts are spaced across all workers,
+    60/rpm seconds apart or as long as the call's estimated tokens take at tpm, whichever is
+    longer: no burst at the start. settle() corrects an estimate with the tokens the API reported.
     """
 
     def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
