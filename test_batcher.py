@@ -834,9 +834,11 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("secret-test-key", result.stdout + result.stderr)
 
     def test_bad_flags_get_one_line_naming_the_flag_and_exit_2(self) -> None:
-        result = self.run_script("--batch-size", "101")
-        self.assertEqual((result.returncode, result.stdout), (2, ""))
-        self.assertEqual(result.stderr, "batcher.py: error: argument --batch-size: must be 1..100, got 101\n")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
+            batcher.run_cli(["--batch-size", "101"])
+        self.assertEqual(exit_.exception.code, 2)
+        self.assertEqual(err.getvalue(), "batcher.py: error: argument --batch-size: must be 1..100, got 101\n")
         for flag, value in [("--batch-size", "0"), ("--timeout", "0"), ("--timeout", "nan"), ("--concurrency", "x")]:
             err = io.StringIO()
             with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
