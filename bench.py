@@ -46,9 +46,12 @@ class Target:
 
 
 TARGETS: list[Target] = []
-# This machine's speed can swing by half for seconds at a time (a shared VM). An absolute rate
-# below its target is measured again, up to this many runs in all, before it counts as missed.
+# This machine's speed can swing by half for seconds at a time (a shared VM), and not always
+# for both sides of a ratio alike. A timing ratio below its target is measured again, up to
+# this many runs in all (best of each side), before it counts as missed.
 MAX_RUNS = 15
+STAGE_SHARE = 0.70  # the Batcher stage against a plain drain
+JSON_SCHEMA_SHARE = 0.90  # the pipeline with --json-schema against the plain run
 # Issue 3's absolute rates (1M lines/s, 8,000 prompts/s) missed on a machine half as fast, so they
 # are shares of a limit measured in the same run. Reader: 1M over the 3.1M tuples/s of a bare queue
 # handoff on the machine that set it. Zero latency: about 60% of the share measured when set (0.47).
@@ -136,13 +139,14 @@ async def batcher_stage(n: int, size: int) -> float:
 async def bench_batcher_stage(n: int, repeats: int) -> str:
     rows = []
     for size in (8, 100):
-        plain, stage = [], []
-        for _ in range(repeats):  # interleaved, best of each: the machine's noise hits both
-            plain.append(await plain_drain(n, size))
+        plain: list[float] = []
+        stage: list[float] = []
+        while len(plain) < repeats or (min(plain) / min(stage) < STAGE_SHARE and len(plain) < MAX_RUNS):
+            plain.append(await plain_drain(n, size))  # interleaved, best of each: noise hits both
             stage.append(await batcher_stage(n, size))
         plain_rate, stage_rate = n / min(plain), n / min(stage)
         rows.append([size, f"{stage_rate:,.0f}", f"{plain_rate:,.0f}", f"{stage_rate / plain_rate:.2f}"])
-        check(f"Batcher stage / plain drain, batch {size}", stage_rate / plain_rate, 0.70, at_least=True)
+        check(f"Batcher stage / plain drain, batch {size}", stage_rate / plain_rate, STAGE_SHARE, at_least=True)
     headers = ["batch size", "Batcher items/s", "plain get_nowait() drain items/s (limit)", "ratio"]
     return f"### Batcher stage ({n:,} waiting items, best of {repeats})\n\n" + table(headers, rows)
 
@@ -417,20 +421,22 @@ async def bench_pipeline(tmp: Path, waves: int, big_n: int, zero_n: int) -> str:
 
     make_inputs(folder := tmp / f"zero-{zero_n}", zero_n)
     settings = {"workers": 16, "queue_size": 100, "shard_size": 1000}
+    # The same run asking for JSON against a schema: every answer parsed, usage on every record.
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}}
     timings: list[float] = []
     bare: list[float] = []  # the limit: as many calls of the simulated model in a plain loop
-    while len(timings) < 2 or (min(bare) / min(timings) < ZERO_LATENCY_SHARE and len(timings) < MAX_RUNS):
+    structured: list[float] = []
+    share, ratio, met = 0.0, 0.0, False
+    while len(timings) < 2 or (not met and len(timings) < MAX_RUNS):
         timings.append(await run_pipeline(folder, 0.0, **settings))
         bare.append(await bare_model_calls(zero_n))
-    share = min(bare) / min(timings)
+        structured.append(await run_pipeline(folder, 0.0, json_schema=schema, **settings))
+        share, ratio = min(bare) / min(timings), min(timings) / min(structured)
+        met = share >= ZERO_LATENCY_SHARE and ratio >= JSON_SCHEMA_SHARE
     check(
         "pipeline at zero latency, prompts/s / bare simulated-model calls/s", share, ZERO_LATENCY_SHARE, at_least=True
     )
-    # The same run asking for JSON against a schema: every answer parsed, usage on every record.
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}}
-    structured = [await run_pipeline(folder, 0.0, json_schema=schema, **settings) for _ in range(len(timings))]
-    ratio = min(timings) / min(structured)
-    check("pipeline with --json-schema / plain, prompts/s at zero latency", ratio, 0.9, at_least=True)
+    check("pipeline with --json-schema / plain, prompts/s at zero latency", ratio, JSON_SCHEMA_SHARE, at_least=True)
     out += (
         f"\n\n### Pipeline at zero latency\n\n{zero_n:,} prompts, `--workers 16 --queue-size 100 --shard-size 1000`: "
         f"**{zero_n / min(timings):,.0f} prompts/s** (best of {len(timings)}), **{share:.2f}×** the "
