@@ -877,12 +877,9 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         shard_numbers = itertools.count(next_shard)
-        pool = None
-        if config.word_count:
-            pool = ProcessPoolExecutor(mp_context=get_context("spawn"), initializer=ignore_interrupts)
-        progress = None
-        if not config.quiet:  # redrawn on a terminal, else a plain line every 30 s
-            progress = asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
+        spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
+        pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
+        progress = None if config.quiet else asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
         stages = [
             read_inputs(
                 files, input_queue, error_queue=error_queue, readers=config.readers, consumers=config.workers,
