@@ -61,6 +61,7 @@ SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = ".lock"
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
 # Finish reasons of an answer that was withheld, not merely cut short.
 BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
 
@@ -639,9 +640,23 @@ def count_words(text: str) -> int:
 
 def ignore_interrupts() -> None:
     """In each pool process: a terminal's Ctrl-C reaches the whole process group, but the
-    parent handles it (drain, summary); a worker killed by it would break the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent handles it (drain, summary); a worker killed by it would break the pool. The
+    process starts with them blocked (see count_words_in): any that came meanwhile are dropped."""
+    for signum in INTERRUPTS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
+async def count_words_in(pool: Executor, text: str) -> int:
+    """count_words(text) in the pool. A submit may start a pool process, which imports this
+    script (a second) before ignore_interrupts runs: SIGINT and SIGTERM are blocked while it is
+    started, so it inherits them blocked, and a Ctrl-C meanwhile cannot kill it."""
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        future = asyncio.get_running_loop().run_in_executor(pool, count_words, text)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one caught meanwhile is handled now
+    return await future
 
 
 async def generate_content(
@@ -653,7 +668,6 @@ async def generate_content(
     output_queue (successes) or error_queue (failures). After a shutdown request they take
     no new prompt: the rest is left for the next run. Ends output_queue with one sentinel
     per writer, and error_queue with one, once every worker is done."""
-    loop = asyncio.get_running_loop()
     generation = config.generation()  # built once, shared by every call
 
     async def worker() -> None:
@@ -677,7 +691,7 @@ async def generate_content(
                 await error_queue.put(result)
                 continue
             if word_count_pool is not None and isinstance(result.response, str):
-                result.word_count = await loop.run_in_executor(word_count_pool, count_words, result.response)
+                result.word_count = await count_words_in(word_count_pool, result.response)
             await output_queue.put(result)
 
     async with asyncio.TaskGroup() as tg:

@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -209,6 +210,19 @@ class EndToEndTest(PipelineTestCase):
         self.assert_exactly_once(prompts)
         for path in self.outputs.glob("shard_*.jsonl"):
             self.assertTrue(1 <= len(path.read_text().splitlines()) <= 7)
+
+    async def test_a_pool_process_survives_ctrl_c_while_it_starts(self) -> None:
+        # A terminal's Ctrl-C reaches the whole process group, and a pool process that is still
+        # importing pipeline.py has not run ignore_interrupts yet.
+        pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=pipeline.ignore_interrupts)
+        self.addCleanup(pool.shutdown)
+        counting = asyncio.ensure_future(pipeline.count_words_in(pool, "one two three"))
+        while not counting.done():
+            for child in multiprocessing.active_children():  # the pool's process, from its first instant
+                if child.pid is not None:
+                    os.kill(child.pid, signal.SIGINT)
+            await asyncio.sleep(0.01)
+        self.assertEqual(await counting, 3)
 
     async def test_word_counts_are_computed_in_a_process_pool(self) -> None:
         write_inputs(self.inputs, 1, 3)
