@@ -430,24 +430,35 @@ def input_files(input_dir: Path) -> list[Path]:
 
 @contextlib.asynccontextmanager
 async def open_file(path: Path, mode: Literal["rb", "ab", "xb"]) -> AsyncIterator[Any]:
-    """aiofiles.open, safe to cancel. aiofiles opens the file in a worker thread; a task
-    cancelled meanwhile would never receive it, and the descriptor would leak (a
-    ResourceWarning at best). So the open is shielded, and when the caller is cancelled
-    the file is closed as soon as the thread hands it over, before the cancellation goes on."""
+    """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
+    a task cancelled while it waits loses the file: it never receives it, or its close, still
+    queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
+    the close always run to the end, and a cancellation that came meanwhile is raised after."""
     opening = asyncio.ensure_future(aiofiles.open(path, mode))
-    try:
-        f = await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        while not opening.done():  # the thread cannot be stopped: wait for it (an open is quick)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(opening)
-        if not opening.cancelled() and opening.exception() is None:
-            await opening.result().close()
-        raise
+    if await waited_out(opening):  # cancelled: close what was opened, then stop
+        if opening.exception() is None:
+            await waited_out(asyncio.ensure_future(opening.result().close()))
+        raise asyncio.CancelledError
+    f = opening.result()
     try:
         yield f
     finally:
-        await f.close()  # a thread hop: even if we are cancelled here, the thread closes it
+        closing = asyncio.ensure_future(f.close())
+        if await waited_out(closing):
+            raise asyncio.CancelledError from closing.exception()
+        closing.result()  # a failed close (a flush on a full disk) raises
+
+
+async def waited_out(task: asyncio.Future[Any]) -> bool:
+    """Waits for task to end even through cancellations (a worker thread cannot be stopped);
+    returns whether we were cancelled meanwhile."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
 async def read_blocks(path: Path) -> AsyncIterator[bytes]:

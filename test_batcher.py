@@ -23,6 +23,7 @@ import time
 import unittest
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -781,6 +782,35 @@ class CorpusTest(unittest.IsolatedAsyncioTestCase):
             gc.collect()
         self.assertEqual(len(os.listdir("/proc/self/fd")), before)
         self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+
+    async def test_a_file_still_closes_when_cancelled_again_while_closing(self) -> None:
+        # A TaskGroup cancels its tasks again for each stage that fails; a close still queued
+        # for a worker thread must not be dropped by the second cancellation.
+        self.write_corpus(3)
+        busy, release = ThreadPoolExecutor(1), threading.Event()
+        self.addCleanup(busy.shutdown)
+        asyncio.get_running_loop().set_default_executor(busy)  # aiofiles' threads: one, soon busy
+        before, opened = len(os.listdir("/proc/self/fd")), asyncio.Event()
+
+        async def read() -> None:
+            async with batcher.open_file(self.corpus, "rb"):
+                opened.set()
+                await asyncio.sleep(60)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)  # what a file closed by the GC says
+            task = asyncio.create_task(read())
+            await opened.wait()
+            busy.submit(release.wait)  # the close will queue behind this
+            task.cancel()
+            await asyncio.sleep(0.05)  # the task now waits for its close
+            task.cancel()
+            release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            gc.collect()
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
     async def test_off_a_terminal_progress_is_a_plain_line_every_interval(self) -> None:
         stats = batcher.RunStats(enqueued=10, succeeded=5, failed=1)

@@ -22,7 +22,7 @@ import time
 import unittest
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing import get_context
@@ -639,6 +639,36 @@ class CancelledOpenTest(PipelineTestCase):
             gc.collect()
         self.assertEqual(self.open_fds(), before)
         self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+
+    async def test_a_file_still_closes_when_cancelled_again_while_closing(self) -> None:
+        # Two stages failing (a full disk fails every writer) cancel the others twice; a close
+        # still queued for a worker thread must not be dropped by the second cancellation.
+        write_inputs(self.inputs, 1, 3)
+        busy, release = ThreadPoolExecutor(1), threading.Event()
+        self.addCleanup(busy.shutdown)
+        asyncio.get_running_loop().set_default_executor(busy)  # aiofiles' threads: one, soon busy
+        before = self.open_fds()
+        opened = asyncio.Event()
+
+        async def read() -> None:
+            async with pipeline.open_file(self.inputs / "shard_0.txt", "rb"):
+                opened.set()
+                await asyncio.sleep(60)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)  # what a file closed by the GC says
+            task = asyncio.create_task(read())
+            await opened.wait()
+            busy.submit(release.wait)  # the close will queue behind this
+            task.cancel()
+            await asyncio.sleep(0.05)  # the task now waits for its close
+            task.cancel()
+            release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            gc.collect()
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+        self.assertEqual(self.open_fds(), before)
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
