@@ -662,11 +662,11 @@ async def count_words_in(pool: Executor, text: str) -> int:
     """count_words(text) in the pool. A submit may start a pool process, which imports this
     script (a second) before ignore_interrupts runs: SIGINT and SIGTERM are blocked while it is
     started, so it inherits them blocked, and a Ctrl-C meanwhile cannot kill it."""
-    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         future = asyncio.get_running_loop().run_in_executor(pool, count_words, text)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one caught meanwhile is handled now
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile is handled now
     return await future
 
 
