@@ -59,7 +59,17 @@ OUTPUT_TOKENS_GUESS = 500  # --tpm's guess of an answer's tokens before the firs
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
+MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Resume)
 LOCK_NAME = ".lock"
+# The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
+RECORDED_SETTINGS = (
+    "model",
+    "system_instruction",
+    "json_schema",
+    "temperature",
+    "max_output_tokens",
+    "thinking_budget",
+)
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
 # Finish reasons of an answer that was withheld, not merely cut short.
@@ -113,7 +123,23 @@ class Result:
                     record[name] = value
         if self.metadata:
             record["metadata"] = self.metadata
-        return json.dumps(record, ensure_ascii=False) + "\n"
+        return json_line(record)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line of strict JSON: no NaN or Infinity (other parsers reject them), and the
+    characters that line-splitting readers (JavaScript, str.splitlines) take for line ends escaped."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+
+
+def strict_json(text: str | bytes) -> Any:
+    """json.loads, refusing NaN, Infinity and -Infinity, which are not JSON."""
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+def refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 @dataclass
@@ -194,6 +220,11 @@ class Config:
         }  # fmt: skip
         settings = {name: value for name, value in settings.items() if value is not None}
         return types.GenerateContentConfig(**settings) if settings else None
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings that shape the records, kept in the manifest: a resumed run must use the
+        same ones. Settings that only shape the run (workers, rpm, shard size, ...) are not here."""
+        return {name: getattr(self, name) for name in RECORDED_SETTINGS}
 
 
 # --- Faults, pacing and shutdown ------------------------------------------------------
@@ -491,11 +522,12 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
         return lines, bad
 
 
-def parse_jsonl(line: str, seen: set[str]) -> tuple[str | None, str, dict[str, Any] | None]:
+def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[str | None, str, dict[str, Any] | None]:
     """A JSONL input line: its "id" (or None), its "prompt", and every other field as
-    metadata. An id in `seen` (the run's ids so far) is a duplicate; a new one is added.
-    Raises ValueError naming what is wrong."""
-    row = json.loads(line)
+    metadata. An id in `seen` (the run's ids so far) is a duplicate; a new one is added. An id
+    "<name>:<number>" with a name in `reserved` (the input files) is the id of that file's line,
+    so no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
+    row = strict_json(line)
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object: {line[:60]!r}")
     prompt, row_id = row.pop("prompt", None), row.pop("id", None)
@@ -506,47 +538,75 @@ def parse_jsonl(line: str, seen: set[str]) -> tuple[str | None, str, dict[str, A
             raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
         if row_id in seen:
             raise ValueError(f"duplicate id {row_id!r}: this line is not run")
+        name, _, number = row_id.rpartition(":")
+        if name in reserved and number.isdigit():
+            raise ValueError(f"id {row_id!r} is the id of line {number} of {name}: give this row another id")
         seen.add(row_id)
     return row_id, prompt, row or None
 
 
+PromptLine: TypeAlias = tuple[str, str, dict[str, Any] | None, str | None]  # id, text, metadata, error
+
+
+def parse_lines(
+    name: str, lines: list[str], first_number: int, bad: dict[int, str], *, jsonl: bool, seen: set[str],
+    reserved: Collection[str],
+) -> Iterator[PromptLine]:  # fmt: skip
+    """The non-blank lines of a block as (id, text, metadata, error). The id is the JSONL row's
+    "id", else "<file name>:<line number>". A line that cannot be run (not UTF-8, a bad JSONL
+    row) keeps its "<file>:<line>" id and its text as read, and says why in error."""
+    for number, text in enumerate(map(str.strip, lines), first_number):
+        if not text:
+            continue
+        prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
+        if jsonl and error is None:
+            try:
+                row_id, text, metadata = parse_jsonl(text, seen, reserved)
+                prompt_id = row_id or prompt_id
+            except (ValueError, RecursionError) as exc:
+                error = f"bad JSONL line: {exc}"
+        yield prompt_id, text, metadata, error
+
+
+async def read_prompts(path: Path, *, seen: set[str], reserved: Collection[str]) -> AsyncIterator[Iterator[PromptLine]]:
+    """The file's prompts (see parse_lines), one iterator per block of lines: the reader and the
+    resume check read the inputs alike. Take each iterator to its end before the next."""
+    name, number, jsonl = path.name, 0, path.suffix == ".jsonl"
+    async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
+        async for block in blocks:
+            # The whole block is decoded at once; a line at a time reads 18% slower (bench.py, reader).
+            lines, bad = decode_lines(block, number + 1)
+            yield parse_lines(name, lines, number + 1, bad, jsonl=jsonl, seen=seen, reserved=reserved)
+            number += len(lines)
+
+
 async def read_inputs(
     files: list[Path], input_queue: asyncio.Queue[Prompt | None], *, error_queue: asyncio.Queue[Result | None],
-    readers: int = 1, consumers: int, skip: Collection[str] = frozenset(), stats: Stats, shutdown: Shutdown,
+    readers: int = 1, consumers: int, resume: Resume, stats: Stats, shutdown: Shutdown,
 ) -> None:  # fmt: skip
     """Puts one Prompt per non-blank line of the files, `readers` tasks splitting the files.
 
-    Ids in `skip` (done in an earlier run) are passed over. A line that cannot be read (not
-    UTF-8, a bad JSONL row, an id seen before) goes to error_queue as failed under its
-    "<file>:<line>", so one id never gets two records. Stops early on a shutdown request.
-    Ends input_queue with one sentinel per consumer (error_queue is ended by generate_content).
+    Prompts that `resume` says are done (or failed, for the same prompt) are passed over. A line
+    that cannot be read (not UTF-8, a bad JSONL row, an id seen before) goes to error_queue as
+    failed under its "<file>:<line>", so one id never gets two records. Stops early on a
+    shutdown request. Ends input_queue with one sentinel per consumer (error_queue is ended by
+    generate_content).
     """
     seen: set[str] = set()  # the JSONL ids of this run, shared by the readers
+    reserved = {path.name for path in files}  # "<name>:<line>" ids belong to these files' lines
 
     async def read_file(path: Path) -> None:
-        name, number, jsonl = path.name, 0, path.suffix == ".jsonl"
-        async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
-            async for block in blocks:
+        async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
+            async for prompts in blocks:
                 if shutdown.requested:
                     return
-                # The whole block is decoded at once; a line at a time reads 18% slower (bench.py, reader).
-                lines, bad = decode_lines(block, number + 1)
-                for number, text in enumerate(map(str.strip, lines), number + 1):  # noqa: B020 (number carries on)
-                    if not text:
-                        continue
+                for prompt_id, text, metadata, error in prompts:
                     stats.read += 1
-                    prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
-                    if jsonl and error is None:
-                        try:
-                            row_id, text, metadata = parse_jsonl(text, seen)
-                            prompt_id = row_id or prompt_id
-                        except ValueError as exc:
-                            error = f"bad JSONL line: {exc}"
-                    if prompt_id in skip:
+                    if resume.skips(prompt_id, text):
                         stats.skipped += 1
                     elif error is not None:
-                        log.info("%s:%d: %s", name, number, error)
-                        await error_queue.put(Result(f"{name}:{number}", text, metadata, error=error))
+                        log.info("%s: %s", prompt_id, error)
+                        await error_queue.put(Result(prompt_id, text, metadata, error=error))
                     else:
                         await input_queue.put((prompt_id, text, metadata))  # backpressure: wait for the workers
 
@@ -594,7 +654,7 @@ def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -
         raise MalformedReply("no answer in the reply")
     if json_output:
         try:
-            answer = json.loads(answer)
+            answer = strict_json(answer)
         except ValueError:
             raise MalformedReply("response is not valid JSON") from None  # a new sample may parse
     return answer, reason if reason not in (None, "STOP") else None
@@ -779,52 +839,187 @@ async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | Non
 
 
 # --- Resume ---------------------------------------------------------------------------
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The complete records of a JSONL file. A torn last line (no newline: the run was
-    killed mid-write) is cut off the file; an unreadable line is skipped with a warning."""
+@dataclass
+class Resume:
+    """What earlier runs left in the output folder. done and failed map each id to a hash of
+    its prompt: an id is done only for the prompt its record answers."""
+
+    done: dict[str, int] = field(default_factory=dict)  # ids with a record in a shard
+    failed: dict[str, int] = field(default_factory=dict)  # ids in errors.jsonl, and not done
+    next_shard: int = 0
+    torn: list[tuple[Path, int]] = field(default_factory=list)  # torn last lines: (file, where to cut)
+    retry_failed: bool = False  # --retry-errors, or failures made with other settings: run them again
+    met: set[str] = field(default_factory=set)  # the failed ids that the readers met in the inputs
+
+    def skips(self, prompt_id: str, text: str) -> bool:
+        """Whether the readers pass over this prompt. A failed prompt runs again if its text
+        changed (the error was about another prompt). check_inputs has refused changed done ones."""
+        if prompt_id in self.done:
+            return True
+        if (digest := self.failed.get(prompt_id)) is None:
+            return False
+        self.met.add(prompt_id)
+        return not self.retry_failed and digest == hash(text)
+
+
+def read_records(path: Path, kind: str, *, strict: bool, torn: list[tuple[Path, int]]) -> Iterator[dict[str, Any]]:
+    """The complete records of one of our JSONL files: objects with a string "id" and "prompt",
+    and a `kind` field ("response" or "error"). A torn last line (no newline: the run was
+    killed mid-write) is added to `torn`, to be cut once the run goes ahead. Another line is
+    skipped with a warning; with strict (a file not known to be ours), it refuses the file."""
     if not path.is_file():
         raise UsageError(f"not a file, where the run keeps its records: {path}")
     offset = 0
     with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                log.warning("%s: cutting off a torn last line (%d bytes)", path.name, len(line))
-                os.truncate(path, offset)
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n") and (not strict or line.startswith(b'{"id": ')):
+                torn.append((path, offset))
                 return
             offset += len(line)
             try:
-                record = json.loads(line)
-            except ValueError:  # not JSON, or not UTF-8
+                record = strict_json(line)
+            except (ValueError, RecursionError):  # not JSON, or not UTF-8
                 record = None
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
+            if (
+                isinstance(record, dict)
+                and {type(record.get("id")), type(record.get("prompt"))} == {str}
+                and (kind in record)
+            ):
                 yield record
+            elif strict:
+                raise UsageError(
+                    f"{path} holds lines that pipeline.py did not write (line {number}): use another --outputs, "
+                    "or move the file"
+                )
             else:
                 log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
 
 
-def scan_outputs(output_dir: Path) -> tuple[set[str], int]:
-    """The ids already written to shards, and the next shard number."""
-    done, next_shard = set[str](), 0
+def scan_outputs(output_dir: Path, *, strict: bool) -> Resume:
+    """The ids already answered (in shards) or failed (in errors.jsonl), and the next shard
+    number. strict: see read_records."""
+    resume = Resume()
     for path in output_dir.glob("shard_*.jsonl"):
         if match := SHARD_RE.fullmatch(path.name):
-            next_shard = max(next_shard, int(match.group(1)) + 1)
-            done.update(record["id"] for record in read_records(path))
-    return done, next_shard
+            resume.next_shard = max(resume.next_shard, int(match.group(1)) + 1)
+            records = read_records(path, "response", strict=strict, torn=resume.torn)
+            resume.done.update((record["id"], hash(record["prompt"])) for record in records)
+    if (path := output_dir / ERRORS_NAME).exists():
+        for record in read_records(path, "error", strict=strict, torn=resume.torn):
+            if record["id"] not in resume.done:
+                resume.failed[record["id"]] = hash(record["prompt"])  # the latest one counts
+    return resume
 
 
-def compact_errors(output_dir: Path, done: Collection[str]) -> set[str]:
-    """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and
-    none for ids that have since succeeded. Returns the failed ids."""
+def read_manifest(output_dir: Path) -> dict[str, Any] | None:
+    """The folder's manifest, or None if it has none (new, or from before manifests)."""
+    path = output_dir / MANIFEST_NAME
+    try:
+        manifest = strict_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("written_by") == "pipeline.py"):
+        raise UsageError(f"{path} is not a manifest of pipeline.py: use another --outputs, or move the file")
+    return manifest
+
+
+def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
+    """Writes the manifest atomically (a whole new file, renamed over the old), if it changed."""
+    path, data = output_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
+    if path.exists() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A setting or a prompt in a message: JSON, cut to width characters."""
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
+    """What the output folder holds, and the manifest this run will write. Refuses (UsageError)
+    files that are not ours, and settings that differ from those of the records already there.
+    Changes nothing: see commit_outputs."""
+    manifest = read_manifest(config.outputs)
+    resume = scan_outputs(config.outputs, strict=manifest is None)  # no manifest: every line must be ours
+    recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
+    if manifest is not None and resume.done:  # records to keep: their settings stay
+        for name, value in settings.items():
+            if (old := recorded.get(name)) != value:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} was {shown(old)} for the records in {config.outputs}, now "
+                    f"{shown(value)}: use a new --outputs, or the same setting"
+                )
+    # Failures made under other settings (no answer kept them) run again with the new ones.
+    resume.retry_failed = config.retry_errors or (manifest is not None and recorded != settings)
+    return resume, (manifest or {"written_by": "pipeline.py"}) | {"settings": settings}
+
+
+async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> None:
+    """Refuses (UsageError) a resume whose inputs changed under ids already answered: a record
+    answers one prompt. Reads the inputs once more, only when something is done."""
+    if not resume.done:
+        return
+    first: tuple[str, str] | None = None  # the first changed id, and its prompt now
+    changed, seen, reserved = 0, set[str](), {path.name for path in files}
+    for path in files:
+        async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
+            async for prompts in blocks:
+                for prompt_id, text, _, _ in prompts:
+                    if (digest := resume.done.get(prompt_id)) is not None and digest != hash(text):
+                        changed += 1
+                        first = first or (prompt_id, text)
+    if first is not None:
+        first_id, text = first
+        old = await asyncio.to_thread(answered_prompt, output_dir, first_id)
+        more = f", and {changed - 1} more" if changed > 1 else ""
+        raise UsageError(
+            f"the input of {first_id} changed since it was answered: {shown(old)} -> {shown(text)}{more}: "
+            "use a new --outputs, or restore the inputs"
+        )
+
+
+def answered_prompt(output_dir: Path, prompt_id: str) -> str:
+    """The prompt that the record of prompt_id answers (for a message: it reads every shard)."""
+    for path in output_dir.glob("shard_*.jsonl"):
+        for record in read_records(path, "response", strict=False, torn=[]):
+            if record["id"] == prompt_id:
+                return str(record["prompt"])
+    raise AssertionError(f"no record of {prompt_id}")
+
+
+def commit_outputs(output_dir: Path, resume: Resume, manifest: dict[str, Any]) -> None:
+    """The run goes ahead: cut torn last lines, and write the manifest."""
+    for path, offset in resume.torn:
+        log.warning("%s: cutting off a torn last line (%d bytes)", path.name, path.stat().st_size - offset)
+        os.truncate(path, offset)
+    write_manifest(output_dir, manifest)
+
+
+def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str] = ()) -> int:
+    """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and none for
+    ids that have since succeeded or are `gone` from the inputs. Returns how many it holds."""
     path = output_dir / ERRORS_NAME
     if not path.exists():
-        return set()
-    latest = {record["id"]: record for record in read_records(path) if record["id"] not in done}
-    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in latest.values()).encode()
+        return 0
+    latest = {
+        record["id"]: record for record in read_records(path, "error", strict=False, torn=[])
+        if record["id"] not in done and record["id"] not in gone
+    }  # fmt: skip
+    data = "".join(map(json_line, latest.values())).encode()
     if path.read_bytes() != data:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    return set(latest)
+    return len(latest)
 
 
 # --- main -----------------------------------------------------------------------------
@@ -832,6 +1027,8 @@ def check_paths(config: Config) -> list[Path]:
     """The input files, after checking the input and output folders. Raises UsageError."""
     if not config.inputs.is_dir():
         raise UsageError(f"input folder not found: {config.inputs}")
+    if config.outputs.resolve().is_relative_to(config.inputs.resolve()):
+        raise UsageError(f"the output folder is inside the input folder: {config.outputs} (a re-run would read it)")
     files = input_files(config.inputs)
     if not files:
         raise UsageError(f"no *.txt or *.jsonl files in the input folder: {config.inputs}")
@@ -892,23 +1089,24 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
         print(f"pipeline: {notice}", file=sys.stderr)
     with locked(config.outputs):
-        done, next_shard = await asyncio.to_thread(scan_outputs, config.outputs)
-        failed = await asyncio.to_thread(compact_errors, config.outputs, done)
-        skip = done if config.retry_errors else done | failed
-        if skip:
-            log.info("resuming: %d done and %d failed in earlier runs", len(done), len(failed))
+        # Every check comes before any change: a refused run leaves the folder as it was.
+        resume, manifest = await asyncio.to_thread(open_outputs, config)
+        await check_inputs(files, resume, config.outputs)
+        await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
+        if resume.done or resume.failed:
+            log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
         stats, gate = Stats(), Gate(rpm=config.rpm, tpm=config.tpm)
         input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-        shard_numbers = itertools.count(next_shard)
+        shard_numbers = itertools.count(resume.next_shard)
         spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
         pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
         progress = None if config.quiet else asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
         stages = [
             read_inputs(
                 files, input_queue, error_queue=error_queue, readers=config.readers, consumers=config.workers,
-                skip=skip, stats=stats, shutdown=shutdown,
+                resume=resume, stats=stats, shutdown=shutdown,
             ),
             generate_content(
                 client, input_queue, output_queue, error_queue=error_queue, config=config, gate=gate, stats=stats,
@@ -929,9 +1127,12 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 progress.cancel()
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        if config.retry_errors:  # retried ids that succeeded leave errors.jsonl
-            done, _ = await asyncio.to_thread(scan_outputs, config.outputs)
-        errors_held = len(await asyncio.to_thread(compact_errors, config.outputs, done))
+        done: Collection[str] = resume.done
+        if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
+            done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
+        # Errors of ids no longer in the inputs go, once the readers have met every input.
+        gone = resume.failed.keys() - resume.met if not shutdown.requested else set()
+        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone)
     print(stats.summary(errors_held))
     if shutdown.failure is not None:
         print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)

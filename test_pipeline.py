@@ -188,8 +188,8 @@ class EndToEndTest(PipelineTestCase):
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100)
         with mock.patch.object(pipeline, "CHUNK_BYTES", 7):
             await pipeline.read_inputs(
-                pipeline.input_files(self.inputs), queue, error_queue=queue, consumers=0, stats=pipeline.Stats(),
-                shutdown=Shutdown(),
+                pipeline.input_files(self.inputs), queue, error_queue=queue, consumers=0, resume=pipeline.Resume(),
+                stats=pipeline.Stats(), shutdown=Shutdown(),
             )  # fmt: skip
         got = [queue.get_nowait() for _ in range(queue.qsize())]
         expected = [(f"u.txt:{n}", text, None) for n, text in enumerate(lines, 1) if text]
@@ -623,8 +623,9 @@ class CancelledOpenTest(PipelineTestCase):
                 stage: Coroutine[Any, Any, None]
                 if i % 2:
                     stage = pipeline.read_inputs(
-                        files, queue, error_queue=queue, consumers=1, stats=stats, shutdown=Shutdown()
-                    )
+                        files, queue, error_queue=queue, consumers=1, resume=pipeline.Resume(), stats=stats,
+                        shutdown=Shutdown(),
+                    )  # fmt: skip
                 else:
                     queue.put_nowait(pipeline.Result(f"x:{i}", "p", response="r"))
                     stage = pipeline.write_outputs(
@@ -1053,7 +1054,8 @@ class CommandLineTest(unittest.TestCase):
     def test_unreadable_lines_in_shards_and_errors_jsonl_are_skipped_with_a_warning(self) -> None:
         prompts = write_inputs(self.tmp / "inputs", 1, 3)
         outputs = self.tmp / "outputs"
-        outputs.mkdir()
+        outputs.mkdir()  # a folder of ours (it has the manifest) where lines went bad
+        pipeline.write_manifest(outputs, {"written_by": "pipeline.py", "settings": Config().recorded()})
         good = json.dumps({"id": "shard_0.txt:1", "prompt": prompts[0], "response": "0"})
         (outputs / "shard_00000.jsonl").write_bytes(b"\xff\xfe not utf-8\n" + good.encode() + b"\n{not json\n")
         (outputs / "errors.jsonl").write_bytes(b"\xff bad\n[1, 2]\n")
