@@ -411,6 +411,144 @@ class ResumeTest(PipelineTestCase):
         self.assert_exactly_once(prompts)
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder, by name, as bytes."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+class ResumeSafetyTest(PipelineTestCase):
+    """A resume never mixes settings or prompts, loses records, or changes a file not its own."""
+
+    async def test_changed_prompts_under_answered_ids_are_refused_and_the_outputs_left_alone(self) -> None:
+        write_inputs(self.inputs, 10, 3)  # ./make_inputs.sh, then ./make_inputs.sh inputs 10 5
+        self.assertEqual((await self.run_pipeline())[0], 0)
+        before = snapshot(self.outputs)
+        write_inputs(self.inputs, 10, 5)
+        client = SpyClient()
+        with self.assertRaises(pipeline.UsageError) as refused:
+            await self.run_pipeline(client)
+        self.assertEqual(
+            str(refused.exception),
+            'the input of shard_1.txt:1 changed since it was answered: "What is two times 3?" -> '
+            '"What is two times 5?", and 26 more: use a new --outputs, or restore the inputs',
+        )
+        self.assertEqual((client.prompts, snapshot(self.outputs)), ([], before))
+
+    async def test_a_changed_setting_is_refused_with_old_and_new_values_and_nothing_touched(self) -> None:
+        write_inputs(self.inputs, 2, 3)
+        await self.run_pipeline(temperature=0.5, system_instruction="Be brief.")
+        with (self.outputs / "shard_00000.jsonl").open("a") as f:
+            f.write('{"id": "torn')  # a kill mid-write: cut only by a run that goes ahead
+        before = snapshot(self.outputs)
+        cases = [
+            ({"model": "gemini-2.5-pro"}, '--model was "gemini-flash-latest" for the records in '),
+            ({"temperature": 1.0}, "--temperature was 0.5 for the records in "),
+            ({"system_instruction": None}, '--system-instruction was "Be brief." for the records in '),
+            ({"json_schema": {"type": "string"}}, "--json-schema was (none) for the records in "),
+            ({"thinking_budget": 0}, "--thinking-budget was (none) for the records in "),
+        ]
+        for changes, message in cases:
+            settings = {"temperature": 0.5, "system_instruction": "Be brief."} | changes
+            with self.subTest(changes), self.assertRaises(pipeline.UsageError) as refused:
+                await self.run_pipeline(SpyClient(), **settings)
+            self.assertTrue(str(refused.exception).startswith(message), refused.exception)
+            self.assertIn(", now ", str(refused.exception))
+            self.assertEqual(snapshot(self.outputs), before)
+        status, _ = await self.run_pipeline(SpyClient(), workers=9, shard_size=1, temperature=0.5,
+                                            system_instruction="Be brief.")  # fmt: skip
+        self.assertEqual(status, 0)  # settings of the run alone may change
+
+    async def test_an_output_with_no_record_yet_takes_new_settings_and_runs_its_failures_again(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 3)
+        rejected = SpyClient(fail=lambda prompt, n: api_error(400))  # "thinking budget not supported", say
+        self.assertEqual((await self.run_pipeline(rejected, thinking_budget=0))[0], 1)
+        client = SpyClient()
+        status, _ = await self.run_pipeline(client)
+        self.assertEqual((status, sorted(client.prompts)), (0, sorted(prompts)))
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+        manifest = json.loads((self.outputs / "manifest.json").read_text())
+        self.assertEqual(manifest["settings"], Config().recorded())
+
+    async def test_files_the_pipeline_did_not_write_are_refused_and_left_alone(self) -> None:
+        write_inputs(self.inputs, 1, 3)
+        foreign = {
+            "errors.jsonl": b"2026-12-01 12:00:00 ERROR disk almost full\n",
+            "shard_00007.jsonl": b'{"event": "login", "user": "ann"}\n',
+            "manifest.json": b'{"name": "my-app", "version": "1.0"}\n',
+        }
+        for name, data in foreign.items():
+            with self.subTest(name):
+                self.outputs.mkdir(exist_ok=True)
+                for path in self.outputs.iterdir():
+                    path.unlink()
+                (self.outputs / name).write_bytes(data)
+                with self.assertRaisesRegex(
+                    pipeline.UsageError, f"{name} (holds lines that pipeline.py did not|is not)"
+                ):
+                    await self.run_pipeline()
+                self.assertEqual((self.outputs / name).read_bytes(), data)
+                self.assertEqual(sorted(path.name for path in self.outputs.iterdir()), sorted([name, ".lock"]))
+
+    async def test_a_folder_from_before_the_manifest_is_adopted_when_every_line_is_a_record(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 3)
+        self.outputs.mkdir()
+        old = {"id": "shard_0.txt:1", "prompt": prompts[0], "response": "0"}
+        (self.outputs / "shard_00004.jsonl").write_text(json.dumps(old) + "\n")
+        client = SpyClient()
+        self.assertEqual((await self.run_pipeline(client))[0], 0)
+        self.assertEqual(sorted(client.prompts), sorted(prompts[1:]))
+        self.assertTrue((self.outputs / "shard_00005.jsonl").exists())  # numbering goes on
+        self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["written_by"], "pipeline.py")
+
+    async def test_one_id_one_record_across_txt_and_jsonl_with_several_readers(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_text("What is two times 1?\nWhat is two times 2?\n")
+        (self.inputs / "b.jsonl").write_text(json.dumps({"id": "a.txt:2", "prompt": "What is two times 9?"}) + "\n")
+        (self.inputs / "c.jsonl").write_text(json.dumps({"id": "c.jsonl:1", "prompt": "What is two times 8?"}) + "\n")
+        status, _ = await self.run_pipeline(readers=3)
+        self.assertEqual(status, 1)
+        done = {r["id"]: r["prompt"] for r in records(self.outputs)}
+        self.assertEqual(done, {"a.txt:1": "What is two times 1?", "a.txt:2": "What is two times 2?"})
+        failed = {r["id"]: r["error"] for r in records(self.outputs, "errors.jsonl")}
+        self.assertEqual(set(failed), {"b.jsonl:1", "c.jsonl:1"})
+        self.assertIn("'a.txt:2' is the id of line 2 of a.txt", failed["b.jsonl:1"])
+
+    async def test_errors_of_fixed_or_deleted_inputs_leave_errors_jsonl(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.jsonl").write_text('{"prompt": 5}\n{"prompt": "What is two times 1?"}\n')
+        (self.inputs / "b.jsonl").write_text("{not json\n")
+        status, summary = await self.run_pipeline()
+        self.assertEqual(status, 1)
+        self.assertIn("2 failed prompts in errors.jsonl", summary)
+        (self.inputs / "a.jsonl").write_text('{"prompt": "What is two times 5?"}\n{"prompt": "What is two times 1?"}\n')
+        (self.inputs / "b.jsonl").unlink()
+        client = SpyClient()
+        status, summary = await self.run_pipeline(client)
+        self.assertEqual((status, client.prompts), (0, ["What is two times 5?"]))
+        self.assertIn("0 failed prompts in errors.jsonl", summary)
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+
+    async def test_nan_in_an_input_row_fails_that_row_and_every_record_is_strict_json(self) -> None:
+        self.inputs.mkdir()
+        rows = [
+            '{"prompt": "p1", "score": NaN}',
+            '{"prompt": "p2", "score": -Infinity}',
+            '{"prompt": "a\u2028b\u2029c"}',
+        ]
+        (self.inputs / "a.jsonl").write_text("\n".join(rows) + "\n")
+        status, _ = await self.run_pipeline()
+        self.assertEqual(status, 1)
+        failed = {r["id"]: r["error"] for r in records(self.outputs, "errors.jsonl")}
+        self.assertIn("NaN is not valid JSON", failed["a.jsonl:1"])
+        self.assertIn("-Infinity is not valid JSON", failed["a.jsonl:2"])
+        for name in ("shard_00000.jsonl", "errors.jsonl"):
+            data = (self.outputs / name).read_text()
+            self.assertEqual(len(data.splitlines()), data.count("\n"), name)  # no line ends inside a record
+            for line in data.splitlines():
+                pipeline.strict_json(line)
+        self.assertEqual(records(self.outputs)[0]["prompt"], "a\u2028b\u2029c")
+
+
 class StubHandler(BaseHTTPRequestHandler):
     """A tiny stand-in for the Gemini API: generateContent answers "ok: <prompt>"; the first
     call gets a 429 with a RetryInfo delay."""
@@ -953,6 +1091,8 @@ class CommandLineTest(unittest.TestCase):
             (["--inputs", "empty"], "no *.txt or *.jsonl files in the input folder: empty"),
             (["--outputs", "afile"], "output folder is not a writable folder: afile"),
             (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
+            (["--outputs", "inputs"], "the output folder is inside the input folder: inputs"),
+            (["--outputs", "inputs/out"], "the output folder is inside the input folder: inputs/out"),
             (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
             (["--shard-size", "0"], "argument --shard-size: must be >= 1, got 0"),
             (["--temperature", "3"], "argument --temperature: must be 0..2, got 3"),
