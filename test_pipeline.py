@@ -440,7 +440,7 @@ class ResumeSafetyTest(PipelineTestCase):
         with (self.outputs / "shard_00000.jsonl").open("a") as f:
             f.write('{"id": "torn')  # a kill mid-write: cut only by a run that goes ahead
         before = snapshot(self.outputs)
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"model": "gemini-2.5-pro"}, '--model was "gemini-flash-latest" for the records in '),
             ({"temperature": 1.0}, "--temperature was 0.5 for the records in "),
             ({"system_instruction": None}, '--system-instruction was "Be brief." for the records in '),
@@ -448,7 +448,7 @@ class ResumeSafetyTest(PipelineTestCase):
             ({"thinking_budget": 0}, "--thinking-budget was (none) for the records in "),
         ]
         for changes, message in cases:
-            settings = {"temperature": 0.5, "system_instruction": "Be brief."} | changes
+            settings: dict[str, Any] = {"temperature": 0.5, "system_instruction": "Be brief."} | changes
             with self.subTest(changes), self.assertRaises(pipeline.UsageError) as refused:
                 await self.run_pipeline(SpyClient(), **settings)
             self.assertTrue(str(refused.exception).startswith(message), refused.exception)
