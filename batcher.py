@@ -55,6 +55,8 @@ QUEUE_SIZE = 256  # bound of every queue: backpressure instead of unbounded memo
 CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 STDIN = Path("-")
 ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
+TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read without the embedding
+MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
 ID_DECODER = json.JSONDecoder()
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 # Permanent errors about the request's content: splitting the batch isolates the bad text.
@@ -99,6 +101,18 @@ class RunStats:
     succeeded: int = 0
     failed: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Resume:
+    """What an earlier run left in --output: each id with a record, and a hash of its text, so
+    that an id is done only for the same text. changed counts the ids whose text is not that
+    text any more (the run is refused); first_changed is the first of them, with its text now."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    manifest_created: bool = False  # by this run (so a refused run removes it)
+    changed: int = 0
+    first_changed: tuple[str, str] | None = None
 
 
 # --- Faults and retries ---------------------------------------------------------------
@@ -415,12 +429,15 @@ async def enqueue_inputs(
 
 async def read_corpus(
     source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
-    skip: Collection[str], stats: RunStats, shutdown: Shutdown,
+    resume: Resume, stats: RunStats, shutdown: Shutdown,
 ) -> None:  # fmt: skip
     """A real corpus: puts (id, text) for each non-blank line of the file (None: stdin), stripped,
     as fast as the bounded queue takes them. The id is "<file name>:<line number>" or
-    "stdin:<line number>"; ids in `skip` (already in the output) are passed over. A line that
-    is not UTF-8 goes to output_queue as failed, and reading goes on.
+    "stdin:<line number>"; ids done in `resume` (already in the output) are passed over. A line
+    that is not UTF-8 goes to output_queue as failed, and reading goes on.
+
+    A done id whose text changed is counted in `resume` and stops the run (shutdown.fail):
+    nothing more is sent, and the rest is read only to count the changed ones.
     Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
     name, number = source.name if source is not None else "stdin", 0
     async with contextlib.AsyncExitStack() as stack:
@@ -429,24 +446,32 @@ async def read_corpus(
         else:
             read = (await stack.enter_async_context(open_file(source, "rb"))).read
         async for raw in read_lines(read):
-            if shutdown.requested:
+            if shutdown.requested and not resume.changed:
                 break
             number += 1
             item_id = f"{name}:{number}"
+            error: UnicodeDecodeError | None = None
             try:
                 text = raw.decode().strip()
             except UnicodeDecodeError as exc:
-                stats.enqueued += 1
-                item = (item_id, raw.decode(errors="backslashreplace").strip())
-                await output_queue.put((item, MalformedInput(f"undecodable UTF-8: {exc}")))
-                continue
+                text, error = raw.decode(errors="backslashreplace").strip(), exc
             if not text:
                 continue
-            if item_id in skip:
-                stats.skipped += 1
-                continue
-            stats.enqueued += 1
-            await input_queue.put((item_id, text))
+            if (digest := resume.done.get(item_id)) is not None:
+                if digest == hash(text):
+                    stats.skipped += 1
+                else:  # another text under a done id: refuse the run, and count the rest
+                    resume.changed += 1
+                    resume.first_changed = resume.first_changed or (item_id, text)
+                    shutdown.fail(f"the input of {item_id} changed")
+            elif resume.changed:
+                continue  # refused: nothing more is sent
+            elif error is not None:
+                stats.enqueued += 1
+                await output_queue.put(((item_id, text), MalformedInput(f"undecodable UTF-8: {error}")))
+            else:
+                stats.enqueued += 1
+                await input_queue.put((item_id, text))
     await input_queue.put(None)
 
 
@@ -663,32 +688,138 @@ def lock_output(output: Any, path: Path) -> None:
         raise UsageError(f"another run is using {path}") from None
 
 
-async def done_ids(path: Path) -> set[str]:
-    """The ids already in the output file. A last line with no newline was torn by a kill
-    mid-write, so it was never a record: it is cut off. An unreadable line is skipped with
-    a warning."""
-    done: set[str] = set()
+def manifest_path(output: Path) -> Path:
+    """Where the manifest of an output file lives: beside it."""
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    """The output's manifest, or None if it has none (new, or from before manifests)."""
+    path = manifest_path(output)
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("written_by") == "batcher.py"):
+        raise UsageError(f"{path} is not a manifest of batcher.py: use another --output, or move the file")
+    return manifest
+
+
+def write_manifest(output: Path, manifest: dict[str, Any]) -> None:
+    """Writes the manifest atomically (a whole new file, renamed over the old), if it changed."""
+    path, data = manifest_path(output), (json.dumps(manifest, indent=2) + "\n").encode()
+    if path.exists() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def id_and_text(line: bytes, *, strict: bool) -> tuple[str, str]:
+    """A record's id and text. Read without parsing the embedding, unless strict (every field is
+    checked). Raises ValueError for a line that is not one of our records."""
+    if line.startswith(ID_PREFIX) and not strict:
+        data = line.decode()
+        item_id, end = ID_DECODER.raw_decode(data, len(ID_PREFIX))
+        if not data.startswith(TEXT_AFTER_ID, end):
+            raise ValueError("no text after the id")
+        text = ID_DECODER.raw_decode(data, end + len(TEXT_AFTER_ID))[0]
+    else:
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("embedding"), list):
+            raise ValueError("not a record")
+        item_id, text = record.get("id"), record.get("text")
+    if not (isinstance(item_id, str) and isinstance(text, str)):
+        raise ValueError("not a record")
+    return item_id, text
+
+
+async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, int], int | None]:
+    """The ids in the open output file, each with a hash of its text, and where to cut a torn
+    last line (a kill mid-write: never a record), or None. An unreadable line is skipped with a
+    warning; with strict (a file not known to be ours), a line that is not a record refuses the
+    file (UsageError)."""
+    done: dict[str, int] = {}
+    size = await f.seek(0, os.SEEK_END)
+    if size:
+        await f.seek(size - 1)
+    torn = size > 0 and await f.read(1) != b"\n"
+    await f.seek(0)
+    end, number = 0, 0  # where the line read last ends, its newline included
+    async for line in read_lines(f.read):
+        start, end, number = end, end + len(line) + 1, number + 1
+        if torn and end > size and (line.startswith(ID_PREFIX) or not strict):
+            return done, start
+        try:
+            item_id, text = id_and_text(line, strict=strict)
+        except ValueError:
+            if strict:
+                raise UsageError(
+                    f"{path} holds lines that batcher.py did not write (line {number}): use another --output, "
+                    "or move the file"
+                ) from None
+            log.warning("%s: skipping an unreadable line: %.60r", path, line)
+        else:
+            done[item_id] = hash(text)
+    return done, None
+
+
+async def resume_output(path: Path, config: Config) -> Resume:
+    """What the output file holds, once it is known to be ours and made with these settings
+    (else UsageError, and nothing is changed); then cuts a torn last line and writes the manifest."""
+    manifest = await asyncio.to_thread(read_manifest, path)
+    recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
     async with open_file(path, "rb+") as f:
-        size = await f.seek(0, os.SEEK_END)
-        if size:
-            await f.seek(size - 1)
-        torn = size > 0 and await f.read(1) != b"\n"
-        await f.seek(0)
-        end = 0  # where the line read last ends, its newline included
-        async for line in read_lines(f.read):
-            start, end = end, end + len(line) + 1
-            if torn and end > size:
-                log.warning("%s: cutting off a torn last line (%d bytes)", path, size - start)
-                await f.truncate(start)
-                break
-            try:
-                if line.startswith(ID_PREFIX):  # read the id alone, not the whole embedding
-                    done.add(ID_DECODER.raw_decode(line.decode(), len(ID_PREFIX))[0])
-                else:
-                    done.add(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: skipping an unreadable line: %.60r", path, line)
-    return done
+        done, cut = await scan_output(f, path, strict=manifest is None)  # no manifest: every line must be ours
+        if manifest is not None and done:  # records to keep: their settings stay
+            for name, value in settings.items():
+                if (old := recorded.get(name)) != value:
+                    raise UsageError(
+                        f"--{name} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
+                        "--output, or the same setting"
+                    )
+        if cut is not None:
+            log.warning("%s: cutting off a torn last line (%d bytes)", path, await f.seek(0, os.SEEK_END) - cut)
+            await f.truncate(cut)
+    await asyncio.to_thread(write_manifest, path, (manifest or {"written_by": "batcher.py"}) | {"settings": settings})
+    return Resume(done, manifest_created=manifest is None)
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A setting or a text in a message: JSON, cut to width characters."""
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def embedded_text(path: Path, item_id: str) -> str:
+    """The text of the record of item_id in the output file (for a message: it reads the file)."""
+    with path.open("rb") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if (found := id_and_text(line, strict=False))[0] == item_id:
+                    return found[1]
+    raise AssertionError(f"no record of {item_id}")
+
+
+async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: int) -> NoReturn:
+    """The input changed under ids already embedded: the output goes back to `size` bytes (what
+    it held at the start; the manifest too) and the run is refused with one line."""
+    assert resume.first_changed is not None
+    await output.truncate(size)
+    if resume.manifest_created:
+        manifest_path(path).unlink()
+    item_id, text = resume.first_changed
+    old = await asyncio.to_thread(embedded_text, path, item_id)
+    more = f", and {resume.changed - 1} more" if resume.changed > 1 else ""
+    raise UsageError(
+        f"the input of {item_id} changed since it was embedded: {shown(old)} -> {shown(text)}{more}: "
+        "use a new --output, or restore the input"
+    )
 
 
 # --- The per-caller API ---------------------------------------------------------------
@@ -821,6 +952,11 @@ class Config:
     output: Path | None = None  # a JSONL file of embeddings
     quiet: bool = False
 
+    def recorded(self) -> dict[str, Any]:
+        """The settings that shape the records, kept in the manifest: a resumed run must use the
+        same ones. Settings that only shape the run (batch size, concurrency, rpm, ...) are not here."""
+        return {"model": self.model, "dimensions": self.dimensions}
+
     def __post_init__(self) -> None:
         """Checks the settings no stage owns; Batcher, Retrier and embed_content check theirs."""
         for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("dimensions", 1), ("concurrency", 1)):
@@ -880,20 +1016,22 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     async with contextlib.AsyncExitStack() as stack:
-        output, skip = None, set[str]()
+        output, resume, size = None, Resume(), 0
         if config.output is not None:
             output = await stack.enter_async_context(open_file(config.output, "ab"))
             lock_output(output, config.output)  # before reading it: another run may be writing
-            if skip := await done_ids(config.output):
-                log.warning("resuming: %d texts already in %s", len(skip), config.output)
+            resume = await resume_output(config.output, config)
+            size = os.fstat(output.fileno()).st_size
+            if resume.done:
+                log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
-                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=skip, stats=stats,
-                shutdown=shutdown,
+                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
+                stats=stats, shutdown=shutdown,
             )  # fmt: skip
         else:
             path = None if config.input == STDIN else config.input
-            source = read_corpus(path, input_queue, output_queue, skip=skip, stats=stats, shutdown=shutdown)
+            source = read_corpus(path, input_queue, output_queue, resume=resume, stats=stats, shutdown=shutdown)
         embedder = embed_content(
             client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
             model=config.model, dimensions=config.dimensions,
@@ -913,6 +1051,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         finally:
             if progress is not None:
                 progress.cancel()
+        if resume.changed:
+            await refuse_changed_input(output, config.output or STDIN, resume, size)
     print(summary(batcher, retrier, stats))
     if shutdown.failure is not None:
         print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)

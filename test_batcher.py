@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+import aiofiles
 from google import genai
 from google.genai import errors, types
 
@@ -671,7 +672,7 @@ class BadDayTest(unittest.IsolatedAsyncioTestCase):
             await self.embed(client, ["a"], Retrier(base_delay_s=0.001))
 
 
-class CorpusTest(unittest.IsolatedAsyncioTestCase):
+class CorpusTestCase(unittest.IsolatedAsyncioTestCase):
     """batcher.py --input FILE --output FILE."""
 
     def setUp(self) -> None:
@@ -696,6 +697,8 @@ class CorpusTest(unittest.IsolatedAsyncioTestCase):
     def written(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.output.read_text().splitlines()]
 
+
+class CorpusTest(CorpusTestCase):
     async def test_a_corpus_is_embedded_to_jsonl_through_the_real_client(self) -> None:
         texts = self.write_corpus(25)
         with stub_server() as (base_url, requests):
@@ -770,9 +773,12 @@ class CorpusTest(unittest.IsolatedAsyncioTestCase):
                 queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
                 stage: Coroutine[Any, Any, Any]
                 if i % 2:
-                    stage = batcher.read_corpus(self.corpus, queue, queue, skip=set(), stats=stats, shutdown=shutdown)
+                    resume = batcher.Resume()
+                    stage = batcher.read_corpus(
+                        self.corpus, queue, queue, resume=resume, stats=stats, shutdown=shutdown
+                    )
                 else:
-                    stage = batcher.done_ids(self.output)
+                    stage = batcher.resume_output(self.output, batcher.Config())
                 task = asyncio.ensure_future(stage)
                 for _ in range(rng.randrange(3)):  # 0 to 2 loop turns: at the open, or just after
                     await asyncio.sleep(0)
@@ -824,6 +830,98 @@ class CorpusTest(unittest.IsolatedAsyncioTestCase):
         lines = err.getvalue().splitlines()
         self.assertEqual(len(lines), 2)  # at 0.2 s and 0.4 s
         self.assertRegex(lines[-1], r"^progress: 6 done, 1 failed, 4 in flight, \d+/s$")
+
+
+def fake_stdin(data: bytes) -> Any:
+    """Patches aiofiles.stdin_bytes with a pipe that holds data."""
+
+    async def read1(n: int) -> bytes:
+        chunk, rest[0] = rest[0][:n], rest[0][n:]
+        return chunk
+
+    rest = [data]
+    return mock.patch.object(aiofiles, "stdin_bytes", SimpleNamespace(read1=read1))
+
+
+class ResumeSafetyTest(CorpusTestCase):
+    """A resume never mixes settings or texts, and never changes a file that is not its own."""
+
+    def snapshot(self) -> list[bytes | None]:
+        paths = (self.output, batcher.manifest_path(self.output))
+        return [path.read_bytes() if path.exists() else None for path in paths]
+
+    async def test_another_corpus_of_the_same_name_is_refused_and_the_output_left_alone(self) -> None:
+        (self.tmp / "a").mkdir()
+        (self.tmp / "b").mkdir()
+        (self.tmp / "a" / "corpus.txt").write_text("".join(f"a text {i}\n" for i in range(1000)))
+        (self.tmp / "b" / "corpus.txt").write_text("".join(f"b text {i}\n" for i in range(1000)))
+        self.assertEqual((await self.run_main(SpyClient(), input=self.tmp / "a" / "corpus.txt"))[0], 0)
+        before, client = self.snapshot(), SpyClient()
+        with self.assertRaises(batcher.UsageError) as refused:
+            await self.run_main(client, input=self.tmp / "b" / "corpus.txt")
+        self.assertEqual(
+            str(refused.exception),
+            'the input of corpus.txt:1 changed since it was embedded: "a text 0" -> "b text 0", and 999 more: '
+            "use a new --output, or restore the input",
+        )
+        self.assertEqual((client.calls, self.snapshot()), ([], before))
+
+    async def test_another_text_on_stdin_is_refused_and_the_output_left_alone(self) -> None:
+        with fake_stdin(b"one\ntwo\n"):
+            self.assertEqual((await self.run_main(SpyClient(), input=batcher.STDIN))[0], 0)
+        before = self.snapshot()
+        with fake_stdin(b"uno\ndos\ntres\n"), self.assertRaisesRegex(batcher.UsageError, "stdin:1 changed.*1 more"):
+            await self.run_main(SpyClient(), input=batcher.STDIN)
+        self.assertEqual(self.snapshot(), before)
+
+    async def test_records_written_before_a_late_change_is_found_are_taken_back(self) -> None:
+        self.corpus.write_text("".join(f"text {i}\n" for i in range(3000)))
+        await self.run_main(SpyClient(), input=None, num_inputs=0)  # an empty output with its manifest
+        with self.output.open("a") as f:  # only the last line was embedded before
+            f.write(json.dumps({"id": "corpus.txt:3000", "text": "old text", "embedding": [0.0]}) + "\n")
+        before, client = self.snapshot(), SpyClient()
+        with self.assertRaisesRegex(batcher.UsageError, "corpus.txt:3000 changed"):
+            await self.run_main(client, batch_size=100)
+        self.assertGreater(len(client.calls), 0)  # the change was found after some calls ...
+        self.assertEqual(self.snapshot(), before)  # ... and what they wrote is gone again
+
+    async def test_a_changed_setting_is_refused_with_old_and_new_values_until_the_output_is_empty(self) -> None:
+        self.write_corpus(20)
+        await self.run_main(SpyClient(), dimensions=3)
+        before = self.snapshot()
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"dimensions": 768}, f"--dimensions was 3 for the records in {self.output}, now 768: use a new"),
+            ({"model": "gemini-embedding-2"}, '--model was "gemini-embedding-001" for the records in '),
+        ]
+        for changes, message in cases:
+            with self.subTest(changes), self.assertRaises(batcher.UsageError) as refused:
+                await self.run_main(SpyClient(), **changes)
+            self.assertTrue(str(refused.exception).startswith(message), refused.exception)
+            self.assertEqual(self.snapshot(), before)
+        self.output.write_bytes(b"")  # no record yet: the output takes new settings
+        self.assertEqual((await self.run_main(SpyClient(), dimensions=768))[0], 0)
+        manifest = json.loads(batcher.manifest_path(self.output).read_text())
+        self.assertEqual(manifest["settings"], {"model": "gemini-embedding-001", "dimensions": 768})
+
+    async def test_a_file_that_is_not_our_records_is_refused_and_left_alone(self) -> None:
+        self.write_corpus(3)
+        notes = self.tmp / "notes.txt"
+        for data in [b"my notes\nthe last line, with no newline", b'{"id": "x"}\n', b"one torn-looking line"]:
+            with self.subTest(data):
+                notes.write_bytes(data)
+                with self.assertRaisesRegex(batcher.UsageError, "notes.txt holds lines that batcher.py did not"):
+                    await self.run_main(SpyClient(), output=notes)
+                self.assertEqual(notes.read_bytes(), data)
+                self.assertFalse(batcher.manifest_path(notes).exists())
+
+    async def test_an_output_from_before_the_manifest_is_adopted_when_every_line_is_a_record(self) -> None:
+        texts = self.write_corpus(5)
+        old = {"id": "corpus.txt:1", "text": texts[0], "embedding": [1.0, 2.0, 3.0]}
+        self.output.write_text(json.dumps(old) + "\n")
+        client = SpyClient()
+        self.assertEqual((await self.run_main(client))[0], 0)
+        self.assertEqual(sorted(t for call in client.calls for t in call), sorted(texts[1:]))
+        self.assertTrue(batcher.manifest_path(self.output).exists())
 
 
 class CommandLineTest(unittest.TestCase):
