@@ -14,7 +14,8 @@ queue with None sentinels, one per consumer:
 Inputs are *.txt files (one prompt per line) and *.jsonl files (one {"prompt": ...} object per
 line, with an optional "id" and metadata). Every prompt ends exactly once in
 outputs/shard_NNNNN.jsonl or outputs/errors.jsonl, even across crashes: a re-run skips the ids
-already written and carries on where it stopped.
+already written and carries on where it stopped. outputs/manifest.json records the settings that
+shaped the records; a re-run with other settings, or other prompts under done ids, is refused.
 """
 
 from __future__ import annotations
