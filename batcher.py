@@ -446,7 +446,7 @@ async def read_corpus(
         else:
             read = (await stack.enter_async_context(open_file(source, "rb"))).read
         async for raw in read_lines(read):
-            if shutdown.requested and not resume.changed:
+            if shutdown.signal is not None or (shutdown.requested and not resume.changed):
                 break
             number += 1
             item_id = f"{name}:{number}"

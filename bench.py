@@ -497,7 +497,12 @@ async def reader_alone(folder: Path) -> tuple[float, int]:
     consumer = asyncio.create_task(drain(queue))
     files = pipeline.input_files(folder)
     await pipeline.read_inputs(
-        files, queue, error_queue=queue, consumers=1, resume=pipeline.Resume(), stats=pipeline.Stats(),
+        files,
+        queue,
+        error_queue=queue,
+        consumers=1,
+        resume=pipeline.Resume(),
+        stats=pipeline.Stats(),
         shutdown=pipeline.Shutdown(),
     )
     count = await consumer
