@@ -237,10 +237,10 @@ class Retrier:
             try:
                 return await bounded(fn(), self.request_timeout_s)
             except Exception as exc:
+                if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
+                    self._paused_until = max(self._paused_until, loop.time() + delay_s)  # after a last attempt
                 if not is_transient(exc) or attempt == self.max_attempts:
                     raise
-                if (delay_s := server_retry_delay_s(exc)) is not None:
-                    self._paused_until = max(self._paused_until, loop.time() + delay_s)
                 backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
                 log.info("retrying after %s (attempt %d)", describe(exc), attempt)
                 self.retries += 1

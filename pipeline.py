@@ -693,10 +693,10 @@ async def generate_one(
             if is_request_wide(exc):
                 shutdown.fail(f"the API refused the request as a whole (key, access or model): {describe(exc)}")
                 return None
+            if (delay_s := server_retry_delay_s(exc)) is not None:
+                gate.pause(delay_s)  # first: the delay holds every worker, even after a last attempt
             if not is_transient(exc) or attempt == config.max_attempts:
                 return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt)
-            if (delay_s := server_retry_delay_s(exc)) is not None:
-                gate.pause(delay_s)
             stats.retries += 1
             log.info("%s: retrying after %s", prompt_id, describe(exc))
             await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))

@@ -330,11 +330,15 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
                 return api_error(429, retry_delay="0.300s")
             return None
 
-        client = SpyClient(latency_s=0.01, fail=fail)
-        await self.run_stage(client, [[f"t{i}"] for i in range(12)], concurrency=4, retrier=Retrier(base_delay_s=0.001))
-        later = [t for t in client.started_at if t > failed_at[0]]
-        self.assertTrue(later)
-        self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
+        for max_attempts in (5, 1):  # a 429 on a batch's last attempt pauses the others too
+            with self.subTest(max_attempts=max_attempts):
+                failed_at.clear()
+                client = SpyClient(latency_s=0.01, fail=fail)
+                retrier = Retrier(base_delay_s=0.001, max_attempts=max_attempts)
+                await self.run_stage(client, [[f"t{i}"] for i in range(12)], concurrency=4, retrier=retrier)
+                later = [t for t in client.started_at if t > failed_at[0]]
+                self.assertTrue(later)
+                self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
 
     async def test_one_bad_text_in_100_is_isolated_by_bisection_within_budget(self) -> None:
         client = SpyClient(fail=lambda texts, n: api_error(400) if "bad" in texts else None)

@@ -306,11 +306,16 @@ class FaultTest(PipelineTestCase):
                 return api_error(429, retry_delay="0.3s")
             return None
 
-        client = SpyClient(latency_s=0.01, fail=fail)
-        status, _ = await self.run_pipeline(client, workers=5)
-        self.assertEqual(status, 0)
-        later = [t for t in client.started_at if t > failed_at[0]]
-        self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
+        for max_attempts in (5, 1):  # a 429 on a prompt's last attempt pauses the others too
+            with self.subTest(max_attempts=max_attempts):
+                failed_at.clear()
+                client = SpyClient(latency_s=0.01, fail=fail)
+                status, _ = await self.run_pipeline(
+                    client, workers=5, max_attempts=max_attempts, outputs=self.tmp / f"out-{max_attempts}"
+                )
+                self.assertEqual(status, 0 if max_attempts > 1 else 1)
+                later = [t for t in client.started_at if t > failed_at[0]]
+                self.assertGreaterEqual(min(later) - failed_at[0], 0.3 - 0.01)
 
     async def test_rpm_spaces_call_starts_evenly_with_no_burst(self) -> None:
         write_inputs(self.inputs, 1, 8)
