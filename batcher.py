@@ -178,6 +178,19 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
         return None
 
 
+def is_unparsable_reply(exc: ValueError) -> bool:
+    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
+    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
+    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
+
+
+def model_name(text: str) -> str:
+    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model name is required, got ''")
+    return text
+
+
 def describe(exc: BaseException) -> str:
     """One line naming an error: the API's code, status and message, or the type."""
     if isinstance(exc, errors.APIError):
@@ -264,7 +277,9 @@ async def embed_batch(
     async def request(part: list[str]) -> list[types.ContentEmbedding]:
         try:
             response = await client.aio.models.embed_content(model=model, contents=part, config=config)
-        except ValueError as exc:  # the SDK could not parse the body (not JSON, or a field of the wrong type)
+        except ValueError as exc:
+            if not is_unparsable_reply(exc):
+                raise  # raised before sending ("model is required."): a fault of the call, not the reply
             raise MalformedReply(f"unreadable reply: {exc}") from exc
         if len(embeddings := response.embeddings or []) != len(part):
             raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
@@ -857,6 +872,8 @@ class BatchedEmbedder:
     ) -> None:  # fmt: skip
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if not model.strip():
+            raise ValueError("model must be a model name, got ''")
         self._client = client
         self._batcher: Batcher[_Request] = Batcher(batch_size, timeout, adaptive=adaptive)
         self._concurrency = concurrency
@@ -1063,6 +1080,15 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 
 
 # --- CLI ------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default after its help ("none": not set)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1085,28 +1111,34 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="batcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--input", type=Path, help="embed this file, one text per non-blank line ('-': stdin)")
-    add("--output", type=Path, help="append {id, text, embedding} JSONL here; a re-run resumes")
-    add("--num-inputs", type=number(int, 0), default=100, help="demo inputs to enqueue (default 100)")
-    add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, help="1..100 (default 8)")
-    positive = number(float, 0, above=True)
-    add("--timeout", dest="timeout_s", type=positive, default=1.0, help="s from a batch's first item (default 1)")
-    add("--input-delay", dest="input_delay_s", type=number(float, 0), default=0.3, help="demo: max gap, s (0.3)")
-    add("--concurrency", type=number(int, 1), default=4, help="API calls in flight (default 4)")
-    add("--max-attempts", type=number(int, 1), default=5, help="calls per batch, retries included (default 5)")
-    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, help="s per call (60)")
-    add("--rpm", type=positive, help="cap on call starts per minute, evenly spaced")
-    add("--dimensions", type=number(int, 1), default=3, help="output_dimensionality (default 3)")
-    add("--model", default="gemini-embedding-001", help="embedding model (default gemini-embedding-001)")
+def make_parser() -> argparse.ArgumentParser:
+    """The flags; each one's dest is the name of its Config field."""
+    p = _Parser(prog="batcher.py", description=__doc__, formatter_class=HelpFormatter)
+    add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
+    add("--input", type=Path, metavar="PATH", help="embed this file, one text per non-blank line ('-': stdin)")
+    add("--output", type=Path, metavar="PATH", help="append {id, text, embedding} JSONL here; a re-run resumes")
+    add("--num-inputs", type=number(int, 0), default=100, metavar="N", help="demo: inputs to enqueue")
+    add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, metavar="N", help="texts per call, 1..100")
+    add("--timeout", dest="timeout_s", type=positive, default=1.0, metavar="SECONDS", help="from a batch's first item")
+    add("--input-delay", dest="input_delay_s", type=number(float, 0), default=0.3, metavar="SECONDS",
+        help="demo: the longest gap between inputs")  # fmt: skip
+    add("--concurrency", type=count, default=4, metavar="N", help="API calls in flight")
+    add("--max-attempts", type=count, default=5, metavar="N", help="calls per batch, retries included")
+    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
+        help="per attempt")  # fmt: skip
+    add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, evenly spaced")
+    add("--dimensions", type=count, default=3, metavar="N", help="output_dimensionality")
+    add("--model", type=model_name, default="gemini-embedding-001", metavar="NAME", help="embedding model")
     add("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
     add("--offline", action="store_true", help="use the simulated client even with a key")
-    add("--fake-latency", type=number(float, 0), default=0.2, help="simulated API latency, seconds (default 0.2)")
-    add("--seed", type=int, help="random seed, for repeatable runs")
+    add("--fake-latency", type=number(float, 0), default=0.2, metavar="SECONDS", help="simulated API latency")
+    add("--seed", type=int, metavar="N", help="random seed, for repeatable runs")
     add("--quiet", action="store_true", help="only the summary and run-level problems")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def run_cli(argv: list[str] | None = None) -> int:

@@ -64,13 +64,10 @@ MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Res
 LOCK_NAME = ".lock"
 # The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
 RECORDED_SETTINGS = (
-    "model",
-    "system_instruction",
-    "json_schema",
-    "temperature",
-    "max_output_tokens",
+    "model", "system_instruction", "json_schema", "temperature", "max_output_tokens", "thinking_level",
     "thinking_budget",
-)
+)  # fmt: skip
+THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
 # Finish reasons of an answer that was withheld, not merely cut short.
@@ -192,6 +189,7 @@ class Config:
     system_instruction: str | None = None
     temperature: float | None = None
     max_output_tokens: int | None = None
+    thinking_level: str | None = None
     thinking_budget: int | None = None
     json_schema: dict[str, Any] | None = None
     retry_errors: bool = False
@@ -209,10 +207,17 @@ class Config:
             raise ValueError(f"temperature must be 0..2, got {self.temperature}")
         if self.thinking_budget is not None and self.thinking_budget < -1:
             raise ValueError(f"thinking_budget must be >= -1 (-1: the model decides), got {self.thinking_budget}")
+        if self.thinking_level not in (None, *THINKING_LEVELS):
+            raise ValueError(f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, got {self.thinking_level!r}")
+        if self.thinking_level is not None and self.thinking_budget is not None:  # the API rejects both at once
+            raise ValueError("thinking_level and thinking_budget cannot both be set: choose one")
 
     def generation(self) -> types.GenerateContentConfig | None:
         """The one GenerateContentConfig every call shares, or None for the model's defaults."""
-        thinking = None if self.thinking_budget is None else types.ThinkingConfig(thinking_budget=self.thinking_budget)
+        thinking = None
+        if self.thinking_level is not None or self.thinking_budget is not None:
+            level = None if self.thinking_level is None else types.ThinkingLevel(self.thinking_level.upper())
+            thinking = types.ThinkingConfig(thinking_level=level, thinking_budget=self.thinking_budget)
         settings: dict[str, Any] = {
             "system_instruction": self.system_instruction, "temperature": self.temperature,
             "max_output_tokens": self.max_output_tokens, "thinking_config": thinking,
@@ -272,6 +277,19 @@ def server_retry_delay_s(exc: BaseException) -> float | None:
         return float(value) if value is not None else None
     except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
         return None
+
+
+def is_unparsable_reply(exc: ValueError) -> bool:
+    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
+    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
+    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
+
+
+def model_name(text: str) -> str:
+    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model name is required, got ''")
+    return text
 
 
 def describe(exc: BaseException) -> str:
@@ -681,7 +699,9 @@ async def generate_one(
             call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
             try:
                 response = await bounded(call, config.request_timeout_s)
-            except ValueError as exc:  # the SDK could not parse the body (not JSON, a field of the wrong type)
+            except ValueError as exc:
+                if not is_unparsable_reply(exc):
+                    raise  # raised before sending ("model is required."): a fault of the call, not the reply
                 raise MalformedReply(f"unreadable reply: {exc}") from exc
             usage = count_usage(response, stats)
             used = sum(usage.values()) if usage else 0
@@ -1144,6 +1164,15 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 
 
 # --- CLI ------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default after its help ("none": not set)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1166,35 +1195,48 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     """The flags; each one's dest is the name of its Config field."""
-    p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add, positive = p.add_argument, number(float, 0, above=True)
-    add("--inputs", type=Path, default=Path("inputs"), help="folder of *.txt and *.jsonl inputs (default inputs/)")
-    add("--outputs", type=Path, default=Path("outputs"), help="folder for shards and errors.jsonl (default outputs/)")
-    add("--workers", type=number(int, 1), default=5, help="concurrent model calls (default 5)")
-    add("--readers", type=number(int, 1), default=1, help="reader tasks; they split the files (default 1)")
-    add("--writers", type=number(int, 1), default=1, help="writer tasks; each owns its shards (default 1)")
-    add("--queue-size", type=number(int, 1), default=5, help="bound of each queue (default 5)")
-    add("--shard-size", type=number(int, 1), default=5, help="records per output shard at most (default 5)")
-    add("--max-attempts", type=number(int, 1), default=5, help="calls per prompt, retries included (default 5)")
-    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, help="s per call")
-    add("--rpm", type=positive, help="cap on call starts per minute, all workers together")
-    add("--tpm", type=positive, help="cap on tokens per minute, all workers together")
-    add("--model", default="gemini-flash-latest", help="model (default gemini-flash-latest)")
+    p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=HelpFormatter)
+    add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
+    add("--inputs", type=Path, default=Path("inputs"), metavar="PATH", help="folder of *.txt and *.jsonl inputs")
+    add(
+        "--outputs",
+        type=Path,
+        default=Path("outputs"),
+        metavar="PATH",
+        help="folder for shards, errors.jsonl, manifest",
+    )
+    add("--workers", type=count, default=5, metavar="N", help="concurrent model calls")
+    add("--readers", type=count, default=1, metavar="N", help="reader tasks; they split the files")
+    add("--writers", type=count, default=1, metavar="N", help="writer tasks; each owns its shards")
+    add("--queue-size", type=count, default=5, metavar="N", help="bound of each queue")
+    add("--shard-size", type=count, default=5, metavar="N", help="records per output shard at most")
+    add("--max-attempts", type=count, default=5, metavar="N", help="calls per prompt, retries included")
+    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
+        help="per attempt; an answer with thinking can take minutes")  # fmt: skip
+    add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, all workers together")
+    add("--tpm", type=positive, metavar="N", help="cap on tokens per minute, all workers together")
+    add("--model", type=model_name, default="gemini-flash-latest", metavar="NAME", help="model")
     add("--system-instruction", metavar="TEXT", help="system instruction, or @PATH to read it from a file")
-    add("--temperature", type=number(float, 0, 2), help="sampling temperature, 0..2")
-    add("--max-output-tokens", type=number(int, 1), help="cap on each answer's tokens")
-    add("--thinking-budget", type=number(int, -1), help="thinking tokens per answer (0: off where allowed; -1: auto)")
+    add("--temperature", type=number(float, 0, 2), metavar="T", help="sampling temperature, 0..2")
+    add("--max-output-tokens", type=count, metavar="N", help="cap on each answer's tokens")
+    add("--thinking-level", choices=THINKING_LEVELS, help="Gemini 3 and later: how much the model thinks")
+    add("--thinking-budget", type=number(int, -1), metavar="N",
+        help="Gemini 2.5: thinking tokens per answer (0: off where allowed; -1: auto)")  # fmt: skip
     add("--json-schema", type=Path, metavar="PATH", help="ask for JSON matching this JSON Schema file; parse it")
     add("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
     add("--word-count", action="store_true", help="add word_count, computed in a process pool")
     add("--offline", action="store_true", help="use the simulated model even with a key")
-    add("--fake-latency", type=number(float, 0), default=0.1, help="simulated latency, seconds (default 0.1)")
-    add("--fake-failure-rate", type=number(float, 0, 1), default=0.0, help="simulated 503 share, 0..1")
-    add("--seed", type=int, help="random seed, for repeatable runs")
+    add("--fake-latency", type=number(float, 0), default=0.1, metavar="SECONDS", help="simulated latency")
+    add("--fake-failure-rate", type=number(float, 0, 1), default=0.0, metavar="SHARE", help="simulated 503s, 0..1")
+    add("--seed", type=int, metavar="N", help="random seed, for repeatable runs")
     add("--quiet", action="store_true", help="only the summary and run-level problems on stderr")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def read_setting_file(path: Path, flag: str) -> str:
@@ -1216,6 +1258,8 @@ def config_from(args: argparse.Namespace) -> Config:
             raise UsageError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise UsageError(f"--json-schema: {args.json_schema} is not a JSON Schema object")
+    if args.thinking_level is not None and args.thinking_budget is not None:
+        raise UsageError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
     return Config(**settings)
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -675,6 +676,12 @@ class BadDayTest(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(AttributeError):
             await self.embed(client, ["a"], Retrier(base_delay_s=0.001))
 
+    async def test_a_value_error_raised_before_sending_is_a_bug_not_a_malformed_reply(self) -> None:
+        client = SpyClient(fail=lambda texts, n: ValueError("model is required."))
+        with self.assertRaisesRegex(ValueError, "model is required"):
+            await self.embed(client, ["a"], Retrier(base_delay_s=0.001))
+        self.assertEqual(len(client.calls), 1)  # not retried as an unreadable reply
+
 
 class CorpusTestCase(unittest.IsolatedAsyncioTestCase):
     """batcher.py --input FILE --output FILE."""
@@ -978,6 +985,27 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(exit_.exception.code, 2)
             self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
             self.assertIn(flag, err.getvalue())
+
+    def test_an_empty_model_name_gets_one_line_and_exit_2(self) -> None:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
+            batcher.run_cli(["--model", ""])
+        self.assertEqual(exit_.exception.code, 2)
+        self.assertEqual(err.getvalue(), "batcher.py: error: argument --model: a model name is required, got ''\n")
+        with self.assertRaisesRegex(ValueError, "model must be a model name"):
+            batcher.BatchedEmbedder(SpyClient(), model="")
+
+    def test_help_shows_every_default_with_readable_metavars(self) -> None:
+        parser = batcher.make_parser()
+        options = " ".join(parser.format_help().partition("options:")[2].split())
+        for action in parser._actions:
+            if not action.option_strings or action.default in (False, "==SUPPRESS=="):
+                continue
+            flag = action.option_strings[0]
+            found = re.search(rf"{flag}\b(.*?)\(default: (.*?)\)", options)
+            assert found is not None, flag
+            self.assertEqual(found.group(2), "none" if action.default is None else str(action.default), flag)
+            self.assertRegex(found.group(1), r"^ [A-Z]+ ", flag)  # SECONDS, N, PATH, NAME
 
     def test_ctrl_c_drains_in_flight_items_prints_the_summary_and_exits_130(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -414,6 +415,21 @@ class ResumeTest(PipelineTestCase):
         self.assertEqual((status, client.prompts), (0, ["What is two times 3?"]))
         self.assertEqual(records(self.outputs, "errors.jsonl"), [])
         self.assert_exactly_once(prompts)
+
+
+def assert_help_shows_defaults(test: unittest.TestCase, parser: Any) -> None:
+    """Each flag's help states the parser's default, and each flag that takes a value names it."""
+    options = " ".join(parser.format_help().partition("options:")[2].split())
+    for action in parser._actions:
+        if not action.option_strings or action.default in (False, "==SUPPRESS=="):
+            continue
+        flag = action.option_strings[0]
+        expected = "none" if action.default is None else str(action.default)
+        found = re.search(rf"{flag}\b(.*?)\(default: (.*?)\)", options)
+        test.assertIsNotNone(found, flag)
+        assert found is not None
+        test.assertEqual(found.group(2), expected, flag)
+        test.assertRegex(found.group(1), r"^ (\{[a-z,]+\}|[A-Z]+) ", flag)  # SECONDS, N, PATH or the choices
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -951,6 +967,21 @@ class GenerationSettingsTest(PipelineTestCase):
         [record] = records(self.outputs)
         self.assertEqual(record["response"], {"label": "pos"})  # parsed, not a string
 
+    async def test_a_thinking_level_reaches_the_request_body(self) -> None:
+        write_inputs(self.inputs, 1, 1)
+        with scripted_client(lambda body, n: answer("ok")) as (client, bodies):
+            status, _ = await self.run_pipeline(client, thinking_level="low")
+        self.assertEqual(status, 0)
+        self.assertEqual(list(bodies[0]["generationConfig"]["thinkingConfig"].values()), ["LOW"])  # either spelling
+
+    async def test_a_value_error_raised_before_sending_is_a_bug_not_a_malformed_reply(self) -> None:
+        write_inputs(self.inputs, 1, 3)
+        client = SpyClient(fail=lambda prompt, n: ValueError("model is required."))
+        with self.assertRaises(ExceptionGroup) as raised:
+            await self.run_pipeline(client, workers=1)
+        self.assertEqual(len(client.prompts), 1)  # not retried 5 times per prompt
+        self.assertIn("model is required.", str(pipeline.leaf_exceptions(raised.exception)))
+
     async def test_a_cut_off_json_answer_is_retried_and_usage_is_counted_for_every_answer(self) -> None:
         write_inputs(self.inputs, 1, 2)
 
@@ -1102,6 +1133,9 @@ class CommandLineTest(unittest.TestCase):
             (["--shard-size", "0"], "argument --shard-size: must be >= 1, got 0"),
             (["--temperature", "3"], "argument --temperature: must be 0..2, got 3"),
             (["--tpm", "0"], "argument --tpm: must be > 0, got 0"),
+            (["--model", ""], "argument --model: a model name is required, got ''"),
+            (["--thinking-level", "low", "--thinking-budget", "0"], "--thinking-level and --thinking-budget cannot"),
+            (["--thinking-level", "max"], "argument --thinking-level: invalid choice: 'max'"),
             (["--request-timeout", "-1"], "argument --request-timeout: must be > 0, got -1"),
             (["--system-instruction", "@missing.txt"], "--system-instruction: cannot read missing.txt"),
             (["--json-schema", "missing.json"], "--json-schema: cannot read missing.json"),
@@ -1121,6 +1155,9 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn(message, lines[0])
         result = self.run_script("--inputs", "nope")  # and no traceback from the real command
         self.assertEqual((result.returncode, result.stderr), (2, "pipeline.py: error: input folder not found: nope\n"))
+
+    def test_help_shows_every_default_with_readable_metavars(self) -> None:
+        assert_help_shows_defaults(self, pipeline.make_parser())
 
     def interrupt_then_resume(self, signum: int, *extra: str, group: bool = False) -> None:
         """Starts a run, sends signum once it is well under way (to the whole process group,
