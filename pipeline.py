@@ -109,6 +109,7 @@ class Result:
     usage: dict[str, int] | None = None
     finish_reason: str | None = None  # set when the answer stopped for another reason than STOP
     word_count: int | None = None
+    refused: bool = False  # failed with a permanent API error (not written: see FailingAlike)
 
     def json_line(self) -> str:
         record: dict[str, Any] = {"id": self.id, "prompt": self.prompt}
@@ -263,6 +264,29 @@ def is_request_wide(exc: BaseException) -> bool:
     return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
 
 
+def daily_quota(exc: BaseException) -> str | None:
+    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
+    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    for detail in error_details(exc):
+        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
+        for violation in violations if isinstance(violations, list) else []:
+            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
+            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
+                return quota_id or "a quota of 0"
+    return None
+
+
+def stop_reason(exc: BaseException, model: str) -> str | None:
+    """Why exc stops the whole run (every other call would fail alike), or None."""
+    if (quota := daily_quota(exc)) is not None:
+        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
+    if is_request_wide(exc):
+        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
+    return None
+
+
 def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
@@ -375,13 +399,18 @@ class Shutdown:
         name = signal.Signals(signum).name
         print(f"pipeline: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
         self.signal = signum
-        deadline = asyncio.get_running_loop().time() + self._grace_s
-        for timeout in self._in_flight:
-            timeout.reschedule(deadline)
+        self._end_in_flight()
 
     def fail(self, message: str) -> None:
         if self.failure is None:
             self.failure = message
+            self._end_in_flight()
+
+    def _end_in_flight(self) -> None:
+        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
+        deadline = asyncio.get_running_loop().time() + self._grace_s
+        for timeout in self._in_flight:
+            timeout.reschedule(min(deadline, timeout.when() or math.inf))
 
     @contextlib.asynccontextmanager
     async def abandonable(self) -> AsyncIterator[None]:
@@ -710,19 +739,49 @@ async def generate_one(
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked))):
                 raise  # a bug, not a fault of this prompt: let it surface
-            if is_request_wide(exc):
-                shutdown.fail(f"the API refused the request as a whole (key, access or model): {describe(exc)}")
+            if (reason := stop_reason(exc, config.model)) is not None:
+                shutdown.fail(reason)
                 return None
             if (delay_s := server_retry_delay_s(exc)) is not None:
                 gate.pause(delay_s)  # first: the delay holds every worker, even after a last attempt
             if not is_transient(exc) or attempt == config.max_attempts:
-                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt)
+                refused = isinstance(exc, errors.APIError) and not is_transient(exc)
+                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, refused=refused)
             stats.retries += 1
             log.info("%s: retrying after %s", prompt_id, describe(exc))
             await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
         finally:
             gate.settle(estimate, used)
     raise AssertionError("unreachable")
+
+
+class FailingAlike:
+    """Stops a run whose calls all fail alike: a setting the model rejects (a thinking budget on a
+    model without one, say) fails every prompt with one same 400, so recording each as failed
+    would only have to be undone. Until a call succeeds, failures are held back; when the first
+    `limit` answered calls all failed with one same API error, the run stops (shutdown.fail,
+    quoting it) and they are left for the next run. Any other outcome releases them as usual."""
+
+    def __init__(self, limit: int, *, shutdown: Shutdown) -> None:
+        self._limit = limit
+        self._shutdown = shutdown
+        self._held: list[Result] = []
+        self._deciding = True
+
+    def take(self, result: Result) -> list[Result]:
+        """The failures to record now, given one more outcome."""
+        if self._deciding and result.refused and all(held.error == result.error for held in self._held):
+            self._held.append(result)
+            if len(self._held) == self._limit:
+                self._shutdown.fail(f"the first {self._limit} calls all failed alike: {result.error}")
+            return []
+        failed = [result] if result.error is not None else []
+        return failed if not self._deciding else self.release() + failed
+
+    def release(self) -> list[Result]:
+        """What is held, unless the run stopped for it; from here on, failures are not held."""
+        self._deciding, held, self._held = False, self._held, []
+        return held if len(held) < self._limit else []
 
 
 def count_words(text: str) -> int:
@@ -758,9 +817,11 @@ async def generate_content(
 ) -> None:  # fmt: skip
     """config.workers workers take prompts until their sentinel and put each Result on
     output_queue (successes) or error_queue (failures). After a shutdown request they take
-    no new prompt: the rest is left for the next run. Ends output_queue with one sentinel
-    per writer, and error_queue with one, once every worker is done."""
+    no new prompt: the rest is left for the next run. When the first 2 x workers answered calls
+    all fail with one same API error, the run stops (see FailingAlike). Ends output_queue with
+    one sentinel per writer, and error_queue with one, once every worker is done."""
     generation = config.generation()  # built once, shared by every call
+    alike = FailingAlike(2 * config.workers, shutdown=shutdown)
 
     async def worker() -> None:
         while (prompt := await input_queue.get()) is not None:
@@ -773,14 +834,15 @@ async def generate_content(
                         client, prompt, config=config, generation=generation, gate=gate, stats=stats, shutdown=shutdown
                     )
             except TimeoutError:
-                log.warning("%s: abandoned after the interrupt; the next run redoes it", prompt[0])
+                log.warning("%s: abandoned as the run stops; the next run redoes it", prompt[0])
                 continue
             finally:
                 stats.in_flight -= 1
             if result is None:
                 continue  # a request-wide error: left for the next run
+            for failed in alike.take(result):
+                await error_queue.put(failed)
             if result.error is not None:
-                await error_queue.put(result)
                 continue
             if word_count_pool is not None and isinstance(result.response, str):
                 result.word_count = await count_words_in(word_count_pool, result.response)
@@ -789,6 +851,8 @@ async def generate_content(
     async with asyncio.TaskGroup() as tg:
         for _ in range(config.workers):
             tg.create_task(worker())
+    for failed in alike.release():  # fewer failures than it takes to stop the run: recorded
+        await error_queue.put(failed)
     for _ in range(config.writers):
         await output_queue.put(None)
     await error_queue.put(None)

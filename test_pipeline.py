@@ -1071,6 +1071,67 @@ class RequestWideErrorTest(PipelineTestCase):
         self.assertEqual(status, 0)
         self.assert_exactly_once(prompts)
 
+    async def test_a_spent_daily_quota_stops_the_run_records_nothing_and_names_the_quota(self) -> None:
+        prompts = write_inputs(self.inputs, 10, 10)
+        quota = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": quota}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "40s"},
+        ]
+        error = {"code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED"}
+        started = time.monotonic()
+        with scripted_client(lambda body, n: (429, {"error": error | {"details": details}})) as (client, bodies):
+            status, _ = await self.run_pipeline(client, workers=4)
+        self.assertEqual(status, 2)
+        self.assertLess(time.monotonic() - started, 5)  # neither retried nor paused for the 40 s
+        self.assertLessEqual(len(bodies), 4)  # the calls in flight, not 100 x 5 attempts
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+        [line] = [line for line in self.stderr.splitlines() if "error" in line]
+        self.assertIn(f"the daily quota for gemini-flash-latest is spent ({quota})", line)
+        status, _ = await self.run_pipeline(SpyClient())  # the next day
+        self.assertEqual(status, 0)
+        self.assert_exactly_once(prompts)
+
+    async def test_a_per_minute_quota_is_still_retried(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        minute = {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel", "quotaValue": "15"}
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [minute]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"},
+        ]
+        error = {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}
+        with scripted_client(lambda body, n: (429, {"error": error}) if n == 1 else answer("ok")) as (client, _):
+            status, summary = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertIn("1 retries", summary)
+
+    async def test_a_setting_every_call_rejects_stops_the_run_and_a_fixed_rerun_does_everything(self) -> None:
+        prompts = write_inputs(self.inputs, 10, 30)
+        message = "Thinking budget is not supported for this model."
+        rejected = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+
+        def respond(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
+            return (400, rejected) if "thinkingConfig" in body.get("generationConfig", {}) else answer("ok")
+
+        with scripted_client(respond) as (client, bodies):
+            status, _ = await self.run_pipeline(client, workers=5, thinking_budget=0)
+            self.assertEqual(status, 2)
+            self.assertLessEqual(len(bodies), 2 * 5 + 5)  # the first 2 x workers, and those in flight
+            self.assertEqual(records(self.outputs, "errors.jsonl"), [])  # left for the next run
+            [line] = [line for line in self.stderr.splitlines() if "error" in line]
+            self.assertIn(f"the first 10 calls all failed alike: 400 INVALID_ARGUMENT: {message}", line)
+            status, _ = await self.run_pipeline(client, workers=5)  # the flag fixed: no record yet, new settings
+        self.assertEqual(status, 0)
+        self.assert_exactly_once(prompts)
+
+    async def test_failures_after_a_success_are_recorded_per_prompt(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 30)
+        client = SpyClient(fail=lambda prompt, n: api_error(400) if n > 1 else None)
+        status, _ = await self.run_pipeline(client, workers=1)
+        self.assertEqual(status, 1)
+        self.assertEqual(len(records(self.outputs, "errors.jsonl")), 29)
+        self.assert_exactly_once(prompts)
+
     async def test_an_unknown_model_stops_the_run(self) -> None:
         write_inputs(self.inputs, 3, 10)
         client = SpyClient(fail=lambda prompt, n: api_error(404))
