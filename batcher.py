@@ -162,6 +162,29 @@ def is_request_wide(exc: BaseException) -> bool:
     return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
 
 
+def daily_quota(exc: BaseException) -> str | None:
+    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
+    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    for detail in error_details(exc):
+        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
+        for violation in violations if isinstance(violations, list) else []:
+            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
+            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
+                return quota_id or "a quota of 0"
+    return None
+
+
+def stop_reason(exc: BaseException, model: str) -> str | None:
+    """Why exc stops the whole run (every other call would fail alike), or None."""
+    if (quota := daily_quota(exc)) is not None:
+        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
+    if is_request_wide(exc):
+        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
+    return None
+
+
 def server_retry_delay_s(exc: BaseException) -> float | None:
     """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
     if not isinstance(exc, errors.APIError):
@@ -250,6 +273,8 @@ class Retrier:
             try:
                 return await bounded(fn(), self.request_timeout_s)
             except Exception as exc:
+                if daily_quota(exc) is not None:
+                    raise  # spent for today: neither a retry nor a pause can help
                 if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
                     self._paused_until = max(self._paused_until, loop.time() + delay_s)  # after a last attempt
                 if not is_transient(exc) or attempt == self.max_attempts:
@@ -601,10 +626,13 @@ async def embed_content(
 ) -> None:  # fmt: skip
     """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
     or (item, error) pair per item on output_queue. An error about the request as a whole
-    (a bad key or model) calls shutdown.fail: that batch and the rest are not reported, but
-    left for the next run. Ends output_queue with the None sentinel once its workers are done."""
+    (a bad key or model, a spent daily quota) calls shutdown.fail: that batch and the rest are
+    not reported, but left for the next run; so are the first three batches when they all fail
+    with one same error (see FailingAlike). Ends output_queue with the None sentinel once its
+    workers are done."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    alike = FailingAlike(3, shutdown=shutdown)
 
     async def worker() -> None:
         while (batch := await batch_queue.get()) is not None:
@@ -612,17 +640,52 @@ async def embed_content(
                 continue  # drain without calling: every call would fail alike
             texts = [text for _, text in batch]
             results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
-            if wide := [r for r in results if isinstance(r, Exception) and is_request_wide(r)]:
-                shutdown.fail(f"the API refused the request as a whole (key, access or model): {describe(wide[0])}")
+            failures = [result for result in results if isinstance(result, Exception)]
+            if failures and (reason := stop_reason(failures[0], model)) is not None:
+                shutdown.fail(reason)
                 continue
-            for pair in zip(batch, results, strict=True):
+            for pair in alike.take(list(zip(batch, results, strict=True))):
                 await output_queue.put(pair)
         batch_queue.put_nowait(None)  # the slot we just emptied: wake the next worker
 
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
+    for pair in alike.release():  # fewer failing batches than it takes to stop the run: reported
+        await output_queue.put(pair)
     await output_queue.put(None)
+
+
+class FailingAlike:
+    """Stops a run whose calls all fail alike: a setting the model rejects fails every batch with
+    one same 400, so reporting each text as failed would only have to be undone. Until a batch
+    succeeds, a batch whose texts all failed with one same API error is held back; when the first
+    `limit` batches all failed so, the run stops (shutdown.fail, quoting the error) and their texts
+    are left for the next run. Any other outcome releases what is held, reported as usual."""
+
+    def __init__(self, limit: int, *, shutdown: Shutdown) -> None:
+        self._limit = limit
+        self._shutdown = shutdown
+        self._errors: list[str] = []  # the error of each batch held
+        self._held: list[Output] = []
+        self._deciding = True
+
+    def take(self, outputs: list[Output]) -> list[Output]:
+        """The outputs to report now, given one more batch's."""
+        results = {describe(r) if isinstance(r, errors.APIError) and not is_transient(r) else "" for _, r in outputs}
+        error = results.pop() if len(results) == 1 else ""
+        if self._deciding and error and all(held == error for held in self._errors):
+            self._errors.append(error)
+            self._held += outputs
+            if len(self._errors) == self._limit:
+                self._shutdown.fail(f"the first {self._limit} batches all failed alike: {error}")
+            return []
+        return outputs if not self._deciding else self.release() + outputs
+
+    def release(self) -> list[Output]:
+        """What is held, unless the run stopped for it; from here on, nothing is held."""
+        self._deciding, held, self._held = False, self._held, []
+        return held if len(self._errors) < self._limit else []
 
 
 # --- Stage 4: the output logger (or, for a corpus, the output writer) -----------------

@@ -504,6 +504,7 @@ class StubHandler(BaseHTTPRequestHandler):
 
     requests: list[tuple[str, dict[str, Any]]]
     fail_first = 0
+    error: dict[str, Any] | None = None  # the answer to every call, if set
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -511,7 +512,9 @@ class StubHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append((self.path, body))
-        if len(self.requests) <= self.fail_first:
+        if self.error is not None:
+            self.reply(self.error["error"]["code"], self.error)
+        elif len(self.requests) <= self.fail_first:
             details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.2s"}]
             self.reply(
                 429, {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
@@ -540,9 +543,11 @@ class StubHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def stub_server(fail_first: int = 0) -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+def stub_server(
+    fail_first: int = 0, error: dict[str, Any] | None = None
+) -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
     requests: list[tuple[str, dict[str, Any]]] = []
-    handler = type("Handler", (StubHandler,), {"requests": requests, "fail_first": fail_first})
+    handler = type("Handler", (StubHandler,), {"requests": requests, "fail_first": fail_first, "error": error})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -852,6 +857,60 @@ def fake_stdin(data: bytes) -> Any:
 
     rest = [data]
     return mock.patch.object(aiofiles, "stdin_bytes", SimpleNamespace(read1=read1))
+
+
+class RunStopTest(CorpusTestCase):
+    """Errors that every call would meet stop the run and report nothing: a re-run does it all."""
+
+    async def run_quietly(self, client: Any, **changes: Any) -> tuple[int, str, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status, out = await self.run_main(client, **changes)
+        return status, out, err.getvalue()
+
+    async def test_a_spent_daily_quota_stops_the_run_names_the_quota_and_reports_nothing(self) -> None:
+        self.write_corpus(100)
+        quota = "EmbedContentRequestsPerDayPerProjectPerModel-FreeTier"
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": quota}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "40s"},
+        ]
+        error = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
+        started = time.monotonic()
+        with stub_server(error=error) as (base_url, requests):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = batcher.make_client(offline=False, fake_latency_s=0)
+            status, out, err = await self.run_quietly(client, concurrency=4)
+        self.assertEqual(status, 2)
+        self.assertLess(time.monotonic() - started, 5)  # neither retried nor paused for the 40 s
+        self.assertLessEqual(len(requests), 4)  # the calls in flight
+        self.assertNotIn("Failed:", out)
+        self.assertIn(f"the daily quota for gemini-embedding-001 is spent ({quota})", err)
+        self.assertEqual(self.output.read_text(), "")
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)  # the next day: everything
+        self.assertEqual(len(self.written()), 100)
+
+    async def test_a_setting_every_call_rejects_stops_the_run_after_three_batches(self) -> None:
+        self.write_corpus(100)
+        message = "Request contains an invalid argument."
+        rejected = errors.ClientError(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
+        client = SpyClient(fail=lambda texts, n: rejected)
+        status, out, err = await self.run_quietly(client, concurrency=1)
+        self.assertEqual(status, 2)
+        self.assertLessEqual(len(client.calls), 3 * 3)  # three batches, each split once
+        self.assertNotIn("Failed:", out)
+        self.assertIn(f"the first 3 batches all failed alike: 400 INVALID_ARGUMENT: {message}", err)
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)
+        self.assertEqual(len(self.written()), 100)
+
+    async def test_failures_after_a_success_are_reported_per_text(self) -> None:
+        self.write_corpus(50)
+        client = SpyClient(fail=lambda texts, n: api_error(400) if n > 1 else None)
+        status, out, _ = await self.run_quietly(client, concurrency=1)
+        self.assertEqual(status, 1)
+        self.assertEqual(out.count("Failed:"), 40)
+        self.assertEqual(len(self.written()), 10)
 
 
 class ResumeSafetyTest(CorpusTestCase):
