@@ -59,6 +59,7 @@ TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read wit
 MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
 ID_DECODER = json.JSONDecoder()
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
 # Permanent errors about the request's content: splitting the batch isolates the bad text.
 # Others (401, 403, 404: the key or the model) fail every text alike, so they are not split.
 BISECT_CODES = frozenset({400, 413, 422})
@@ -178,6 +179,8 @@ def daily_quota(exc: BaseException) -> str | None:
 
 def stop_reason(exc: BaseException, model: str) -> str | None:
     """Why exc stops the whole run (every other call would fail alike), or None."""
+    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
+        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
     if (quota := daily_quota(exc)) is not None:
         return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
     if is_request_wide(exc):
@@ -315,7 +318,7 @@ async def embed_batch(
         try:
             return list(await retrier.call(lambda: request(part)))
         except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
                 raise  # a bug, not a fault of this batch: let it surface
             return exc
 
@@ -432,15 +435,28 @@ def fake_vector(text: str, dimensions: int) -> list[float]:
 
 
 def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S) -> Client:
-    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
-    The SDK's own retries are off (they ignore the server's retry delay; ours don't), and its
-    timeout (none by default) is set, so a hung connection is closed, not just abandoned."""
+    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
+    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
+    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
+    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
+    not just abandoned. Raises UsageError when the SDK cannot make a client (no credentials)."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
-    if offline or not has_key:
+    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
+    if offline or not (has_key or vertex):
         return SimulatedClient(latency_s=fake_latency_s)
     timeout_ms = math.ceil(request_timeout_s * 1000)
     options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
-    return genai.Client(http_options=options)
+    try:
+        return genai.Client(http_options=options)
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
+            raise
+        raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
+    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
 
 
 # --- Stage 1: the input enqueuer ------------------------------------------------------
@@ -1212,13 +1228,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         random.seed(args.seed)
     config = Config(**{setting.name: getattr(args, setting.name) for setting in fields(Config)})  # dest = field name
-    client = make_client(
-        offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s
-    )
 
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
+            client = make_client(
+                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s
+            )
             return await main(config, client, shutdown=shutdown)
 
     try:

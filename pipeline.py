@@ -69,6 +69,7 @@ RECORDED_SETTINGS = (
 )  # fmt: skip
 THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
 # Finish reasons of an answer that was withheld, not merely cut short.
 BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
@@ -280,6 +281,8 @@ def daily_quota(exc: BaseException) -> str | None:
 
 def stop_reason(exc: BaseException, model: str) -> str | None:
     """Why exc stops the whole run (every other call would fail alike), or None."""
+    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
+        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
     if (quota := daily_quota(exc)) is not None:
         return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
     if is_request_wide(exc):
@@ -489,15 +492,28 @@ def fake_instance(schema: Any, text: str) -> Any:
 def make_client(
     *, offline: bool, fake_latency_s: float, fake_failure_rate: float, request_timeout_s: float = REQUEST_TIMEOUT_S
 ) -> Client:
-    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL), else a simulation.
-    The SDK's own retries are off (they ignore the server's retry delay; ours don't), and its
-    timeout (none by default) is set, so a hung connection is closed, not just abandoned."""
+    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
+    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
+    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
+    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
+    not just abandoned. Raises UsageError when the SDK cannot make a client (no credentials)."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
-    if offline or not has_key:
+    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
+    if offline or not (has_key or vertex):
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
     timeout_ms = math.ceil(request_timeout_s * 1000)
     options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
-    return genai.Client(http_options=options)
+    try:
+        return genai.Client(http_options=options)
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
+            raise
+        raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
+    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
 
 
 # --- Stage 1: the input readers -------------------------------------------------------
@@ -737,7 +753,7 @@ async def generate_one(
             answer, reason = read_answer(response, json_output=config.json_schema is not None)
             return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
         except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked))):
+            if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked)) or is_auth_error(exc)):
                 raise  # a bug, not a fault of this prompt: let it surface
             if (reason := stop_reason(exc, config.model)) is not None:
                 shutdown.fail(reason)

@@ -1146,6 +1146,31 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.assertEqual(result.stderr, "batcher.py: error: input file not found: missing.txt\n")
         self.assertEqual(self.corpus.read_text(), "text 0\ntext 1\ntext 2\n")
 
+    def test_vertex_ai_uses_the_real_client_and_missing_credentials_get_one_line(self) -> None:
+        self.write_corpus(20)
+        no_credentials = str(self.tmp / "no-such-key.json")  # (a missing file: google.auth asks no server)
+        vertex = {"GOOGLE_GENAI_USE_VERTEXAI": "true", "GEMINI_API_KEY": "", "GOOGLE_API_KEY": ""}
+        vertex |= {"GOOGLE_CLOUD_LOCATION": "us-central1", "GOOGLE_APPLICATION_CREDENTIALS": no_credentials}
+        for project in ("my-project", ""):  # credentials needed at the first call, or to make the client
+            out, err = io.StringIO(), io.StringIO()
+            with (
+                self.subTest(project=project),
+                mock.patch.dict(os.environ, vertex | {"GOOGLE_CLOUD_PROJECT": project}),
+                contextlib.chdir(self.tmp),
+                contextlib.redirect_stderr(err),
+                contextlib.redirect_stdout(out),
+            ):
+                if project:
+                    client = batcher.make_client(offline=False, fake_latency_s=0)
+                    self.assertIsInstance(client, genai.Client)  # not the simulation
+                    self.assertTrue(client.vertexai)
+                status = batcher.run_cli(["--input", "corpus.txt", "--output", "out.jsonl", "--quiet"])
+            self.assertEqual(status, 2)
+            [line] = err.getvalue().splitlines()
+            self.assertIn("no-such-key.json was not found", line)
+            self.assertTrue(line.startswith("batcher.py: error: "), line)
+            self.assertNotIn("Failed:", out.getvalue())
+
     def test_kill_9_twice_then_a_rerun_leaves_every_text_exactly_once(self) -> None:
         self.write_corpus(20000)
         rng = random.Random(4)

@@ -1284,6 +1284,31 @@ class CommandLineTest(unittest.TestCase):
                 status = int(exit_.code or 0)
         return status, err.getvalue()
 
+    def test_vertex_ai_uses_the_real_client_and_missing_credentials_get_one_line(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 3)
+        no_credentials = str(self.tmp / "no-such-key.json")  # (a missing file: google.auth asks no server)
+        vertex = {"GOOGLE_GENAI_USE_VERTEXAI": "true", "GEMINI_API_KEY": "", "GOOGLE_API_KEY": ""}
+        vertex |= {"GOOGLE_CLOUD_LOCATION": "us-central1", "GOOGLE_APPLICATION_CREDENTIALS": no_credentials}
+        for project in ("my-project", ""):  # credentials needed at the first call, or to make the client
+            err = io.StringIO()
+            with (
+                self.subTest(project=project),
+                mock.patch.dict(os.environ, vertex | {"GOOGLE_CLOUD_PROJECT": project}),
+                contextlib.chdir(self.tmp),
+                contextlib.redirect_stderr(err),
+                contextlib.redirect_stdout(io.StringIO()),
+            ):
+                if project:
+                    client = pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0)
+                    self.assertIsInstance(client, genai.Client)  # not the simulation
+                    self.assertTrue(client.vertexai)
+                status = pipeline.run_cli(["--quiet", "--workers", "1"])
+            self.assertEqual(status, 2)
+            [line] = err.getvalue().splitlines()
+            self.assertIn("no-such-key.json was not found", line)
+            self.assertTrue(line.startswith("pipeline.py: error: "), line)
+        self.assertEqual(records(self.tmp / "outputs", "errors.jsonl"), [])
+
     def test_a_folder_named_like_a_shard_gets_one_line_and_exit_2(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
         (self.tmp / "outputs" / "shard_00000.jsonl").mkdir(parents=True)
