@@ -452,6 +452,47 @@ async def bench_pipeline(tmp: Path, waves: int, big_n: int, zero_n: int) -> str:
     return out
 
 
+class TimedModel(pipeline.SimulatedClient):
+    """The simulated model, recording when each call starts and the tokens it reports."""
+
+    def __init__(self, latency_s: float) -> None:
+        super().__init__(latency_s=latency_s)
+        self.calls: list[tuple[float, int]] = []  # (start, tokens used)
+
+    async def generate_content(self, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        response = await super().generate_content(**kwargs)
+        usage = response.usage_metadata
+        assert usage is not None
+        self.calls.append((started, (usage.prompt_token_count or 0) + (usage.candidates_token_count or 0)))
+        return response
+
+
+async def bench_tpm(tmp: Path, n: int, tpm: float, workers: int) -> str:
+    """--tpm with short prompts and many workers: the run against the ideal (tokens / tpm), and the
+    busiest 10 s window against the cap (tpm/6, plus one call)."""
+    make_inputs(folder := tmp / f"tpm-{n}", n, files=1)
+    with tempfile.TemporaryDirectory() as out:
+        config = pipeline.Config(inputs=folder, outputs=Path(out), quiet=True, workers=workers, tpm=tpm)
+        model = TimedModel(latency_s=0.05)
+        started = time.monotonic()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert await pipeline.main(config, model, shutdown=pipeline.Shutdown()) == 0
+        wall_s = time.monotonic() - started
+    tokens = sum(used for _, used in model.calls)
+    ideal_s = tokens / (tpm / 60)
+    window = max(sum(used for t, used in model.calls if start <= t < start + 10) for start, _ in model.calls)
+    cap = tpm / 6 * 1.15 + max(used for _, used in model.calls)
+    check(f"pipeline --tpm {tpm:g}, {n} short prompts, {workers} workers: wall / ideal", wall_s / ideal_s, 1.5,
+          at_least=False)  # fmt: skip
+    check(f"pipeline --tpm {tpm:g}: busiest 10 s window / (tpm/6 x 1.15 + one call)", window / cap, 1.0,
+          at_least=False)  # fmt: skip
+    rows = [[n, workers, f"{tpm:g}", tokens, f"{ideal_s:.1f}", f"{wall_s:.1f}", f"{wall_s / ideal_s:.2f}",
+             f"{window} / {cap:.0f}"]]  # fmt: skip
+    headers = ["prompts", "workers", "tpm", "tokens", "ideal s", "wall s", "wall / ideal", "busiest 10 s / cap"]
+    return "### Pipeline --tpm (in process, 50 ms calls, short prompts)\n\n" + table(headers, rows)
+
+
 async def bare_model_calls(n: int) -> float:
     """The limit for the pipeline at zero latency: n calls of the simulated model, one after another."""
     client = pipeline.SimulatedClient()
@@ -575,6 +616,7 @@ def main(quick: bool) -> int:
                 bench_pipeline(tmp, 10 if quick else 40, 4_000 if quick else 40_000, 10_000 if quick else 40_000)
             )
         )
+        sections.append(asyncio.run(bench_tpm(tmp, 60 if quick else 120, 2400, 16)))
         sections.append(asyncio.run(bench_reader(tmp, 300_000 if quick else 1_000_000, 5)))
         sections.append(bench_memory(tmp, 10_000, 100_000 if quick else 1_000_000))
 

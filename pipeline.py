@@ -56,7 +56,10 @@ GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before t
 REQUEST_TIMEOUT_S = 300.0
 MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
-OUTPUT_TOKENS_GUESS = 500  # --tpm's guess of an answer's tokens before the first one is seen
+# --tpm's guess of an answer's tokens before any is seen: small, so no worker is held back for an
+# answer nobody has seen yet (a 500-token guess spread 16 workers' first starts over 200 s at tpm
+# 2400); the reported usage corrects it at once, and then the mean of the answers seen is used.
+OUTPUT_TOKENS_GUESS = 20
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
@@ -342,40 +345,46 @@ async def bounded(call: Awaitable[T], timeout_s: float) -> T:
 
 class Gate:
     """Where every worker waits before each call. A delay named by the server pauses all
-    workers, not just the one told. With rpm and tpm, call starts are spaced across all workers,
-    60/rpm seconds apart or as long as the call's estimated tokens take at tpm, whichever is
-    longer: no burst at the start. settle() corrects an estimate with the tokens the API reported.
+    workers, not just the one told. With rpm, call starts are at least 60/rpm seconds apart
+    across all workers; with tpm, a call starts only once the tokens of those before it are paid
+    for at tpm, and then its own estimate is owed. No burst at the start, and no start is booked
+    ahead: a waiting worker looks again whenever settle() corrects an estimate with the tokens the
+    API reported, so a smaller answer than guessed lets the next call start at once.
     """
 
     def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
         self._call_gap_s = 60.0 / rpm if rpm else 0.0
         self._token_gap_s = 60.0 / tpm if tpm else 0.0
-        self._next_start = 0.0  # loop time of the next free start
-        self._last_start = 0.0  # the latest start granted
+        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
+        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
         self._paused_until = 0.0
+        self._moved = asyncio.Event()  # set (and replaced) when settle() moves _tokens_paid_at
 
     def pause(self, delay_s: float) -> None:
         self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
 
     async def wait_turn(self, tokens: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            # A loop, not one sleep: another worker may extend the pause while we wait.
-            while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(pause_s)
-            if not (self._call_gap_s or self._token_gap_s):
-                return
-            start = self._last_start = max(loop.time(), self._next_start)
-            self._next_start = start + max(self._call_gap_s, tokens * self._token_gap_s)
-            await asyncio.sleep(start - loop.time())
-            if self._paused_until <= loop.time():
-                return
+        # A loop, not one sleep: another worker may start first, pause everyone, or settle.
+        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(start):
+                    await moved.wait()
+        now = loop.time()
+        self._next_call_at = now + self._call_gap_s
+        self._tokens_paid_at = now + tokens * self._token_gap_s
 
     def settle(self, estimated: float, used: float) -> None:
-        """Moves later starts by the tokens a call used beyond its estimate (or back, for
-        fewer, but never before a start already granted)."""
-        if self._token_gap_s:
-            self._next_start = max(self._last_start, self._next_start + (used - estimated) * self._token_gap_s)
+        """Corrects what is owed by the tokens a call used beyond its estimate (or fewer), and
+        wakes the waiting workers to look again. What is owed never reaches into the past: no
+        unused budget is saved up for a burst."""
+        if self._token_gap_s and used != estimated:
+            now = asyncio.get_running_loop().time()
+            self._tokens_paid_at = max(now, self._tokens_paid_at) + (used - estimated) * self._token_gap_s
+            self._tokens_paid_at = max(now, self._tokens_paid_at)
+            self._moved.set()
+            self._moved = asyncio.Event()
 
 
 class Shutdown:
@@ -734,9 +743,10 @@ async def generate_one(
     the next run."""
     prompt_id, text, metadata = prompt
     estimate = 0.0
-    if config.tpm:  # characters / 4 for the prompt, and the answer we expect
-        expected = stats.output_tokens / stats.answers if stats.answers else config.max_output_tokens
-        estimate = (len(text) + len(config.system_instruction or "")) / 4 + (expected or OUTPUT_TOKENS_GUESS)
+    if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
+        expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
+        expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
+        estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
     for attempt in range(1, config.max_attempts + 1):
         await gate.wait_turn(estimate)
         used = 0

@@ -1052,6 +1052,31 @@ class GenerationSettingsTest(PipelineTestCase):
             self.assertLessEqual(in_window, 1.02 * tpm / 60 + max(tokens_of.values()), sent_at)
 
 
+class GateTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_smaller_usage_than_estimated_lets_a_waiting_worker_start_at_once(self) -> None:
+        gate = pipeline.Gate(rpm=None, tpm=6000)  # 100 tokens a second
+        await gate.wait_turn(50)  # owes 0.5 s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiting = asyncio.create_task(gate.wait_turn(50))
+        await asyncio.sleep(0.05)
+        self.assertFalse(waiting.done())
+        gate.settle(50, 5)  # the answer was short: 5 tokens, paid for 0.05 s after the start
+        await asyncio.wait_for(waiting, 0.2)
+        self.assertLess(loop.time() - started, 0.15)  # not the 0.5 s booked at first
+
+    async def test_no_budget_is_saved_up_for_a_burst(self) -> None:
+        gate = pipeline.Gate(rpm=None, tpm=6000)
+        await gate.wait_turn(10)
+        gate.settle(10, 0)  # a failed call: nothing used
+        await asyncio.sleep(0.2)  # idle: 20 tokens' worth of time passes unused
+        loop = asyncio.get_running_loop()
+        await gate.wait_turn(10)
+        started = loop.time()
+        await gate.wait_turn(10)  # the one before is paid for only 0.1 s later
+        self.assertGreaterEqual(loop.time() - started, 0.09)
+
+
 class RequestWideErrorTest(PipelineTestCase):
     async def test_a_bad_key_stops_the_run_records_nothing_and_a_rerun_does_everything(self) -> None:
         prompts = write_inputs(self.inputs, 10, 30)
