@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import math
@@ -434,24 +435,43 @@ def fake_vector(text: str, dimensions: int) -> list[float]:
     return values
 
 
-def make_client(*, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S) -> Client:
+def make_client(
+    *, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20
+) -> Client:
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
     (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
     environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
     delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
-    not just abandoned. Raises UsageError when the SDK cannot make a client (no credentials)."""
+    not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
+    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
     if offline or not (has_key or vertex):
         return SimulatedClient(latency_s=fake_latency_s)
     timeout_ms = math.ceil(request_timeout_s * 1000)
-    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms)
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
+    )
     try:
         return genai.Client(http_options=options)
     except Exception as exc:
         if not (isinstance(exc, ValueError) or is_auth_error(exc)):
             raise
         raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+def keep_alive(connections: int) -> dict[str, Any]:
+    """HttpOptions.async_client_args that keep `connections` idle connections open. The SDK's
+    httpx and httpx2 clients keep 20: with more calls in flight, every pause (a 429's delay)
+    closes the rest, and they reopen together, a TLS handshake each. The Limits come from the
+    client the SDK will pick (GOOGLE_GENAI_HTTP_CLIENT, else httpx2, else httpx: both are its
+    dependencies). aiohttp, which the SDK prefers when installed, keeps every one anyway."""
+    chosen = os.environ.get("GOOGLE_GENAI_HTTP_CLIENT", "").strip().lower()
+    for module_name in [chosen] if chosen in ("httpx", "httpx2") else ["httpx2", "httpx"]:
+        with contextlib.suppress(ImportError):
+            limits = importlib.import_module(module_name).Limits
+            return {"limits": limits(max_connections=None, max_keepalive_connections=connections)}
+    return {}
 
 
 def is_auth_error(exc: BaseException) -> bool:
@@ -1233,8 +1253,9 @@ def run_cli(argv: list[str] | None = None) -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
             client = make_client(
-                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s
-            )
+                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s,
+                connections=args.concurrency,
+            )  # fmt: skip
             return await main(config, client, shutdown=shutdown)
 
     try:

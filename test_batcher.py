@@ -859,6 +859,45 @@ def fake_stdin(data: bytes) -> Any:
     return mock.patch.object(aiofiles, "stdin_bytes", SimpleNamespace(read1=read1))
 
 
+class KeepAliveTest(CorpusTestCase):
+    async def test_the_keep_alive_pool_holds_a_connection_per_call_in_flight_across_pauses(self) -> None:
+        self.write_corpus(400)
+        connections, calls = itertools.count(), itertools.count(1)
+
+        class KeepAliveHandler(StubHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as the real API does
+
+            def setup(self) -> None:
+                next(connections)  # one handler per connection
+                super().setup()
+
+            def do_POST(self) -> None:
+                if next(calls) % 50:
+                    super().do_POST()
+                    return
+                self.rfile.read(int(self.headers["Content-Length"]))
+                details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}]
+                error = {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}
+                self.reply(429, {"error": error})
+
+        requests: list[tuple[str, dict[str, Any]]] = []
+        server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (KeepAliveHandler,), {"requests": requests}))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        env = {
+            "GEMINI_API_KEY": "k",
+            "GOOGLE_API_KEY": "",
+            "GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+        }
+        with mock.patch.dict(os.environ, env):
+            client = batcher.make_client(offline=False, fake_latency_s=0, connections=32)
+        status, _ = await self.run_main(client, batch_size=1, concurrency=32, quiet=True)
+        self.assertEqual(status, 0)
+        self.assertEqual(len(self.written()), 400)
+        self.assertLessEqual(next(connections), 32 + 4)  # with 20 kept, each pause would reopen 12
+
+
 class RunStopTest(CorpusTestCase):
     """Errors that every call would meet stop the run and report nothing: a re-run does it all."""
 

@@ -1052,6 +1052,43 @@ class GenerationSettingsTest(PipelineTestCase):
             self.assertLessEqual(in_window, 1.02 * tpm / 60 + max(tokens_of.values()), sent_at)
 
 
+class KeepAliveTest(PipelineTestCase):
+    async def test_the_keep_alive_pool_holds_a_connection_per_worker_across_pauses(self) -> None:
+        write_inputs(self.inputs, 1, 400)
+        connections = itertools.count()
+
+        class KeepAliveHandler(ScriptedHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as the real API does
+
+            def setup(self) -> None:
+                next(connections)  # one handler per connection
+                super().setup()
+
+        def respond(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
+            if n % 50:
+                return answer("ok")
+            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}]
+            return 429, {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
+
+        bodies: list[dict[str, Any]] = []
+        handler = type("Handler", (KeepAliveHandler,), {"bodies": bodies, "respond": staticmethod(respond)})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        env = {
+            "GEMINI_API_KEY": "k",
+            "GOOGLE_API_KEY": "",
+            "GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+        }
+        with mock.patch.dict(os.environ, env):
+            client = pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0, connections=32)
+        status, _ = await self.run_pipeline(client, workers=32)
+        self.assertEqual(status, 0)
+        self.assertGreaterEqual(len(bodies), 400 + 8)  # every prompt, and the retries after 8 pauses
+        self.assertLessEqual(next(connections), 32 + 4)  # with 20 kept, each pause would reopen 12
+
+
 class GateTest(unittest.IsolatedAsyncioTestCase):
     async def test_a_smaller_usage_than_estimated_lets_a_waiting_worker_start_at_once(self) -> None:
         gate = pipeline.Gate(rpm=None, tpm=6000)  # 100 tokens a second
