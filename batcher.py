@@ -1256,7 +1256,11 @@ def run_cli(argv: list[str] | None = None) -> int:
                 offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s,
                 connections=args.concurrency,
             )  # fmt: skip
-            return await main(config, client, shutdown=shutdown)
+            try:
+                return await main(config, client, shutdown=shutdown)
+            finally:
+                if isinstance(client, genai.Client):
+                    await client.aio.aclose()  # the kept-alive connections
 
     try:
         return asyncio.run(run())

@@ -1387,7 +1387,11 @@ def run_cli(argv: list[str] | None = None) -> int:
                 offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
                 request_timeout_s=args.request_timeout_s, connections=args.workers,
             )  # fmt: skip
-            return await main(config_from(args), client, shutdown=shutdown)
+            try:
+                return await main(config_from(args), client, shutdown=shutdown)
+            finally:
+                if isinstance(client, genai.Client):
+                    await client.aio.aclose()  # the kept-alive connections
 
     try:
         return asyncio.run(run())

@@ -892,6 +892,7 @@ class KeepAliveTest(CorpusTestCase):
         }
         with mock.patch.dict(os.environ, env):
             client = batcher.make_client(offline=False, fake_latency_s=0, connections=32)
+        self.addAsyncCleanup(client.aio.aclose)
         status, _ = await self.run_main(client, batch_size=1, concurrency=32, quiet=True)
         self.assertEqual(status, 0)
         self.assertEqual(len(self.written()), 400)

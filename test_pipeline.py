@@ -1083,6 +1083,7 @@ class KeepAliveTest(PipelineTestCase):
         }
         with mock.patch.dict(os.environ, env):
             client = pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0, connections=32)
+        self.addAsyncCleanup(client.aio.aclose)
         status, _ = await self.run_pipeline(client, workers=32)
         self.assertEqual(status, 0)
         self.assertGreaterEqual(len(bodies), 400 + 8)  # every prompt, and the retries after 8 pauses
