@@ -55,6 +55,10 @@ GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before t
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run. A long
 # answer with thinking can take a few minutes: 300 s leaves room for that and still ends a hang.
 REQUEST_TIMEOUT_S = 300.0
+# Flex is half price, with best-effort latency: Google's guide warns that answers can take
+# minutes, so its default is longer (a 503 when Google sheds the load is retried as ever).
+FLEX_REQUEST_TIMEOUT_S = 900.0
+SERVICE_TIERS = ("flex", "standard", "priority")  # types.ServiceTier, as the SDK has them
 MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 # --tpm's guess of an answer's tokens before any is seen: small, so no worker is held back for an
@@ -69,7 +73,7 @@ LOCK_NAME = ".lock"
 # The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
 RECORDED_SETTINGS = (
     "model", "system_instruction", "json_schema", "temperature", "max_output_tokens", "thinking_level",
-    "thinking_budget",
+    "thinking_budget", "service_tier",
 )  # fmt: skip
 THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
@@ -198,6 +202,7 @@ class Config:
     thinking_level: str | None = None
     thinking_budget: int | None = None
     json_schema: dict[str, Any] | None = None
+    service_tier: str | None = None  # None: the API's default (standard)
     retry_errors: bool = False
     word_count: bool = False
     quiet: bool = False  # no per-item lines, and no progress line
@@ -228,7 +233,7 @@ class Config:
             "system_instruction": self.system_instruction, "temperature": self.temperature,
             "max_output_tokens": self.max_output_tokens, "thinking_config": thinking,
             "response_mime_type": None if self.json_schema is None else "application/json",
-            "response_json_schema": self.json_schema,
+            "response_json_schema": self.json_schema, "service_tier": self.service_tier,
         }  # fmt: skip
         settings = {name: value for name, value in settings.items() if value is not None}
         return types.GenerateContentConfig(**settings) if settings else None
@@ -1277,7 +1282,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring as written, and each flag's default after its help ("none": not set)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is False or action.default is argparse.SUPPRESS:
+        if action.default is False or action.default is argparse.SUPPRESS or "(default: " in (action.help or ""):
             return action.help or ""
         return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
 
@@ -1322,8 +1327,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--queue-size", type=count, default=5, metavar="N", help="bound of each queue")
     add("--shard-size", type=count, default=5, metavar="N", help="records per output shard at most")
     add("--max-attempts", type=count, default=5, metavar="N", help="calls per prompt, retries included")
-    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
-        help="per attempt; an answer with thinking can take minutes")  # fmt: skip
+    add("--request-timeout", dest="request_timeout_s", type=positive, metavar="SECONDS",
+        help=f"per attempt; an answer with thinking can take minutes (default: {REQUEST_TIMEOUT_S:g}, or "
+        f"{FLEX_REQUEST_TIMEOUT_S:g} with --service-tier flex)")  # fmt: skip
     add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, all workers together")
     add("--tpm", type=positive, metavar="N", help="cap on tokens per minute, all workers together")
     add("--model", type=model_name, default="gemini-flash-latest", metavar="NAME", help="model")
@@ -1334,6 +1340,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--thinking-budget", type=number(int, -1), metavar="N",
         help="Gemini 2.5: thinking tokens per answer (0: off where allowed; -1: auto)")  # fmt: skip
     add("--json-schema", type=Path, metavar="PATH", help="ask for JSON matching this JSON Schema file; parse it")
+    add("--service-tier", choices=SERVICE_TIERS, help="flex: half price, slower, may be shed (503s are retried)")
     add("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
     add("--word-count", action="store_true", help="add word_count, computed in a process pool")
     add("--offline", action="store_true", help="use the simulated model even with a key")
@@ -1369,6 +1376,8 @@ def config_from(args: argparse.Namespace) -> Config:
             raise UsageError(f"--json-schema: {args.json_schema} is not a JSON Schema object")
     if args.thinking_level is not None and args.thinking_budget is not None:
         raise UsageError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
+    if args.request_timeout_s is None:
+        settings["request_timeout_s"] = FLEX_REQUEST_TIMEOUT_S if args.service_tier == "flex" else REQUEST_TIMEOUT_S
     return Config(**settings)
 
 
@@ -1383,12 +1392,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
+            config = config_from(args)
             client = make_client(
                 offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
-                request_timeout_s=args.request_timeout_s, connections=args.workers,
+                request_timeout_s=config.request_timeout_s, connections=config.workers,
             )  # fmt: skip
             try:
-                return await main(config_from(args), client, shutdown=shutdown)
+                return await main(config, client, shutdown=shutdown)
             finally:
                 if isinstance(client, genai.Client):
                     await client.aio.aclose()  # the kept-alive connections

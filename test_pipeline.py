@@ -425,11 +425,13 @@ def assert_help_shows_defaults(test: unittest.TestCase, parser: Any) -> None:
             continue
         flag = action.option_strings[0]
         expected = "none" if action.default is None else str(action.default)
-        found = re.search(rf"{flag}\b(.*?)\(default: (.*?)\)", options)
+        if "(default: " in (action.help or ""):  # stated in the help itself (it depends on another flag)
+            expected = action.help.partition("(default: ")[2].rpartition(")")[0]
+        # The flag, a readable metavar (SECONDS, N, PATH, or the choices), its help, and its default.
+        found = re.search(rf"{flag} (\{{[a-z,]+\}}|[A-Z]+) .*?\(default: (.*?)\)", options)
         test.assertIsNotNone(found, flag)
         assert found is not None
         test.assertEqual(found.group(2), expected, flag)
-        test.assertRegex(found.group(1), r"^ (\{[a-z,]+\}|[A-Z]+) ", flag)  # SECONDS, N, PATH or the choices
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -967,11 +969,12 @@ class GenerationSettingsTest(PipelineTestCase):
         [record] = records(self.outputs)
         self.assertEqual(record["response"], {"label": "pos"})  # parsed, not a string
 
-    async def test_a_thinking_level_reaches_the_request_body(self) -> None:
+    async def test_a_thinking_level_and_a_service_tier_reach_the_request_body(self) -> None:
         write_inputs(self.inputs, 1, 1)
         with scripted_client(lambda body, n: answer("ok")) as (client, bodies):
-            status, _ = await self.run_pipeline(client, thinking_level="low")
+            status, _ = await self.run_pipeline(client, thinking_level="low", service_tier="flex")
         self.assertEqual(status, 0)
+        self.assertEqual(bodies[0]["serviceTier"], "flex")
         self.assertEqual(list(bodies[0]["generationConfig"]["thinkingConfig"].values()), ["LOW"])  # either spelling
 
     async def test_a_value_error_raised_before_sending_is_a_bug_not_a_malformed_reply(self) -> None:
@@ -1282,6 +1285,14 @@ class CommandLineTest(unittest.TestCase):
 
     def test_help_shows_every_default_with_readable_metavars(self) -> None:
         assert_help_shows_defaults(self, pipeline.make_parser())
+
+    def test_flex_waits_longer_for_an_answer_unless_told(self) -> None:
+        def timeout_of(*argv: str) -> float:
+            return pipeline.config_from(pipeline.parse_args(list(argv))).request_timeout_s
+
+        self.assertEqual(timeout_of(), pipeline.REQUEST_TIMEOUT_S)
+        self.assertEqual(timeout_of("--service-tier", "flex"), pipeline.FLEX_REQUEST_TIMEOUT_S)
+        self.assertEqual(timeout_of("--service-tier", "flex", "--request-timeout", "5"), 5)
 
     def interrupt_then_resume(self, signum: int, *extra: str, group: bool = False) -> None:
         """Starts a run, sends signum once it is well under way (to the whole process group,
