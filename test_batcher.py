@@ -934,11 +934,14 @@ class RunStopTest(CorpusTestCase):
     async def test_a_setting_every_call_rejects_stops_the_run_after_three_batches(self) -> None:
         self.write_corpus(100)
         message = "Request contains an invalid argument."
-        rejected = errors.ClientError(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
-        client = SpyClient(fail=lambda texts, n: rejected)
-        status, out, err = await self.run_quietly(client, concurrency=1)
+        rejected = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+        with stub_server(error=rejected) as (base_url, requests):
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = batcher.make_client(offline=False, fake_latency_s=0)
+            status, out, err = await self.run_quietly(client, concurrency=1)
         self.assertEqual(status, 2)
-        self.assertLessEqual(len(client.calls), 3 * 3)  # three batches, each split once
+        self.assertLessEqual(len(requests), 3 * 3)  # three batches, each split once
         self.assertNotIn("Failed:", out)
         self.assertIn(f"the first 3 batches all failed alike: 400 INVALID_ARGUMENT: {message}", err)
         self.assertEqual((await self.run_main(SpyClient()))[0], 0)
