@@ -1201,7 +1201,8 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if (value <= low if above else value < low) or value > high or not math.isfinite(value):
             bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")

@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -65,6 +66,9 @@ PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress lin
 # answer nobody has seen yet (a 500-token guess spread 16 workers' first starts over 200 s at tpm
 # 2400); the reported usage corrects it at once, and then the mean of the answers seen is used.
 OUTPUT_TOKENS_GUESS = 20
+INPUT_SUFFIXES = (".txt", ".jsonl", ".ndjson")  # in any case: UPPER.TXT too
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
@@ -154,29 +158,40 @@ def refuse_constant(name: str) -> NoReturn:
 class Stats:
     """Counts shared by every stage; the summary and the progress line read them."""
 
-    read: int = 0  # non-blank lines found, skipped ones included
+    read: int = 0  # prompts the readers read (non-blank lines), skipped ones included
     skipped: int = 0  # already done in an earlier run
     succeeded: int = 0
     failed: int = 0
     retries: int = 0
     in_flight: int = 0  # prompts in a worker's hands
+    calls: int = 0  # calls made, answered or not
     input_tokens: int = 0  # of every answered call, retries included: what is billed
     output_tokens: int = 0
     thinking_tokens: int = 0
     answers: int = 0  # answered calls
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
 
-    def summary(self, errors_held: int) -> str:
+    def summary(self, errors_held: int, *, stopped: bool) -> str:
         wall_s = time.perf_counter() - self.started
         done = self.succeeded + self.failed
         thinking = f", {self.thinking_tokens} thinking" if self.thinking_tokens else ""
-        return (
-            f"Summary: {self.read} prompts read, {self.skipped} skipped (already done), "
-            f"{self.succeeded} succeeded, {self.failed} failed, {self.retries} retries\n  tokens: "
-            f"{self.input_tokens} input, {self.output_tokens} output{thinking} ({self.answers} answered calls)\n"
+        lines = [
+            f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped (already done), "
+            f"{self.succeeded} succeeded, {self.failed} failed, {plural(self.retries, 'retry', 'retries')}",
+            f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking}; "
+            f"{plural(self.calls, 'call')}, {self.answers} answered",
             f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
-            f"{errors_held} failed prompts in {ERRORS_NAME}"
-        )
+            f"{plural(errors_held, 'failed prompt')} in {ERRORS_NAME}",
+        ]
+        if stopped:  # a bad key, a spent quota, Ctrl-C
+            left = self.read - self.skipped - done
+            lines.append(f"  left for the next run: {plural(left, 'prompt')} read but not done, and those not read")
+        return "\n".join(lines)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """ "1 prompt", "2 prompts"; "1 retry", "0 retries"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 @dataclass(frozen=True)
@@ -551,9 +566,16 @@ def is_auth_error(exc: BaseException) -> bool:
 
 # --- Stage 1: the input readers -------------------------------------------------------
 def input_files(input_dir: Path) -> list[Path]:
-    """The *.txt and *.jsonl files of the input folder, in name order."""
-    paths = itertools.chain(input_dir.glob("*.txt"), input_dir.glob("*.jsonl"))
-    return sorted(path for path in paths if path.is_file())
+    """The .txt, .jsonl and .ndjson files of the input folder (any case), in name order. Hidden
+    files (".#notes.txt" from Emacs, "._notes.txt" from macOS) are left out, and counted in a line."""
+    paths = sorted(path for path in input_dir.iterdir() if path.suffix.lower() in INPUT_SUFFIXES and path.is_file())
+    if hidden := sum(path.name.startswith(".") for path in paths):
+        log.warning("skipping %d hidden file%s (names starting with '.')", hidden, "" if hidden == 1 else "s")
+    return [path for path in paths if not path.name.startswith(".")]
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".ndjson")
 
 
 @contextlib.asynccontextmanager
@@ -590,18 +612,26 @@ async def waited_out(task: asyncio.Future[Any]) -> bool:
 
 
 async def read_blocks(path: Path) -> AsyncIterator[bytes]:
-    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last newline,
-    through aiofiles: one thread hop per chunk, not per line."""
+    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last line end,
+    through aiofiles: one thread hop per chunk, not per line. A line ends with "\n", "\r\n" or a
+    lone "\r" (old Mac files); each becomes "\n". A leading UTF-8 BOM (Windows editors, Excel
+    exports) is dropped."""
     async with open_file(path, "rb") as f:
-        tail = b""
+        tail, first = b"", True
         while chunk := await f.read(CHUNK_BYTES):
-            data = tail + chunk
-            cut = data.rfind(b"\n") + 1  # 0 for no newline: a line longer than a chunk, so read on
+            data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+            end = len(data) - data.endswith(b"\r")  # a last "\r" may be half of "\r\n": keep it for later
+            cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1  # 0: a line longer than a chunk
             if cut:
-                yield data[: cut - 1]
+                yield newlines(data[:cut])[:-1]  # without the last line end, "\n" now
             tail = data[cut:]
         if tail:
-            yield tail
+            yield newlines(tail).removesuffix(b"\n")
+
+
+def newlines(data: bytes) -> bytes:
+    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
 
 
 def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, str]]:
@@ -617,6 +647,12 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
                 lines.append(raw.decode(errors="backslashreplace"))
                 bad[number] = f"undecodable UTF-8: {exc}"
         return lines, bad
+
+
+def is_blank(text: str) -> bool:
+    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
+    ...), which str.strip keeps: nothing a model could answer."""
+    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
 
 
 def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[str | None, str, dict[str, Any] | None]:
@@ -653,7 +689,7 @@ def parse_lines(
     "id", else "<file name>:<line number>". A line that cannot be run (not UTF-8, a bad JSONL
     row) keeps its "<file>:<line>" id and its text as read, and says why in error."""
     for number, text in enumerate(map(str.strip, lines), first_number):
-        if not text:
+        if not text or (not text.isprintable() and is_blank(text)):
             continue
         prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
         if jsonl and error is None:
@@ -667,12 +703,17 @@ def parse_lines(
 
 async def read_prompts(path: Path, *, seen: set[str], reserved: Collection[str]) -> AsyncIterator[Iterator[PromptLine]]:
     """The file's prompts (see parse_lines), one iterator per block of lines: the reader and the
-    resume check read the inputs alike. Take each iterator to its end before the next."""
-    name, number, jsonl = path.name, 0, path.suffix == ".jsonl"
+    resume check read the inputs alike. Take each iterator to its end before the next. A JSONL
+    file that is a JSON array is one bad line, not a bad line per element."""
+    name, number, jsonl = path.name, 0, is_jsonl(path)
     async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
         async for block in blocks:
             # The whole block is decoded at once; a line at a time reads 18% slower (bench.py, reader).
             lines, bad = decode_lines(block, number + 1)
+            if jsonl and not number and (first := next((line for line in lines if line.strip()), "")).startswith("["):
+                error = "the file is a JSON array; JSONL needs one JSON object per line (the file is not run)"
+                yield iter([(f"{name}:{lines.index(first) + 1}", first.strip(), None, error)])
+                return
             yield parse_lines(name, lines, number + 1, bad, jsonl=jsonl, seen=seen, reserved=reserved)
             number += len(lines)
 
@@ -695,17 +736,18 @@ async def read_inputs(
     async def read_file(path: Path) -> None:
         async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
             async for prompts in blocks:
-                if shutdown.requested:
-                    return
                 for prompt_id, text, metadata, error in prompts:
                     stats.read += 1
                     if resume.skips(prompt_id, text):
                         stats.skipped += 1
-                    elif error is not None:
+                        continue
+                    if error is not None:
                         log.info("%s: %s", prompt_id, error)
                         await error_queue.put(Result(prompt_id, text, metadata, error=error))
                     else:
                         await input_queue.put((prompt_id, text, metadata))  # backpressure: wait for the workers
+                    if shutdown.requested:  # it came while we waited: stop at this line, not at the block's end
+                        return
 
     async def reader(paths: list[Path]) -> None:  # one reader: its files, one after another
         for path in paths:
@@ -773,6 +815,7 @@ async def generate_one(
         estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
     for attempt in range(1, config.max_attempts + 1):
         await gate.wait_turn(estimate)
+        stats.calls += 1
         used = 0
         try:
             call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
@@ -1161,12 +1204,13 @@ def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str
 def check_paths(config: Config) -> list[Path]:
     """The input files, after checking the input and output folders. Raises UsageError."""
     if not config.inputs.is_dir():
-        raise UsageError(f"input folder not found: {config.inputs}")
+        problem = "is a file" if config.inputs.exists() else "not found"
+        raise UsageError(f"input folder {problem}: {config.inputs}")
     if config.outputs.resolve().is_relative_to(config.inputs.resolve()):
         raise UsageError(f"the output folder is inside the input folder: {config.outputs} (a re-run would read it)")
     files = input_files(config.inputs)
     if not files:
-        raise UsageError(f"no *.txt or *.jsonl files in the input folder: {config.inputs}")
+        raise UsageError(f"no .txt, .jsonl or .ndjson files in the input folder: {config.inputs}")
     try:
         config.outputs.mkdir(parents=True, exist_ok=True)
         probe = config.outputs / f".write-test-{os.getpid()}"
@@ -1219,6 +1263,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed, 2 an
     error about every request (a bad key or model), 130 or 143 interrupted. Raises
     UsageError on bad input, or when another run holds the output folder."""
+    stats = Stats()  # its clock starts here: the resume scan is part of the run
     files = check_paths(config)
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
@@ -1230,7 +1275,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
         if resume.done or resume.failed:
             log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
-        stats, gate = Stats(), Gate(rpm=config.rpm, tpm=config.tpm)
+        gate = Gate(rpm=config.rpm, tpm=config.tpm)
         input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
@@ -1268,7 +1313,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         # Errors of ids no longer in the inputs go, once the readers have met every input.
         gone = resume.failed.keys() - resume.met if not shutdown.requested else set()
         errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone)
-    print(stats.summary(errors_held))
+    print(stats.summary(errors_held, stopped=shutdown.requested))
     if shutdown.failure is not None:
         print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2
@@ -1300,7 +1345,8 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if (value <= low if above else value < low) or value > high or not math.isfinite(value):
             bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
@@ -1357,7 +1403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_setting_file(path: Path, flag: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the setting
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 

@@ -404,6 +404,35 @@ class ResumeTest(PipelineTestCase):
         self.assertIn(f"{written} skipped", summary)
         self.assert_exactly_once(prompts)
 
+    async def test_a_stopped_run_counts_the_prompts_that_ran_its_calls_and_what_is_left(self) -> None:
+        write_inputs(self.inputs, 1, 3000)  # one file, one block: the reader stops at a line, not a block
+        shutdown = Shutdown(grace_s=0.05)
+        client = SpyClient(latency_s=0.005, on_call=lambda n: shutdown.request() if n == 20 else None)
+        status, summary = await self.run_pipeline(client, shutdown=shutdown, workers=4)
+        self.assertEqual(status, 130)
+        found = re.search(r"Summary: (\d+) prompts read, 0 skipped \(already done\), (\d+) succeeded", summary)
+        assert found is not None, summary
+        read, succeeded = int(found.group(1)), int(found.group(2))
+        self.assertLessEqual(read, len(client.prompts) + 5 + 1)  # those called, those queued, and one
+        self.assertIn(f"; {len(client.prompts)} calls, ", summary)
+        self.assertIn(
+            f"left for the next run: {read - succeeded} prompts read but not done, and those not read", summary
+        )
+
+    async def test_the_wall_time_counts_the_resume_scan(self) -> None:
+        write_inputs(self.inputs, 1, 3)
+        scan = pipeline.scan_outputs
+
+        def slow_scan(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.3)
+            return scan(*args, **kwargs)
+
+        with mock.patch.object(pipeline, "scan_outputs", slow_scan):
+            _, summary = await self.run_pipeline()
+        found = re.search(r"wall time ([0-9.]+)s", summary)
+        assert found is not None, summary
+        self.assertGreaterEqual(float(found.group(1)), 0.3)
+
     async def test_retry_errors_retries_failed_prompts_and_clears_them(self) -> None:
         prompts = write_inputs(self.inputs, 2, 5)
         await self.run_pipeline(SpyClient(fail=lambda prompt, n: api_error(400) if "3" in prompt else None))
@@ -415,6 +444,82 @@ class ResumeTest(PipelineTestCase):
         self.assertEqual((status, client.prompts), (0, ["What is two times 3?"]))
         self.assertEqual(records(self.outputs, "errors.jsonl"), [])
         self.assert_exactly_once(prompts)
+
+
+class InputEdgeCaseTest(PipelineTestCase):
+    """Files as real editors and tools leave them."""
+
+    async def test_a_bom_is_dropped_from_txt_jsonl_and_setting_files(self) -> None:
+        self.inputs.mkdir()
+        bom = "\ufeff"
+        (self.inputs / "a.txt").write_text(bom + "What is two times 3?\n", encoding="utf-8")
+        (self.inputs / "b.jsonl").write_text(bom + '{"id": "r1", "prompt": "What is two times 4?"}\n', encoding="utf-8")
+        (self.tmp / "system.txt").write_text(bom + "Be brief.", encoding="utf-8")
+        config = pipeline.config_from(pipeline.parse_args(["--system-instruction", f"@{self.tmp / 'system.txt'}"]))
+        self.assertEqual(config.system_instruction, "Be brief.")
+        client = SpyClient()
+        status, _ = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertEqual(sorted(client.prompts), ["What is two times 3?", "What is two times 4?"])
+        self.assertEqual({r["id"] for r in records(self.outputs)}, {"a.txt:1", "r1"})
+
+    async def test_cr_only_and_crlf_line_ends_are_line_ends_across_chunks(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "mac.txt").write_bytes(b"one\rtwo\r\rthree\r")
+        (self.inputs / "dos.txt").write_bytes(b"alpha\r\nbeta\r\n\r\ngamma delta\r\n")
+        with mock.patch.object(pipeline, "CHUNK_BYTES", 5):  # "\r\n" falls across chunk boundaries
+            client = SpyClient()
+            status, _ = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        got = {r["id"]: r["prompt"] for r in records(self.outputs)}
+        expected = {"mac.txt:1": "one", "mac.txt:2": "two", "mac.txt:4": "three"}
+        expected |= {"dos.txt:1": "alpha", "dos.txt:2": "beta", "dos.txt:4": "gamma delta"}
+        self.assertEqual(got, expected)
+
+    async def test_lines_of_only_invisible_characters_are_blank(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "a.txt").write_text("\u200b\n\x00\x00\n\u00a0\u2060\nreal\tprompt\n", encoding="utf-8")
+        client = SpyClient()
+        status, summary = await self.run_pipeline(client)
+        self.assertEqual((status, client.prompts), (0, ["real\tprompt"]))
+        self.assertEqual([r["id"] for r in records(self.outputs)], ["a.txt:4"])
+        self.assertIn("1 prompt read", summary)
+
+    async def test_hidden_files_are_skipped_and_counted_and_suffixes_match_in_any_case(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / ".#notes.txt").write_text("What is two times 1?\n")
+        (self.inputs / "._notes.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe binary resource fork")
+        (self.inputs / "UPPER.TXT").write_text("What is two times 2?\n")
+        (self.inputs / "rows.ndjson").write_text('{"prompt": "What is two times 3?"}\n')
+        client = SpyClient()
+        with self.assertLogs(pipeline.log, "WARNING") as logged:
+            status, _ = await self.run_pipeline(client)
+        self.assertEqual(status, 0)
+        self.assertEqual(sorted(client.prompts), ["What is two times 2?", "What is two times 3?"])
+        self.assertIn("skipping 2 hidden files (names starting with '.')", "\n".join(logged.output))
+
+    async def test_a_json_array_file_gets_one_line_saying_jsonl_needs_an_object_per_line(self) -> None:
+        self.inputs.mkdir()
+        rows = [{"prompt": f"What is two times {i}?"} for i in range(10)]
+        (self.inputs / "rows.jsonl").write_text(json.dumps(rows, indent=2) + "\n")
+        client = SpyClient()
+        status, _ = await self.run_pipeline(client)
+        self.assertEqual((status, client.prompts), (1, []))
+        [failed] = records(self.outputs, "errors.jsonl")
+        self.assertEqual(failed["id"], "rows.jsonl:1")
+        self.assertIn("JSON array; JSONL needs one JSON object per line", failed["error"])
+
+    async def test_a_row_nested_990_deep_fails_alone(self) -> None:
+        self.inputs.mkdir()
+        deep = '{"prompt": "p", "x": ' + "[" * 990 + "]" * 990 + "}"
+        (self.inputs / "rows.jsonl").write_text(deep + '\n{"prompt": "What is two times 2?"}\n')
+        for _ in range(2):  # and a re-run is not stopped by it either
+            status, _ = await self.run_pipeline()
+            self.assertEqual(status, 1)
+        [failed] = records(self.outputs, "errors.jsonl")
+        self.assertEqual(failed["id"], "rows.jsonl:1")
+        self.assertIn("bad JSONL line", failed["error"])
+        self.assertEqual([r["prompt"] for r in records(self.outputs)], ["What is two times 2?"])
 
 
 def assert_help_shows_defaults(test: unittest.TestCase, parser: Any) -> None:
@@ -629,7 +734,7 @@ class RealClientTest(PipelineTestCase):
             status, summary = await self.run_pipeline(client)
         self.assertEqual(status, 0)
         self.assertEqual(sorted(r["response"] for r in records(self.outputs)), sorted("ok: " + p for p in prompts))
-        self.assertIn("1 retries", summary)
+        self.assertIn("1 retry", summary)
         self.assertEqual(len(paths), 7)
         self.assertRegex(paths[0], r"^/v1(beta)?/models/gemini-flash-latest:generateContent$")
 
@@ -754,7 +859,7 @@ class BadDayTest(PipelineTestCase):
         with mock.patch.object(client, "generate_content", first_shapeless):
             status, summary = await self.run_pipeline(client)
         self.assertEqual(status, 0)
-        self.assertIn("1 retries", summary)
+        self.assertIn("1 retry", summary)
 
         async def bug(**kwargs: Any) -> types.GenerateContentResponse:
             raise AttributeError("a bug of ours")
@@ -1001,7 +1106,7 @@ class GenerationSettingsTest(PipelineTestCase):
             [r["usage"] for r in records(self.outputs)],
             [{"input_tokens": 7, "output_tokens": 4, "thinking_tokens": 2}] * 2,
         )
-        self.assertIn("tokens: 21 input, 11 output, 4 thinking (3 answered calls)", summary)
+        self.assertIn("tokens: 21 input, 11 output, 4 thinking; 3 calls, 3 answered", summary)
 
     async def test_a_json_answer_that_never_parses_fails_with_the_reason(self) -> None:
         write_inputs(self.inputs, 1, 1)
@@ -1169,7 +1274,7 @@ class RequestWideErrorTest(PipelineTestCase):
         with scripted_client(lambda body, n: (429, {"error": error}) if n == 1 else answer("ok")) as (client, _):
             status, summary = await self.run_pipeline(client)
         self.assertEqual(status, 0)
-        self.assertIn("1 retries", summary)
+        self.assertIn("1 retry", summary)
 
     async def test_a_setting_every_call_rejects_stops_the_run_and_a_fixed_rerun_does_everything(self) -> None:
         prompts = write_inputs(self.inputs, 10, 30)
@@ -1251,7 +1356,10 @@ class CommandLineTest(unittest.TestCase):
         (self.tmp / "list.json").write_text("[1, 2]")
         cases = [
             (["--inputs", "nope"], "input folder not found: nope"),
-            (["--inputs", "empty"], "no *.txt or *.jsonl files in the input folder: empty"),
+            (["--inputs", "empty"], "no .txt, .jsonl or .ndjson files in the input folder: empty"),
+            (["--inputs", "afile"], "input folder is a file: afile"),
+            (["--workers", "two"], "argument --workers: expected an integer, got 'two'"),
+            (["--temperature", "warm"], "argument --temperature: expected a number, got 'warm'"),
             (["--outputs", "afile"], "output folder is not a writable folder: afile"),
             (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
             (["--outputs", "inputs"], "the output folder is inside the input folder: inputs"),
