@@ -1347,7 +1347,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("simulated model", result.stderr)
         self.assertIn("30 succeeded", result.stdout)
-        self.assertEqual(len(list((self.tmp / "outputs").glob("shard_*.jsonl"))), 6)
+        self.assertEqual(len(list((self.tmp / "outputs").glob("shard_*.jsonl"))), 1)  # 2,000 to a shard, not 5
 
     def test_bad_input_gets_one_line_and_exit_2(self) -> None:
         (self.tmp / "empty").mkdir()
