@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
@@ -55,6 +56,8 @@ MAX_BATCH_SIZE = 100  # the API rejects more than 100 texts in one call
 QUEUE_SIZE = 256  # bound of every queue: backpressure instead of unbounded memory
 CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 STDIN = Path("-")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
 TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read without the embedding
 MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
@@ -531,7 +534,7 @@ async def read_corpus(
                 text = raw.decode().strip()
             except UnicodeDecodeError as exc:
                 text, error = raw.decode(errors="backslashreplace").strip(), exc
-            if not text:
+            if not text or (not text.isprintable() and is_blank(text)):
                 continue
             if (digest := resume.done.get(item_id)) is not None:
                 if digest == hash(text):
@@ -552,15 +555,30 @@ async def read_corpus(
 
 
 async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
-    """The lines of what read(n) returns, without their newlines, read CHUNK_BYTES at a time:
-    one thread hop per chunk, not per line."""
-    tail = b""
+    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
+    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
+    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
+    tail, first = b"", True
     while chunk := await read(CHUNK_BYTES):
-        *lines, tail = (tail + chunk).split(b"\n")  # the last piece may be a line's start
+        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
+        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
+        tail += held
         for line in lines:
             yield line
     if tail:
-        yield tail
+        yield tail.removesuffix(b"\r")
+
+
+def newlines(data: bytes) -> bytes:
+    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+
+
+def is_blank(text: str) -> bool:
+    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
+    ...), which str.strip keeps: nothing to embed."""
+    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
 
 
 # --- Stage 2: the batcher -------------------------------------------------------------
@@ -1103,18 +1121,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def summary(batcher: Batcher[Input], retrier: Retrier, stats: RunStats) -> str:
+def summary(batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopped: bool) -> str:
+    """What the run did. Latency is measured in the demo, where inputs arrive over time; a corpus
+    is read as fast as the queues take it, so its summary has none. A stopped run (a bad key, a
+    spent quota, Ctrl-C) says what it leaves for the next run."""
     lat, wall_s, counts = stats.latencies_s, time.perf_counter() - stats.started, batcher.counts
     mean_batch = batcher.items / counts.total() if counts else 0.0
     skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
-    latency = f"p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s" if lat else "-"
-    return (
-        f"Summary: {batcher.items} items in {counts.total()} batches ({counts['full']} full, "
-        f"{counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}\n"
-        f"  mean batch size {mean_batch:.2f}, {retrier.calls} API calls, {retrier.retries} retries, "
-        f"{stats.succeeded} embedded, {stats.failed} failed items\n"
-        f"  item latency {latency}; wall time {wall_s:.2f}s"
-    )
+    latency = ""
+    if lat:
+        latency = f"item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s; "
+    lines = [
+        f"Summary: {plural(batcher.items, 'item')} in {plural(counts.total(), 'batch', 'batches')} ({counts['full']} "
+        f"full, {counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}",
+        f"  mean batch size {mean_batch:.2f}, {plural(retrier.calls, 'API call')}, "
+        f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
+        f"{plural(stats.failed, 'failed item')}",
+        f"  {latency}wall time {wall_s:.2f}s",
+    ]
+    if stopped:
+        left = stats.enqueued - stats.succeeded - stats.failed
+        lines.append(f"  left for the next run: {plural(left, 'item')} read but not done, and those not read")
+    return "\n".join(lines)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """ "1 item", "2 items"; "1 retry", "0 retries"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
@@ -1169,7 +1202,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 progress.cancel()
         if resume.changed:
             await refuse_changed_input(output, config.output or STDIN, resume, size)
-    print(summary(batcher, retrier, stats))
+    print(summary(batcher, retrier, stats, stopped=shutdown.requested))
     if shutdown.failure is not None:
         print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2

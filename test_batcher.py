@@ -576,7 +576,7 @@ class RealClientTest(unittest.IsolatedAsyncioTestCase):
             "Content: input-0 -> Embedding: [0.5, -0.5, 0.0]",
         )
         self.assertEqual(sum(line.startswith("Content:") for line in lines), 20)
-        self.assertIn("1 retries", out.getvalue())
+        self.assertIn("4 API calls, 1 retry,", out.getvalue())
         paths = {path for path, _ in requests}
         self.assertEqual(len(paths), 1)
         self.assertRegex(paths.pop(), r"^/v1(beta)?/models/gemini-embedding-001:batchEmbedContents$")
@@ -857,6 +857,43 @@ def fake_stdin(data: bytes) -> Any:
 
     rest = [data]
     return mock.patch.object(aiofiles, "stdin_bytes", SimpleNamespace(read1=read1))
+
+
+class CorpusEdgeCaseTest(CorpusTestCase):
+    """Files as real editors and tools leave them."""
+
+    async def test_a_bom_crlf_and_cr_only_line_ends_and_invisible_lines_read_as_meant(self) -> None:
+        self.corpus.write_bytes(b"\xef\xbb\xbfalpha\r\nbeta\r\n\xe2\x80\x8b\r\n\x00\x00\rgamma\rdelta")
+        client = SpyClient()
+        with mock.patch.object(batcher, "CHUNK_BYTES", 5):  # "\r\n" falls across chunk boundaries
+            status, out = await self.run_main(client)
+        self.assertEqual(status, 0)
+        got = {r["id"]: r["text"] for r in self.written()}
+        self.assertEqual(got, {"corpus.txt:1": "alpha", "corpus.txt:2": "beta", "corpus.txt:5": "gamma",
+                               "corpus.txt:6": "delta"})  # fmt: skip
+        self.assertEqual(sorted(t for call in client.calls for t in call), ["alpha", "beta", "delta", "gamma"])
+        self.assertNotIn("item latency", out)  # a corpus has no arrival times: no latency line
+        self.assertIn("4 embedded, 0 failed items\n  wall time", out)
+
+    async def test_a_bom_on_stdin_is_dropped(self) -> None:
+        with fake_stdin("\ufeffSome text\n".encode()):
+            await self.run_main(SpyClient(), input=batcher.STDIN)
+        self.assertEqual([(r["id"], r["text"]) for r in self.written()], [("stdin:1", "Some text")])
+
+    async def test_a_stopped_run_says_what_it_leaves_for_the_next_run(self) -> None:
+        self.write_corpus(100)
+        info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+        body = {
+            "error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT", "details": [info]}
+        }
+        client = SpyClient(fail=lambda texts, n: errors.ClientError(400, body))
+        with contextlib.redirect_stderr(io.StringIO()):
+            status, out = await self.run_main(client, concurrency=1)
+        self.assertEqual(status, 2)
+        self.assertIn(f"{len(client.calls)} API call", out)
+        found = re.search(r"left for the next run: (\d+) items read but not done, and those not read", out)
+        assert found is not None, out
+        self.assertGreater(int(found.group(1)), 0)
 
 
 class KeepAliveTest(CorpusTestCase):
