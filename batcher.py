@@ -772,9 +772,18 @@ async def log_outputs(
                 if not quiet:
                     print(f"Content: {text} -> Embedding: {result.values}")
         if lines:
-            await output.write("".join(lines).encode())
-            await output.flush()  # whole lines reach the file before we count them done
+            await append(output, lines)
             stats.succeeded += len(lines)
+
+
+async def append(f: Any, lines: list[str]) -> None:
+    """Writes whole lines and flushes them: they reach the file before they count as done. A
+    disk error names the file (the OS's error for a write does not)."""
+    try:
+        await f.write("".join(lines).encode())
+        await f.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
 
 
 # --- Files: aiofiles, safely ----------------------------------------------------------
@@ -796,7 +805,9 @@ async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb"]) -> Async
         closing = asyncio.ensure_future(f.close())
         if await waited_out(closing):
             raise asyncio.CancelledError from closing.exception()
-        closing.result()  # a failed close (a flush on a full disk) raises
+        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        closing.result()
 
 
 async def waited_out(task: asyncio.Future[Any]) -> bool:
@@ -1164,10 +1175,22 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+    file_errors: list[BaseException] = []  # a disk or file error: what was written stays valid
+
+    async def keep_file_error(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        """Closing the output on a full disk fails too: one line for it, after the summary."""
+        if isinstance(exc, OSError) and exc.filename not in {getattr(e, "filename", 0) for e in file_errors}:
+            file_errors.append(exc)
+        return isinstance(exc, OSError)
+
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(keep_file_error)  # first in, so last out: after the output's close
         output, resume, size = None, Resume(), 0
         if config.output is not None:
-            output = await stack.enter_async_context(open_file(config.output, "ab"))
+            try:
+                output = await stack.enter_async_context(open_file(config.output, "ab"))
+            except OSError as exc:  # a read-only file system, a dangling symlink, no permission
+                raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
             lock_output(output, config.output)  # before reading it: another run may be writing
             resume = await resume_output(config.output, config)
             size = os.fstat(output.fileno()).st_size
@@ -1197,12 +1220,18 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             async with asyncio.TaskGroup() as tg:
                 for stage in (source, batcher.batch(input_queue, batch_queue), embedder, sink):
                     tg.create_task(stage)
+        except* OSError as group:
+            file_errors += leaf_exceptions(group)
         finally:
             if progress is not None:
                 progress.cancel()
         if resume.changed:
             await refuse_changed_input(output, config.output or STDIN, resume, size)
-    print(summary(batcher, retrier, stats, stopped=shutdown.requested))
+    print(summary(batcher, retrier, stats, stopped=shutdown.requested or bool(file_errors)))
+    for fault in file_errors:  # one line each, naming the file
+        print(f"batcher.py: error: {fault}", file=sys.stderr)
+    if file_errors:
+        return 1
     if shutdown.failure is not None:
         print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2

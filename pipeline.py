@@ -599,7 +599,9 @@ async def open_file(path: Path, mode: Literal["rb", "ab", "xb"]) -> AsyncIterato
         closing = asyncio.ensure_future(f.close())
         if await waited_out(closing):
             raise asyncio.CancelledError from closing.exception()
-        closing.result()  # a failed close (a flush on a full disk) raises
+        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        closing.result()
 
 
 async def waited_out(task: asyncio.Future[Any]) -> bool:
@@ -987,7 +989,7 @@ async def write_outputs(
             for result in results:
                 if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
                     if f is not None:
-                        await f.write("".join(data).encode())
+                        await append(f, data)
                         data = []
                         await shard.aclose()
                     path = output_dir / SHARD_NAME.format(next(shard_numbers))
@@ -997,11 +999,30 @@ async def write_outputs(
                 if not quiet:
                     log.info("wrote %s to %s", result.id, path.name)
             if data:
-                await f.write("".join(data).encode())
-                await f.flush()  # whole lines reach the file before we count them done
+                try:
+                    await append(f, data)
+                except OSError:  # a full disk: a shard that got nothing is not left behind
+                    await asyncio.to_thread(remove_if_empty, path)
+                    raise
             stats.succeeded += len(results)
             if ended:
                 return
+
+
+async def append(f: Any, lines: list[str]) -> None:
+    """Writes whole lines and flushes them: they reach the file before they count as done. A
+    disk error names the file (the OS's error for a write does not)."""
+    try:
+        await f.write("".join(lines).encode())
+        await f.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
+
+
+def remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
 
 
 async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats) -> None:
@@ -1010,8 +1031,7 @@ async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | Non
         while True:
             results, ended = await take_available(error_queue)
             if results:
-                await f.write("".join(result.json_line() for result in results).encode())
-                await f.flush()
+                await append(f, [result.json_line() for result in results])
                 stats.failed += len(results)
                 for result in results:
                     log.info("failed: %s -> %s", result.id, result.error)
@@ -1185,9 +1205,10 @@ def commit_outputs(output_dir: Path, resume: Resume, manifest: dict[str, Any]) -
     write_manifest(output_dir, manifest)
 
 
-def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str] = ()) -> int:
+def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str] = (), *, rewrite: bool = True) -> int:
     """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and none for
-    ids that have since succeeded or are `gone` from the inputs. Returns how many it holds."""
+    ids that have since succeeded or are `gone` from the inputs. Returns how many it holds (and
+    only counts them when not to rewrite: after a disk error)."""
     path = output_dir / ERRORS_NAME
     if not path.exists():
         return 0
@@ -1196,7 +1217,7 @@ def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str
         if record["id"] not in done and record["id"] not in gone
     }  # fmt: skip
     data = "".join(map(json_line, latest.values())).encode()
-    if path.read_bytes() != data:
+    if rewrite and path.read_bytes() != data:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -1301,10 +1322,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             ) for _ in range(config.writers)),
             write_errors(config.outputs, error_queue, stats=stats),
         ]  # fmt: skip
+        file_errors: list[BaseException] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 for stage in stages:
                     tg.create_task(stage)
+        except* OSError as group:  # a disk or file error stopped the run; what was written stays valid
+            file_errors = leaf_exceptions(group)
         finally:
             if progress is not None:
                 progress.cancel()
@@ -1314,9 +1338,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
             done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
         # Errors of ids no longer in the inputs go, once the readers have met every input.
-        gone = resume.failed.keys() - resume.met if not shutdown.requested else set()
-        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone)
-    print(stats.summary(errors_held, stopped=shutdown.requested))
+        gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
+        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
+    print(stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)))
+    for fault in file_errors:  # one line each, naming the file
+        print(f"pipeline.py: error: {fault}", file=sys.stderr)
+    if file_errors:
+        return 1
     if shutdown.failure is not None:
         print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2

@@ -1251,6 +1251,62 @@ class CorpusCommandLineTest(unittest.TestCase):
             self.assertTrue(line.startswith("batcher.py: error: "), line)
             self.assertNotIn("Failed:", out.getvalue())
 
+    def run_in_process(self, *args: str) -> tuple[int, str, str]:
+        """run_cli in this process, in the temp folder: the status, stdout and stderr."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.chdir(self.tmp), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = batcher.run_cli([*args, "--offline", "--fake-latency", "0"])
+            except SystemExit as exit_:
+                status = int(exit_.code or 0)
+        problems = "".join(line for line in err.getvalue().splitlines(True) if "simulated client" not in line)
+        return status, out.getvalue(), problems
+
+    def test_an_output_on_a_read_only_file_system_or_a_dangling_symlink_gets_one_line_and_exit_2(self) -> None:
+        self.write_corpus(3)
+        real_open = aiofiles.open
+
+        def read_only(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if set(mode) & set("awx+"):
+                raise OSError(30, "Read-only file system", str(path))
+            return real_open(path, mode, *args, **kwargs)
+
+        with mock.patch.object(aiofiles, "open", read_only):
+            status, out, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl")
+        self.assertEqual((status, out), (2, ""))
+        self.assertEqual(err, "batcher.py: error: cannot write the output file out.jsonl: Read-only file system\n")
+        (self.tmp / "link.jsonl").symlink_to(self.tmp / "gone" / "out.jsonl")
+        status, out, err = self.run_in_process("--input", "corpus.txt", "--output", "link.jsonl")
+        self.assertEqual((status, out), (2, ""))
+        self.assertEqual(err, "batcher.py: error: cannot write the output file link.jsonl: No such file or directory\n")
+
+    def test_a_full_disk_mid_run_gets_one_line_naming_the_file_the_summary_and_exit_1(self) -> None:
+        self.write_corpus(50)
+        real_open_file = batcher.open_file
+
+        class FullDisk:  # the open output file, whose writes fail as on a full disk
+            def __init__(self, f: Any) -> None:
+                self.f = f
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.f, name)
+
+            async def write(self, data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+        @contextlib.asynccontextmanager
+        async def open_file(path: Path, mode: Any) -> Any:
+            async with real_open_file(path, mode) as f:
+                yield FullDisk(f) if mode == "ab" else f
+
+        with mock.patch.object(batcher, "open_file", open_file):
+            status, out, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl")
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "batcher.py: error: [Errno 28] No space left on device: 'out.jsonl'\n")
+        self.assertIn("Summary: ", out)
+        self.assertIn("left for the next run", out)
+        self.assertEqual(self.output.read_text(), "")
+
     def test_kill_9_twice_then_a_rerun_leaves_every_text_exactly_once(self) -> None:
         self.write_corpus(20000)
         rng = random.Random(4)

@@ -106,7 +106,7 @@ def disk_full() -> Any:
             async def write(data: bytes) -> None:
                 raise OSError(28, "No space left on device")
 
-            yield SimpleNamespace(write=write, flush=f.flush)
+            yield SimpleNamespace(write=write, flush=f.flush, name=f.name)
 
     return mock.patch.object(pipeline, "open_file", open_file)
 
@@ -1354,6 +1354,7 @@ class CommandLineTest(unittest.TestCase):
         write_inputs(self.tmp / "inputs", 1, 1)
         (self.tmp / "afile").write_text("")
         (self.tmp / "list.json").write_text("[1, 2]")
+        (self.tmp / "dangling").symlink_to(self.tmp / "gone" / "outputs")
         cases = [
             (["--inputs", "nope"], "input folder not found: nope"),
             (["--inputs", "empty"], "no .txt, .jsonl or .ndjson files in the input folder: empty"),
@@ -1362,6 +1363,7 @@ class CommandLineTest(unittest.TestCase):
             (["--temperature", "warm"], "argument --temperature: expected a number, got 'warm'"),
             (["--outputs", "afile"], "output folder is not a writable folder: afile"),
             (["--outputs", "afile/sub"], "output folder is not a writable folder: afile/sub"),
+            (["--outputs", "dangling"], "output folder is not a writable folder: dangling"),
             (["--outputs", "inputs"], "the output folder is inside the input folder: inputs"),
             (["--outputs", "inputs/out"], "the output folder is inside the input folder: inputs/out"),
             (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
@@ -1545,12 +1547,25 @@ class CommandLineTest(unittest.TestCase):
             contextlib.chdir(self.tmp),
             disk_full(),
             contextlib.redirect_stderr(err),
-            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stdout(out := io.StringIO()),
         ):
             status = pipeline.run_cli(["--offline", "--quiet", "--fake-latency", "0"])
         self.assertEqual(status, 1)
         lines = [line for line in err.getvalue().splitlines() if "simulated" not in line]
-        self.assertEqual(lines, ["pipeline.py: error: [Errno 28] No space left on device"])
+        self.assertEqual(lines, ["pipeline.py: error: [Errno 28] No space left on device: 'outputs/shard_00000.jsonl'"])
+        self.assertIn("Summary: ", out.getvalue())  # what was done, and what is left
+        self.assertIn("left for the next run", out.getvalue())
+        self.assertEqual([p.name for p in (self.tmp / "outputs").glob("shard_*")], [])  # no empty shard
+
+    def test_an_output_folder_on_a_read_only_file_system_gets_one_line_and_exit_2(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 3)
+        with mock.patch.object(Path, "touch", side_effect=OSError(30, "Read-only file system")):
+            status, err = self.run_in_process("--quiet")
+        self.assertEqual(status, 2)
+        lines = [line for line in err.splitlines() if "simulated" not in line]
+        self.assertEqual(
+            lines, ["pipeline.py: error: output folder is not a writable folder: outputs (Read-only file system)"]
+        )
 
     def test_a_second_ctrl_c_exits_at_once(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 10)
