@@ -1264,7 +1264,7 @@ class CorpusCommandLineTest(unittest.TestCase):
 
     def test_an_output_on_a_read_only_file_system_or_a_dangling_symlink_gets_one_line_and_exit_2(self) -> None:
         self.write_corpus(3)
-        real_open = aiofiles.open
+        real_open: Any = aiofiles.open
 
         def read_only(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             if set(mode) & set("awx+"):
