@@ -76,6 +76,7 @@ ADAPTIVE_ALPHA = 0.1  # weight of the newest gap in the moving average
 REQUEST_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
+GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 
 T = TypeVar("T")
 # (id, text). In the document's demo the id is the text; in a corpus, "<file name>:<line>".
@@ -123,6 +124,10 @@ class Resume:
 # --- Faults and retries ---------------------------------------------------------------
 class MalformedReply(Exception):
     """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
+
+
+class Stopped(Exception):
+    """An attempt not made because the run is stopping: its texts are left for the next run."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -238,12 +243,14 @@ class Retrier:
     backoff and full jitter, up to max_attempts calls in all; others are raised at once. A
     delay named by the server pauses every call through this Retrier, not just the one told.
     With rpm, call starts are spaced 60/rpm seconds apart across all concurrent calls: no
-    burst at the start, so a corpus job runs at its quota, not against it.
+    burst at the start, so a corpus job runs at its quota, not against it. Once `shutdown` is
+    requested, no new attempt starts: call() raises Stopped (None: never, as in BatchedEmbedder,
+    whose owner cancels it instead).
     """
 
     def __init__(
         self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
-        base_delay_s: float = 0.5,
+        base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
     ) -> None:  # fmt: skip
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -254,6 +261,7 @@ class Retrier:
         self.request_timeout_s = request_timeout_s
         self.base_delay_s = base_delay_s
         self.calls = self.retries = 0
+        self._shutdown = shutdown
         self._interval_s = 60.0 / rpm if rpm else 0.0
         self._next_start = 0.0  # loop time of the next free rpm slot
         self._paused_until = 0.0  # loop time before which no call may start
@@ -276,6 +284,8 @@ class Retrier:
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.max_attempts + 1):
             await self._wait_turn()
+            if self._shutdown is not None and self._shutdown.requested:
+                raise Stopped("not sent: the run is stopping")
             self.calls += 1
             try:
                 return await bounded(fn(), self.request_timeout_s)
@@ -346,14 +356,17 @@ async def embed_batch(
 
 
 class Shutdown:
-    """The first Ctrl-C or SIGTERM stops the input; what is in flight drains, the summary is
-    printed, and the exit status is 128 + the signal (130, 143). A second signal exits at once.
-    fail() stops the run for an error that concerns every request (a bad key, an unknown
-    model): no further call is made, and the exit status is 2."""
+    """The first Ctrl-C or SIGTERM stops the input and every new call or retry; calls still in
+    flight get grace_s to finish before they are abandoned (the next run redoes their texts).
+    Everything completed is written, the summary printed, and the exit status is 128 + the
+    signal (130, 143). A second signal exits at once. fail() stops the run the same way for an
+    error that concerns every request (a bad key, an unknown model): the exit status is then 2."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, grace_s: float = GRACE_S) -> None:
         self.signal: int | None = None
         self.failure: str | None = None
+        self._grace_s = grace_s
+        self._in_flight: set[asyncio.Timeout] = set()
 
     @property
     def requested(self) -> bool:
@@ -362,14 +375,31 @@ class Shutdown:
     def fail(self, message: str) -> None:
         if self.failure is None:
             self.failure = message
+            self._end_in_flight()
 
-    def request(self, signum: int) -> None:
+    def request(self, signum: int = signal.SIGINT) -> None:
         if self.signal is not None:
             sys.stdout.flush()
             os._exit(128 + signum)
         name = signal.Signals(signum).name
-        print(f"batcher: interrupted ({name}): draining what is in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        print(f"batcher: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
         self.signal = signum
+        self._end_in_flight()
+
+    def _end_in_flight(self) -> None:
+        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
+        deadline = asyncio.get_running_loop().time() + self._grace_s
+        for timeout in self._in_flight:
+            timeout.reschedule(min(deadline, timeout.when() or math.inf))
+
+    @contextlib.asynccontextmanager
+    async def abandonable(self) -> AsyncIterator[None]:
+        async with asyncio.timeout(None) as timeout:
+            self._in_flight.add(timeout)
+            try:
+                yield
+            finally:
+                self._in_flight.discard(timeout)
 
 
 @contextlib.contextmanager
@@ -690,10 +720,15 @@ async def embed_content(
 
     async def worker() -> None:
         while (batch := await batch_queue.get()) is not None:
-            if shutdown.failure is not None:
-                continue  # drain without calling: every call would fail alike
+            if shutdown.requested:
+                continue  # drain without calling: the rest is left for the next run
             texts = [text for _, text in batch]
-            results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
+            try:
+                async with shutdown.abandonable():
+                    results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
+            except (TimeoutError, Stopped):
+                log.warning("a batch of %d abandoned as the run stops; the next run redoes it", len(batch))
+                continue
             failures = [result for result in results if isinstance(result, Exception)]
             if failures and (reason := stop_reason(failures[0], model)) is not None:
                 shutdown.fail(reason)
@@ -1170,7 +1205,9 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
         print(f"batcher: {notice}", file=sys.stderr)
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
-    retrier = Retrier(max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm)
+    retrier = Retrier(
+        max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm, shutdown=shutdown
+    )
     stats, tty = RunStats(), sys.stderr.isatty()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=config.concurrency)

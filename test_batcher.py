@@ -896,6 +896,40 @@ class CorpusEdgeCaseTest(CorpusTestCase):
         self.assertGreater(int(found.group(1)), 0)
 
 
+class StopTest(CorpusTestCase):
+    async def test_ctrl_c_against_a_server_that_never_answers_ends_after_the_grace(self) -> None:
+        self.corpus.write_text("hang\n" * 40)
+        shutdown = batcher.Shutdown(grace_s=0.3)
+        config = batcher.Config(input=self.corpus, output=self.output, batch_size=10, timeout_s=0.02)
+        with faulty_client() as (client, calls), contextlib.redirect_stderr(io.StringIO()):
+            asyncio.get_running_loop().call_later(0.3, shutdown.request)
+            started = time.monotonic()
+            with contextlib.redirect_stdout(out := io.StringIO()):
+                status = await batcher.main(config, client, shutdown=shutdown)
+            elapsed = time.monotonic() - started
+        self.assertEqual(status, 130)
+        self.assertLess(elapsed, 0.3 + 0.3 + 1.5)  # the signal, the grace, and a margin: not 60 s x 5 attempts
+        self.assertEqual(calls["hang"], 4 * 10)  # the four calls in flight, none retried, no new one
+        self.assertEqual(self.output.read_text(), "")  # abandoned, not failed: left for the next run
+        self.assertNotIn("Failed:", out.getvalue())
+        self.assertIn("left for the next run: 40 items", out.getvalue())
+
+    async def test_no_retry_starts_after_the_first_signal(self) -> None:
+        self.write_corpus(30)
+        shutdown = batcher.Shutdown(grace_s=5)
+
+        def fail(texts: list[str], n: int) -> Exception:
+            if n == 1:
+                shutdown.request()  # Ctrl-C while the first call is in flight; it then fails with a 503
+            return api_error(503)
+
+        client = SpyClient(fail=fail)
+        config = batcher.Config(input=self.corpus, output=self.output, batch_size=10, concurrency=1, timeout_s=0.02)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            status = await batcher.main(config, client, shutdown=shutdown)
+        self.assertEqual((status, len(client.calls)), (130, 1))
+
+
 class KeepAliveTest(CorpusTestCase):
     async def test_the_keep_alive_pool_holds_a_connection_per_call_in_flight_across_pauses(self) -> None:
         self.write_corpus(400)
@@ -1146,7 +1180,7 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(found.group(2), "none" if action.default is None else str(action.default), flag)
             self.assertRegex(found.group(1), r"^ [A-Z]+ ", flag)  # SECONDS, N, PATH, NAME
 
-    def test_ctrl_c_drains_in_flight_items_prints_the_summary_and_exits_130(self) -> None:
+    def test_ctrl_c_finishes_calls_in_flight_prints_the_summary_and_exits_130(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
         args = ["--num-inputs", "100000", "--input-delay", "0.002", "--fake-latency", "0.1"]
         proc = subprocess.Popen(
@@ -1165,8 +1199,9 @@ class CommandLineTest(unittest.TestCase):
         proc.wait(timeout=20)
         self.assertEqual(proc.returncode, 130)
         printed = [line for line in lines if line.startswith("Content:")]
-        summary = next(line for line in lines if line.startswith("Summary:"))
-        self.assertEqual(len(printed), int(summary.split()[1]))
+        embedded = re.search(r"(\d+) embedded", "\n".join(lines))
+        assert embedded is not None, lines
+        self.assertEqual(len(printed), int(embedded.group(1)))  # every item counted done was printed, once
         self.assertEqual(len(set(printed)), len(printed))
 
 
