@@ -328,9 +328,15 @@ class FaultTest(PipelineTestCase):
 
     async def test_a_fault_in_a_stage_ends_the_run_with_the_error_instead_of_hanging(self) -> None:
         write_inputs(self.inputs, 3, 20)
-        with disk_full(), self.assertRaises(ExceptionGroup) as raised:
-            await self.run_pipeline(queue_size=1)
-        self.assertIn("No space left", str(raised.exception.exceptions))
+        with disk_full():
+            status, summary = await self.run_pipeline(queue_size=1)
+        self.assertEqual(status, 1)  # a disk error: one line after the summary
+        self.assertIn("No space left", self.stderr)
+        self.assertIn("Summary:", summary)
+        bug = mock.patch.object(pipeline.Result, "json_line", side_effect=AttributeError("a bug of ours"))
+        with bug, self.assertRaises(ExceptionGroup) as raised:  # anything else: the traceback
+            await self.run_pipeline(queue_size=1, outputs=self.tmp / "other")
+        self.assertIn("a bug of ours", str(pipeline.leaf_exceptions(raised.exception)))
 
     async def test_progress_line_shows_done_failed_rate_and_eta(self) -> None:
         write_inputs(self.inputs, 2, 10)
