@@ -69,6 +69,7 @@ OUTPUT_TOKENS_GUESS = 20
 INPUT_SUFFIXES = (".txt", ".jsonl", ".ndjson")  # in any case: UPPER.TXT too
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
+MAX_NESTING = 100  # a JSONL row nested deeper fails alone (990 levels: a RecursionError on 3.11)
 # Records per shard by default. The document's demo uses 5; a real job of 100k prompts would then
 # make 20,000 files (and fill a small disk's inodes), so thousands it is: --shard-size 5 shows it.
 SHARD_SIZE = 2000
@@ -654,6 +655,18 @@ def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, 
         return lines, bad
 
 
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
 def is_blank(text: str) -> bool:
     """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
     ...), which str.strip keeps: nothing a model could answer."""
@@ -668,6 +681,8 @@ def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[s
     row = strict_json(line)
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object: {line[:60]!r}")
+    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
     prompt, row_id = row.pop("prompt", None), row.pop("id", None)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError('"prompt" must be a non-empty string')
@@ -799,7 +814,7 @@ def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -
     if json_output:
         try:
             answer = strict_json(answer)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MalformedReply("response is not valid JSON") from None  # a new sample may parse
     return answer, reason if reason not in (None, "STOP") else None
 
