@@ -75,6 +75,7 @@ ADAPTIVE_ALPHA = 0.1  # weight of the newest gap in the moving average
 # An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
 REQUEST_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 
@@ -799,7 +800,8 @@ async def log_outputs(
             if isinstance(result, Exception):
                 stats.failed += 1
                 if not quiet:
-                    print(f"Failed: {item_id} -> {describe(result)}", flush=True)
+                    clear = CLEAR_LINE if sys.stdout.isatty() else ""  # the progress line may be there
+                    print(f"{clear}Failed: {item_id} -> {describe(result)}", flush=True)
             elif output is not None:
                 lines.append(json.dumps({"id": item_id, "text": text, "embedding": result.values}) + "\n")
             else:
@@ -1287,6 +1289,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
 
 
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr. On a terminal, each first clears the progress line (redrawn within
+    0.25 s), so a log line and the progress line never share a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream.isatty():
+            self.stream.write(CLEAR_LINE)
+        super().emit(record)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1343,7 +1355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()])
     log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)

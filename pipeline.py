@@ -61,6 +61,7 @@ REQUEST_TIMEOUT_S = 300.0
 FLEX_REQUEST_TIMEOUT_S = 900.0
 SERVICE_TIERS = ("flex", "standard", "priority")  # types.ServiceTier, as the SDK has them
 MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 # --tpm's guess of an answer's tokens before any is seen: small, so no worker is held back for an
 # answer nobody has seen yet (a 500-token guess spread 16 workers' first starts over 200 s at tpm
@@ -1378,6 +1379,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
 
 
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr. On a terminal, each first clears the progress line (redrawn within
+    0.25 s), so a log line and the progress line never share a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream.isatty():
+            self.stream.write(CLEAR_LINE)
+        super().emit(record)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
@@ -1476,7 +1487,7 @@ def config_from(args: argparse.Namespace) -> Config:
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()])
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)

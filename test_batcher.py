@@ -414,6 +414,24 @@ class LoggerTest(unittest.IsolatedAsyncioTestCase):
         )
         self.assertEqual((stats.succeeded, stats.failed), (1, 1))
 
+    async def test_on_a_terminal_failed_and_log_lines_clear_the_progress_line_first(self) -> None:
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        with contextlib.redirect_stdout(out := Terminal()):
+            await asyncio.gather(
+                feed(queue, [(("x:1", "x"), api_error(400))]), log_outputs(queue, stats=batcher.RunStats())
+            )
+        self.assertEqual(out.getvalue(), "\r\x1b[KFailed: x:1 -> 400 INVALID_ARGUMENT: fake 400\n")
+        handler = batcher.LineHandler(err := Terminal())
+        handler.emit(logging.LogRecord("batcher", logging.WARNING, __file__, 1, "resuming", None, None))
+        self.assertEqual(err.getvalue(), "\r\x1b[Kresuming\n")
+        handler = batcher.LineHandler(plain := io.StringIO())  # off a terminal: nothing to clear
+        handler.emit(logging.LogRecord("batcher", logging.WARNING, __file__, 1, "resuming", None, None))
+        self.assertEqual(plain.getvalue(), "resuming\n")
+
 
 class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
     async def test_each_caller_gets_its_own_embedding_from_shared_batches(self) -> None:

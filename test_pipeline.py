@@ -352,6 +352,20 @@ class FaultTest(PipelineTestCase):
         self.assertIn(len(redraws), (2, 3))  # at most 4 a second
         self.assertRegex(redraws[-1], r"^6 done, 1 failed, 0 in flight, \d+/s, ETA \d+s")
 
+    def test_on_a_terminal_a_log_line_clears_the_progress_line_first(self) -> None:
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        handler = pipeline.LineHandler(err := Terminal())
+        handler.emit(
+            logging.LogRecord("pipeline", logging.INFO, __file__, 1, "wrote a.txt:1 to shard_00000.jsonl", None, None)
+        )
+        self.assertEqual(err.getvalue(), "\r\x1b[Kwrote a.txt:1 to shard_00000.jsonl\n")
+        handler = pipeline.LineHandler(plain := io.StringIO())
+        handler.emit(logging.LogRecord("pipeline", logging.INFO, __file__, 1, "wrote", None, None))
+        self.assertEqual(plain.getvalue(), "wrote\n")
+
     async def test_off_a_terminal_progress_is_a_plain_line_every_interval(self) -> None:
         write_inputs(self.inputs, 2, 10)
         stats = pipeline.Stats(succeeded=5, failed=1, in_flight=3)
