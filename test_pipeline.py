@@ -1183,7 +1183,7 @@ class GenerationSettingsTest(PipelineTestCase):
 
 class KeepAliveTest(PipelineTestCase):
     async def test_the_keep_alive_pool_holds_a_connection_per_worker_across_pauses(self) -> None:
-        write_inputs(self.inputs, 1, 400)
+        write_inputs(self.inputs, 1, 200)
         connections = itertools.count()
 
         class KeepAliveHandler(ScriptedHandler):
@@ -1194,7 +1194,7 @@ class KeepAliveTest(PipelineTestCase):
                 super().setup()
 
         def respond(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
-            if n % 50:
+            if n % 25:
                 return answer("ok")
             details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}]
             return 429, {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
@@ -1215,7 +1215,7 @@ class KeepAliveTest(PipelineTestCase):
         self.addAsyncCleanup(client.aio.aclose)
         status, _ = await self.run_pipeline(client, workers=32)
         self.assertEqual(status, 0)
-        self.assertGreaterEqual(len(bodies), 400 + 8)  # every prompt, and the retries after 8 pauses
+        self.assertGreaterEqual(len(bodies), 200 + 8)  # every prompt, and the retries after 8 pauses
         self.assertLessEqual(next(connections), 32 + 4)  # with 20 kept, each pause would reopen 12
 
 
@@ -1298,7 +1298,7 @@ class RequestWideErrorTest(PipelineTestCase):
         self.assertIn("1 retry", summary)
 
     async def test_a_setting_every_call_rejects_stops_the_run_and_a_fixed_rerun_does_everything(self) -> None:
-        prompts = write_inputs(self.inputs, 10, 30)
+        prompts = write_inputs(self.inputs, 10, 5)
         message = "Thinking budget is not supported for this model."
         rejected = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
 
