@@ -318,8 +318,11 @@ async def embed_batch(
     config = types.EmbedContentConfig(output_dimensionality=dimensions)
 
     async def request(part: list[str]) -> list[types.ContentEmbedding]:
+        # Each text its own Content: for every model but gemini-embedding-001, the SDK merges a
+        # list of strings into one multi-part input, and N texts come back as one vector.
+        contents = [types.Content(parts=[types.Part(text=text)]) for text in part]
         try:
-            response = await client.aio.models.embed_content(model=model, contents=part, config=config)
+            response = await client.aio.models.embed_content(model=model, contents=contents, config=config)
         except ValueError as exc:
             if not is_unparsable_reply(exc):
                 raise  # raised before sending ("model is required."): a fault of the call, not the reply
@@ -442,20 +445,24 @@ class SimulatedClient:
         self.aio = self.models = self  # so client.aio.models.embed_content works as on genai.Client
 
     async def embed_content(
-        self, *, model: str, contents: list[str], config: types.EmbedContentConfig | None = None
+        self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
     ) -> types.EmbedContentResponse:
         if len(contents) > MAX_BATCH_SIZE:
             message = f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_SIZE} requests can be in one batch"
             raise errors.ClientError(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
         await asyncio.sleep(self.latency_s)
         dimensions = (config.output_dimensionality if config else None) or 3
-        return types.EmbedContentResponse(
-            embeddings=[types.ContentEmbedding(values=fake_vector(text, dimensions)) for text in contents]
-        )
+        vectors = [fake_vector(text_of(content), dimensions) for content in contents]
+        return types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=vector) for vector in vectors])
 
 
 _FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
 _FAKE_VALUES = [round(_FAKE_RNG.uniform(-1, 1), 6) for _ in range(8192)]
+
+
+def text_of(content: types.Content) -> str:
+    """The text of a one-part Content, as embed_batch sends each text."""
+    return "".join(part.text or "" for part in content.parts or [])
 
 
 def fake_vector(text: str, dimensions: int) -> list[float]:

@@ -85,19 +85,20 @@ class SpyClient:
         self.peak_in_flight = 0
 
     async def embed_content(
-        self, *, model: str, contents: list[str], config: types.EmbedContentConfig | None = None
+        self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
     ) -> types.EmbedContentResponse:
-        self.calls.append(list(contents))
+        texts = [batcher.text_of(content) for content in contents]  # one Content a text, as embed_batch sends
+        self.calls.append(texts)
         call_number = len(self.calls)
         self.started_at.append(time.monotonic())
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.latency_s)
-            if self.fail and (exc := self.fail(list(contents), call_number)):
+            if self.fail and (exc := self.fail(list(texts), call_number)):
                 raise exc
             return types.EmbedContentResponse(
-                embeddings=[types.ContentEmbedding(values=[float(len(text))]) for text in contents]
+                embeddings=[types.ContentEmbedding(values=[float(len(text))]) for text in texts]
             )
         finally:
             self.in_flight -= 1
@@ -376,17 +377,18 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
     async def test_simulated_client_returns_real_types_and_rejects_over_100_texts(self) -> None:
         client = batcher.SimulatedClient()
         config = types.EmbedContentConfig(output_dimensionality=5)
-        response = await client.aio.models.embed_content(model="m", contents=["a", "b"], config=config)
+        a, b = (types.Content(parts=[types.Part(text=text)]) for text in "ab")
+        response = await client.aio.models.embed_content(model="m", contents=[a, b], config=config)
         self.assertIsInstance(response, types.EmbedContentResponse)
         assert response.embeddings is not None
         self.assertEqual([len(e.values or []) for e in response.embeddings], [5, 5])
-        again = await client.aio.models.embed_content(model="m", contents=["a"], config=config)
+        again = await client.aio.models.embed_content(model="m", contents=[a], config=config)
         assert again.embeddings is not None
         self.assertEqual(again.embeddings[0].values, response.embeddings[0].values)
         with self.assertRaises(errors.ClientError):
-            await client.aio.models.embed_content(model="m", contents=["a"] * 101)
+            await client.aio.models.embed_content(model="m", contents=[a] * 101)
         full = await client.aio.models.embed_content(
-            model="m", contents=["a"], config=types.EmbedContentConfig(output_dimensionality=3072)
+            model="m", contents=[a], config=types.EmbedContentConfig(output_dimensionality=3072)
         )
         assert full.embeddings is not None
         self.assertEqual(len(full.embeddings[0].values or []), 3072)
@@ -946,6 +948,36 @@ class StopTest(CorpusTestCase):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             status = await batcher.main(config, client, shutdown=shutdown)
         self.assertEqual((status, len(client.calls)), (130, 1))
+
+
+class EveryModelTest(CorpusTestCase):
+    async def test_one_vector_per_text_on_every_model_through_the_real_client(self) -> None:
+        texts = self.write_corpus(25)
+        for model in ("gemini-embedding-001", "gemini-embedding-2"):
+            with self.subTest(model=model), stub_server() as (base_url, requests):
+                env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+                with mock.patch.dict(os.environ, env):
+                    client = batcher.make_client(offline=False, fake_latency_s=0)
+                self.addAsyncCleanup(client.aio.aclose)
+                # The stub answers as the API does: one vector per request, however many parts it has,
+                # so the SDK's merge of a list of strings (every model but -001) gives one vector for two.
+                merged = await client.aio.models.embed_content(model=model, contents=["a", "b"])
+                self.assertEqual(len(merged.embeddings or []), 1 if model == "gemini-embedding-2" else 2)
+                output = self.tmp / f"{model}.jsonl"
+                status, _ = await self.run_main(client, model=model, output=output)  # corpus mode
+                self.assertEqual(status, 0)
+                written = [json.loads(line)["text"] for line in output.read_text().splitlines()]
+                self.assertEqual(sorted(written), sorted(texts))
+                status, out = await self.run_main(client, model=model, input=None, output=None, num_inputs=12,
+                                                  input_delay_s=0)  # fmt: skip
+                self.assertEqual(status, 0)  # the document's demo
+                self.assertIn("12 embedded, 0 failed items", out)
+                async with batcher.BatchedEmbedder(client, model=model, batch_size=5) as embedder:
+                    vectors = await asyncio.gather(*(embedder.embed(f"text {i}") for i in range(7)))
+                self.assertEqual(len(vectors), 7)
+                sent = [request for _, body in requests[1:] for request in body["requests"]]
+                self.assertEqual(len(sent), 25 + 12 + 7)  # one request per text: never merged
+                self.assertTrue(all(len(request["content"]["parts"]) == 1 for request in sent))
 
 
 class KeepAliveTest(CorpusTestCase):
