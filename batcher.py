@@ -306,9 +306,10 @@ class Retrier:
 
 async def embed_batch(
     client: Client, texts: list[str], *, retrier: Retrier, model: str = "gemini-embedding-001",
-    dimensions: int | None = 3,
+    dimensions: int | None = 3, normalize: bool = True,
 ) -> list[types.ContentEmbedding | Exception]:  # fmt: skip
-    """Embeds texts in one call; returns an embedding or an error per text, in order.
+    """Embeds texts in one call; returns an embedding or an error per text, in order. With
+    normalize, each vector is scaled to unit length (see unit_vector).
 
     A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
     fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls. Bisection stops
@@ -329,6 +330,9 @@ async def embed_batch(
             raise MalformedReply(f"unreadable reply: {exc}") from exc
         if len(embeddings := response.embeddings or []) != len(part):
             raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
+        if normalize:
+            for embedding in embeddings:
+                embedding.values = unit_vector(embedding.values or [])
         return embeddings
 
     async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
@@ -458,6 +462,14 @@ class SimulatedClient:
 
 _FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
 _FAKE_VALUES = [round(_FAKE_RNG.uniform(-1, 1), 6) for _ in range(8192)]
+
+
+def unit_vector(values: list[float]) -> list[float]:
+    """values scaled to length 1, so a dot product is the cosine. Google's embeddings guide says
+    to normalize gemini-embedding-001's vectors below 3072 dimensions (768, 1536) yourself: only
+    the full size comes normalized. A unit vector stays as it is; a zero vector too."""
+    norm = math.hypot(*values)
+    return [value / norm for value in values] if norm else values
 
 
 def text_of(content: types.Content) -> str:
@@ -714,7 +726,7 @@ class Batcher(Generic[T]):
 async def embed_content(
     client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Output | None], *,
     retrier: Retrier, shutdown: Shutdown, concurrency: int = 4, model: str = "gemini-embedding-001",
-    dimensions: int | None = 3,
+    dimensions: int | None = 3, normalize: bool = True,
 ) -> None:  # fmt: skip
     """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
     or (item, error) pair per item on output_queue. An error about the request as a whole
@@ -733,7 +745,9 @@ async def embed_content(
             texts = [text for _, text in batch]
             try:
                 async with shutdown.abandonable():
-                    results = await embed_batch(client, texts, retrier=retrier, model=model, dimensions=dimensions)
+                    results = await embed_batch(
+                        client, texts, retrier=retrier, model=model, dimensions=dimensions, normalize=normalize
+                    )
             except (TimeoutError, Stopped):
                 log.warning("a batch of %d abandoned as the run stops; the next run redoes it", len(batch))
                 continue
@@ -966,8 +980,9 @@ async def resume_output(path: Path, config: Config) -> Resume:
         if manifest is not None and done:  # records to keep: their settings stay
             for name, value in settings.items():
                 if (old := recorded.get(name)) != value:
+                    setting = "normalization (--no-normalize)" if name == "normalize" else f"--{name}"
                     raise UsageError(
-                        f"--{name} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
+                        f"{setting} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
                         "--output, or the same setting"
                     )
         if cut is not None:
@@ -1040,7 +1055,7 @@ class BatchedEmbedder:
         self, client: Client, *, batch_size: int = 8, timeout: timedelta = timedelta(milliseconds=50),
         concurrency: int = 4, model: str = "gemini-embedding-001", dimensions: int | None = None,
         adaptive: bool = False, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S,
-        rpm: float | None = None,
+        rpm: float | None = None, normalize: bool = True,
     ) -> None:  # fmt: skip
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -1051,6 +1066,7 @@ class BatchedEmbedder:
         self._concurrency = concurrency
         self._model = model
         self._dimensions = dimensions
+        self._normalize = normalize
         self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm)
         self._requests: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=concurrency)
@@ -1097,7 +1113,12 @@ class BatchedEmbedder:
                 continue  # every caller of this batch was cancelled
             texts = [text for text, _ in live]
             results = await embed_batch(
-                self._client, texts, retrier=self.retrier, model=self._model, dimensions=self._dimensions
+                self._client,
+                texts,
+                retrier=self.retrier,
+                model=self._model,
+                dimensions=self._dimensions,
+                normalize=self._normalize,
             )
             for (_, future), result in zip(live, results, strict=True):
                 if future.done():  # cancelled while in flight
@@ -1135,6 +1156,7 @@ class Config:
     request_timeout_s: float = REQUEST_TIMEOUT_S
     rpm: float | None = None
     dimensions: int = 3
+    normalize: bool = True  # unit vectors (see unit_vector)
     model: str = "gemini-embedding-001"
     adaptive: bool = False
     input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
@@ -1144,7 +1166,7 @@ class Config:
     def recorded(self) -> dict[str, Any]:
         """The settings that shape the records, kept in the manifest: a resumed run must use the
         same ones. Settings that only shape the run (batch size, concurrency, rpm, ...) are not here."""
-        return {"model": self.model, "dimensions": self.dimensions}
+        return {"model": self.model, "dimensions": self.dimensions, "normalize": self.normalize}
 
     def __post_init__(self) -> None:
         """Checks the settings no stage owns; Batcher, Retrier and embed_content check theirs."""
@@ -1252,7 +1274,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             source = read_corpus(path, input_queue, output_queue, resume=resume, stats=stats, shutdown=shutdown)
         embedder = embed_content(
             client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
-            model=config.model, dimensions=config.dimensions,
+            model=config.model, dimensions=config.dimensions, normalize=config.normalize,
         )  # fmt: skip
         # The demo prints a line per item (the document's output); with --output only failures are
         # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
@@ -1291,7 +1313,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring as written, and each flag's default after its help ("none": not set)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is False or action.default is argparse.SUPPRESS:
+        if action.nargs == 0 or action.default is argparse.SUPPRESS:  # a flag: on or off, said in its help
             return action.help or ""
         return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
 
@@ -1346,6 +1368,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="per attempt")  # fmt: skip
     add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, evenly spaced")
     add("--dimensions", type=count, default=3, metavar="N", help="output_dimensionality")
+    add("--no-normalize", dest="normalize", action="store_false", help="keep the API's vectors, not unit length")
     add("--model", type=model_name, default="gemini-embedding-001", metavar="NAME", help="embedding model")
     add("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")
     add("--offline", action="store_true", help="use the simulated client even with a key")

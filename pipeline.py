@@ -1379,7 +1379,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring as written, and each flag's default after its help ("none": not set)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is False or action.default is argparse.SUPPRESS or "(default: " in (action.help or ""):
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "(default: " in (action.help or ""):
             return action.help or ""
         return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
 

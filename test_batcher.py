@@ -282,6 +282,7 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         batch_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         kwargs.setdefault("retrier", Retrier(base_delay_s=0.001))
+        kwargs.setdefault("normalize", False)  # the fake's one-number vectors name their texts
         kwargs.setdefault("shutdown", batcher.Shutdown())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(feed(batch_queue, [[(text, text) for text in batch] for batch in batches]))
@@ -438,7 +439,8 @@ class LoggerTest(unittest.IsolatedAsyncioTestCase):
 class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
     async def test_each_caller_gets_its_own_embedding_from_shared_batches(self) -> None:
         client = SpyClient(latency_s=0.01)
-        async with BatchedEmbedder(client, batch_size=10, timeout=timedelta(milliseconds=20)) as embedder:
+        embedder = BatchedEmbedder(client, batch_size=10, timeout=timedelta(milliseconds=20), normalize=False)
+        async with embedder:  # (raw vectors: the fake's one number names the text)
             results = await asyncio.gather(*(embedder.embed("x" * n) for n in range(1, 31)))
         self.assertEqual([r.values for r in results], [[float(n)] for n in range(1, 31)])
         self.assertEqual([len(call) for call in client.calls], [10, 10, 10])
@@ -454,7 +456,8 @@ class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_a_cancelled_caller_is_dropped_from_its_batch(self) -> None:
         client = SpyClient()
-        async with BatchedEmbedder(client, batch_size=8, timeout=timedelta(milliseconds=100)) as embedder:
+        embedder = BatchedEmbedder(client, batch_size=8, timeout=timedelta(milliseconds=100), normalize=False)
+        async with embedder:
             keep = asyncio.create_task(embedder.embed("keep"))
             drop = asyncio.create_task(embedder.embed("drop"))
             await asyncio.sleep(0.02)  # both queued, the batch still open
@@ -593,7 +596,7 @@ class RealClientTest(unittest.IsolatedAsyncioTestCase):
         lines = out.getvalue().splitlines()
         self.assertEqual(
             sorted(line for line in lines if line.startswith("Content:"))[0],
-            "Content: input-0 -> Embedding: [0.5, -0.5, 0.0]",
+            "Content: input-0 -> Embedding: [0.7071067811865475, -0.7071067811865475, 0.0]",  # [0.5, -0.5, 0], unit
         )
         self.assertEqual(sum(line.startswith("Content:") for line in lines), 20)
         self.assertIn("4 API calls, 1 retry,", out.getvalue())
@@ -980,6 +983,40 @@ class EveryModelTest(CorpusTestCase):
                 self.assertTrue(all(len(request["content"]["parts"]) == 1 for request in sent))
 
 
+class UnitVectorTest(CorpusTestCase):
+    async def test_vectors_are_unit_length_unless_no_normalize_in_corpus_mode_the_demo_and_embedder(self) -> None:
+        self.write_corpus(12)
+        with stub_server() as (base_url, _):  # it answers [0.5, -0.5, i]: not unit length
+            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+            with mock.patch.dict(os.environ, env):
+                client = batcher.make_client(offline=False, fake_latency_s=0)
+            self.addAsyncCleanup(client.aio.aclose)
+            for normalize in (True, False):
+                output = self.tmp / f"normalize-{normalize}.jsonl"
+                await self.run_main(client, output=output, normalize=normalize)
+                vectors = [json.loads(line)["embedding"] for line in output.read_text().splitlines()]
+                _, demo = await self.run_main(client, input=None, output=None, num_inputs=5, input_delay_s=0,
+                                              normalize=normalize)  # fmt: skip
+                vectors += [
+                    json.loads(line.partition("Embedding: ")[2]) for line in demo.splitlines() if "Content:" in line
+                ]
+                async with batcher.BatchedEmbedder(client, batch_size=4, normalize=normalize) as embedder:
+                    vectors += [
+                        e.values or [] for e in await asyncio.gather(*(embedder.embed(f"q{i}") for i in range(4)))
+                    ]
+                self.assertEqual(len(vectors), 12 + 5 + 4)
+                lengths = {round(math.hypot(*vector), 9) for vector in vectors}
+                self.assertEqual(lengths == {1.0}, normalize, lengths)
+        self.assertEqual(batcher.unit_vector([0.6, 0.8]), [0.6, 0.8])  # already unit length: kept
+        self.assertEqual(batcher.unit_vector([0.0, 0.0]), [0.0, 0.0])
+
+    async def test_a_resume_with_normalization_changed_is_refused(self) -> None:
+        self.write_corpus(5)
+        await self.run_main(SpyClient())
+        with self.assertRaisesRegex(batcher.UsageError, r"^normalization \(--no-normalize\) was true for the records"):
+            await self.run_main(SpyClient(), normalize=False)
+
+
 class KeepAliveTest(CorpusTestCase):
     async def test_the_keep_alive_pool_holds_a_connection_per_call_in_flight_across_pauses(self) -> None:
         self.write_corpus(400)
@@ -1135,7 +1172,7 @@ class ResumeSafetyTest(CorpusTestCase):
         self.output.write_bytes(b"")  # no record yet: the output takes new settings
         self.assertEqual((await self.run_main(SpyClient(), dimensions=768))[0], 0)
         manifest = json.loads(batcher.manifest_path(self.output).read_text())
-        self.assertEqual(manifest["settings"], {"model": "gemini-embedding-001", "dimensions": 768})
+        self.assertEqual(manifest["settings"], {"model": "gemini-embedding-001", "dimensions": 768, "normalize": True})
 
     async def test_a_file_that_is_not_our_records_is_refused_and_left_alone(self) -> None:
         self.write_corpus(3)
@@ -1222,7 +1259,7 @@ class CommandLineTest(unittest.TestCase):
         parser = batcher.make_parser()
         options = " ".join(parser.format_help().partition("options:")[2].split())
         for action in parser._actions:
-            if not action.option_strings or action.default in (False, "==SUPPRESS=="):
+            if not action.option_strings or action.nargs == 0:  # a flag: on or off
                 continue
             flag = action.option_strings[0]
             found = re.search(rf"{flag}\b(.*?)\(default: (.*?)\)", options)
