@@ -581,12 +581,17 @@ def stub_server(
         server.server_close()
 
 
+def real_client(base_url: str) -> Any:
+    """The real genai.Client, made by batcher.make_client with a key, against a stub at base_url."""
+    env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+    with mock.patch.dict(os.environ, env):
+        return batcher.make_client(offline=False, fake_latency_s=0)
+
+
 class RealClientTest(unittest.IsolatedAsyncioTestCase):
     async def test_end_to_end_through_genai_client_against_a_local_stub(self) -> None:
         with stub_server(fail_first=1) as (base_url, requests):
-            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-            with mock.patch.dict(os.environ, env):
-                client = batcher.make_client(offline=False, fake_latency_s=0)
+            client = real_client(base_url)
             self.assertIsInstance(client, genai.Client)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
@@ -741,9 +746,7 @@ class CorpusTest(CorpusTestCase):
     async def test_a_corpus_is_embedded_to_jsonl_through_the_real_client(self) -> None:
         texts = self.write_corpus(25)
         with stub_server() as (base_url, requests):
-            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-            with mock.patch.dict(os.environ, env):
-                client = batcher.make_client(offline=False, fake_latency_s=0)
+            client = real_client(base_url)
             status, out = await self.run_main(client)
         self.assertEqual(status, 0)
         records = self.written()
@@ -958,9 +961,7 @@ class EveryModelTest(CorpusTestCase):
         texts = self.write_corpus(25)
         for model in ("gemini-embedding-001", "gemini-embedding-2"):
             with self.subTest(model=model), stub_server() as (base_url, requests):
-                env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-                with mock.patch.dict(os.environ, env):
-                    client = batcher.make_client(offline=False, fake_latency_s=0)
+                client = real_client(base_url)
                 self.addAsyncCleanup(client.aio.aclose)
                 # The stub answers as the API does: one vector per request, however many parts it has,
                 # so the SDK's merge of a list of strings (every model but -001) gives one vector for two.
@@ -987,9 +988,7 @@ class UnitVectorTest(CorpusTestCase):
     async def test_vectors_are_unit_length_unless_no_normalize_in_corpus_mode_the_demo_and_embedder(self) -> None:
         self.write_corpus(12)
         with stub_server() as (base_url, _):  # it answers [0.5, -0.5, i]: not unit length
-            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-            with mock.patch.dict(os.environ, env):
-                client = batcher.make_client(offline=False, fake_latency_s=0)
+            client = real_client(base_url)
             self.addAsyncCleanup(client.aio.aclose)
             for normalize in (True, False):
                 output = self.tmp / f"normalize-{normalize}.jsonl"
@@ -1076,9 +1075,7 @@ class RunStopTest(CorpusTestCase):
         error = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
         started = time.monotonic()
         with stub_server(error=error) as (base_url, requests):
-            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-            with mock.patch.dict(os.environ, env):
-                client = batcher.make_client(offline=False, fake_latency_s=0)
+            client = real_client(base_url)
             status, out, err = await self.run_quietly(client, concurrency=4)
         self.assertEqual(status, 2)
         self.assertLess(time.monotonic() - started, 5)  # neither retried nor paused for the 40 s
@@ -1094,9 +1091,7 @@ class RunStopTest(CorpusTestCase):
         message = "Request contains an invalid argument."
         rejected = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
         with stub_server(error=rejected) as (base_url, requests):
-            env = {"GEMINI_API_KEY": "test-key", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
-            with mock.patch.dict(os.environ, env):
-                client = batcher.make_client(offline=False, fake_latency_s=0)
+            client = real_client(base_url)
             status, out, err = await self.run_quietly(client, concurrency=1)
         self.assertEqual(status, 2)
         self.assertLessEqual(len(requests), 3 * 3)  # three batches, each split once
