@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, NoReturn, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, NoReturn, TypeAlias, TypeVar
 
 import aiofiles
 from google import genai
@@ -60,8 +60,11 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put firs
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
 TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read without the embedding
+TITLE_AFTER_TEXT = ', "title": '  # and then, in a record of a JSONL row with a title, the title
 MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
 ID_DECODER = json.JSONDecoder()
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # an --input with one of these (any case) holds JSONL rows
+MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: it could not be written)
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
 # Permanent errors about the request's content: splitting the batch isolates the bad text.
@@ -79,9 +82,35 @@ CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the pro
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 
+# The task types of Google's embeddings guide. gemini-embedding-001 takes one as the task_type
+# field; gemini-embedding-2 rejects that field and takes the task in the text, in these forms
+# (the guide's): "task: <name> | query: <text>", and "title: <title> | text: <text>" for documents.
+TASK_NAMES = {
+    "RETRIEVAL_QUERY": "search result",
+    "RETRIEVAL_DOCUMENT": None,  # a document: "title: ... | text: ..."
+    "QUESTION_ANSWERING": "question answering",
+    "FACT_VERIFICATION": "fact checking",
+    "CODE_RETRIEVAL_QUERY": "code retrieval",
+    "SEMANTIC_SIMILARITY": "sentence similarity",
+    "CLASSIFICATION": "classification",
+    "CLUSTERING": "clustering",
+}
+FIELD_TASK_MODELS = ("gemini-embedding-001", "gemini-embedding-exp", "text-embedding-")  # task_type as a field
+
 T = TypeVar("T")
-# (id, text). In the document's demo the id is the text; in a corpus, "<file name>:<line>".
-Input: TypeAlias = tuple[str, str]
+
+
+class Input(NamedTuple):
+    """One text to embed. In the document's demo the id is the text; in a corpus it is
+    "<file name>:<line>", or a JSONL row's "id". A row may carry a title (see EmbedSettings)
+    and other fields, which its record keeps as "metadata"."""
+
+    id: str
+    text: str
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
 InputBatch: TypeAlias = list[Input]
 # A failed item travels as (item, error) instead of (item, embedding).
 Output: TypeAlias = tuple[Input, "types.ContentEmbedding | Exception"]
@@ -114,12 +143,57 @@ class RunStats:
 class Resume:
     """What an earlier run left in --output: each id with a record, and a hash of its text, so
     that an id is done only for the same text. changed counts the ids whose text is not that
-    text any more (the run is refused); first_changed is the first of them, with its text now."""
+    text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
 
     done: dict[str, int] = field(default_factory=dict)
     manifest_created: bool = False  # by this run (so a refused run removes it)
     changed: int = 0
-    first_changed: tuple[str, str] | None = None
+    first_changed: Input | None = None
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What shapes each vector; the output's manifest records them, so a resumed run keeps them.
+
+    task_type is one of TASK_NAMES, or None (the model's default). gemini-embedding-001 gets it
+    as the task_type field, and with RETRIEVAL_DOCUMENT a text's title as the title field, which
+    holds for a whole call: texts of different titles go in different calls. Newer models
+    (gemini-embedding-2) take task and title in the text sent instead (see sent_text); the
+    record's text stays the text as given. normalize: unit vectors (see unit_vector)."""
+
+    model: str = "gemini-embedding-001"
+    dimensions: int | None = None  # output_dimensionality; None: the model's full size
+    normalize: bool = True
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model must be a model name, got ''")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be >= 1, got {self.dimensions}")
+        if self.task_type is not None and self.task_type not in TASK_NAMES:
+            raise ValueError(f"task_type must be one of {', '.join(TASK_NAMES)}, got {self.task_type!r}")
+
+    @property
+    def task_in_text(self) -> bool:
+        return not self.model.rsplit("/", 1)[-1].startswith(FIELD_TASK_MODELS)
+
+    @property
+    def titles_per_call(self) -> bool:
+        """Whether a title goes in the call's config (one title per call) rather than the text."""
+        return self.task_type == "RETRIEVAL_DOCUMENT" and not self.task_in_text
+
+    def sent_text(self, text: str, title: str | None) -> str:
+        if not self.task_in_text or self.task_type is None:
+            return text
+        if (task := TASK_NAMES[self.task_type]) is None:
+            return f"title: {title or 'none'} | text: {text}"
+        return f"task: {task} | query: {text}"
+
+    def config(self, title: str | None) -> types.EmbedContentConfig:
+        field_task = None if self.task_in_text else self.task_type
+        title = title if self.titles_per_call else None
+        return types.EmbedContentConfig(output_dimensionality=self.dimensions, task_type=field_task, title=title)
 
 
 # --- Faults and retries ---------------------------------------------------------------
@@ -236,55 +310,67 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class Gate:
+    """Where every call waits before it starts (pipeline.py has the same Gate). A delay named by
+    the server pauses every call, not just the one told. With rpm, call starts are at least
+    60/rpm seconds apart; with tpm, a call starts only once the tokens of those before it are
+    paid for at tpm, and then its own are owed: a 2 s window holds at most tpm/30 tokens and one
+    call's. No burst at the start, and no start is booked ahead. The pipeline corrects each
+    estimate by the tokens the API reports; an embedding reply reports none, so here it stands."""
+
+    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self._call_gap_s = 60.0 / rpm if rpm else 0.0
+        self._token_gap_s = 60.0 / tpm if tpm else 0.0
+        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
+        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
+        self._paused_until = 0.0
+
+    def pause(self, delay_s: float) -> None:
+        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
+
+    async def wait_turn(self, tokens: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        # A loop, not one sleep: another call may start first, or pause everyone, meanwhile.
+        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():  # noqa
+            await asyncio.sleep(start - loop.time())
+        now = loop.time()
+        self._next_call_at = now + self._call_gap_s
+        self._tokens_paid_at = now + tokens * self._token_gap_s
+
+
 class Retrier:
     """Runs API calls with retries, and counts calls and retries.
 
     Each attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy, a
     fake), and a timed-out attempt is transient. Transient errors are retried with exponential
-    backoff and full jitter, up to max_attempts calls in all; others are raised at once. A
-    delay named by the server pauses every call through this Retrier, not just the one told.
-    With rpm, call starts are spaced 60/rpm seconds apart across all concurrent calls: no
-    burst at the start, so a corpus job runs at its quota, not against it. Once `shutdown` is
-    requested, no new attempt starts: call() raises Stopped (None: never, as in BatchedEmbedder,
-    whose owner cancels it instead).
+    backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
+    attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
+    corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
+    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
+    instead).
     """
 
     def __init__(
         self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
-        base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
+        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
     ) -> None:  # fmt: skip
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        for name, value in (("request_timeout_s", request_timeout_s), ("rpm", rpm)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
+        if not (request_timeout_s > 0 and math.isfinite(request_timeout_s)):
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
         self.base_delay_s = base_delay_s
         self.calls = self.retries = 0
+        self.gate = Gate(rpm=rpm, tpm=tpm)
         self._shutdown = shutdown
-        self._interval_s = 60.0 / rpm if rpm else 0.0
-        self._next_start = 0.0  # loop time of the next free rpm slot
-        self._paused_until = 0.0  # loop time before which no call may start
 
-    async def _wait_turn(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            # A loop, not one sleep: another call may extend the pause while we wait.
-            while (pause_s := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(pause_s)
-            if not self._interval_s:
-                return
-            start = max(loop.time(), self._next_start)
-            self._next_start = start + self._interval_s
-            await asyncio.sleep(start - loop.time())
-            if self._paused_until <= loop.time():
-                return
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
+    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
         for attempt in range(1, self.max_attempts + 1):
-            await self._wait_turn()
+            await self.gate.wait_turn(tokens)
             if self._shutdown is not None and self._shutdown.requested:
                 raise Stopped("not sent: the run is stopping")
             self.calls += 1
@@ -294,7 +380,7 @@ class Retrier:
                 if daily_quota(exc) is not None:
                     raise  # spent for today: neither a retry nor a pause can help
                 if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
-                    self._paused_until = max(self._paused_until, loop.time() + delay_s)  # after a last attempt
+                    self.gate.pause(delay_s)  # after a last attempt
                 if not is_transient(exc) or attempt == self.max_attempts:
                     raise
                 backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
@@ -305,32 +391,49 @@ class Retrier:
 
 
 async def embed_batch(
-    client: Client, texts: list[str], *, retrier: Retrier, model: str = "gemini-embedding-001",
-    dimensions: int | None = 3, normalize: bool = True,
+    client: Client, texts: list[str], *, settings: EmbedSettings, retrier: Retrier,
+    titles: list[str | None] | None = None,
 ) -> list[types.ContentEmbedding | Exception]:  # fmt: skip
-    """Embeds texts in one call; returns an embedding or an error per text, in order. With
-    normalize, each vector is scaled to unit length (see unit_vector).
+    """Embeds texts (with their titles, if any); returns an embedding or an error per text, in
+    order. One call, or one per title where the model takes a title per call (EmbedSettings)."""
+    titles = titles or [None] * len(texts)
+    calls: dict[str | None, list[int]] = {}  # the texts' places, by the title their call carries
+    for i, title in enumerate(titles):
+        calls.setdefault(title if settings.titles_per_call else None, []).append(i)
+    results: list[types.ContentEmbedding | Exception] = [MalformedReply("not embedded")] * len(texts)
+    for title, places in calls.items():
+        sent = [settings.sent_text(texts[i], titles[i]) for i in places]
+        for i, result in zip(places, await embed_call(client, sent, settings, title, retrier), strict=True):
+            results[i] = result
+    return results
+
+
+async def embed_call(
+    client: Client, texts: list[str], settings: EmbedSettings, title: str | None, retrier: Retrier
+) -> list[types.ContentEmbedding | Exception]:
+    """Embeds texts, as sent, in one call; with settings.normalize each vector is scaled to unit
+    length (see unit_vector).
 
     A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
     fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls. Bisection stops
     when both halves fail alike (the error does not depend on the texts), and never starts
     for an error about the request as a whole (the key, the model).
     """
-    config = types.EmbedContentConfig(output_dimensionality=dimensions)
+    config = settings.config(title)
 
     async def request(part: list[str]) -> list[types.ContentEmbedding]:
         # Each text its own Content: for every model but gemini-embedding-001, the SDK merges a
         # list of strings into one multi-part input, and N texts come back as one vector.
         contents = [types.Content(parts=[types.Part(text=text)]) for text in part]
         try:
-            response = await client.aio.models.embed_content(model=model, contents=contents, config=config)
+            response = await client.aio.models.embed_content(model=settings.model, contents=contents, config=config)
         except ValueError as exc:
             if not is_unparsable_reply(exc):
                 raise  # raised before sending ("model is required."): a fault of the call, not the reply
             raise MalformedReply(f"unreadable reply: {exc}") from exc
         if len(embeddings := response.embeddings or []) != len(part):
             raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
-        if normalize:
+        if settings.normalize:
             for embedding in embeddings:
                 embedding.values = unit_vector(embedding.values or [])
         return embeddings
@@ -338,7 +441,7 @@ async def embed_batch(
     async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
         """One call, retried: the embeddings, or the error that ended it."""
         try:
-            return list(await retrier.call(lambda: request(part)))
+            return list(await retrier.call(lambda: request(part), tokens=estimated_tokens(part)))
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
                 raise  # a bug, not a fault of this batch: let it surface
@@ -361,6 +464,11 @@ async def embed_batch(
 
     outcome = await attempt(texts)
     return outcome if isinstance(outcome, list) else await bisect(texts, outcome)
+
+
+def estimated_tokens(texts: list[str]) -> int:
+    """A call's tokens for --tpm: characters / 4 (the Developer API reports no usage for embeddings)."""
+    return math.ceil(sum(map(len, texts)) / 4)
 
 
 class Shutdown:
@@ -550,7 +658,7 @@ async def enqueue_inputs(
             continue
         stats.arrived_at[content] = loop.time()
         stats.enqueued += 1
-        await input_queue.put((content, content))
+        await input_queue.put(Input(content, content))
         await asyncio.sleep(random.uniform(0, max_delay_s))
     await input_queue.put(None)
     log.info("All inputs enqueued.")
@@ -558,17 +666,18 @@ async def enqueue_inputs(
 
 async def read_corpus(
     source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
-    resume: Resume, stats: RunStats, shutdown: Shutdown,
+    jsonl: bool, resume: Resume, stats: RunStats, shutdown: Shutdown,
 ) -> None:  # fmt: skip
-    """A real corpus: puts (id, text) for each non-blank line of the file (None: stdin), stripped,
-    as fast as the bounded queue takes them. The id is "<file name>:<line number>" or
-    "stdin:<line number>"; ids done in `resume` (already in the output) are passed over. A line
-    that is not UTF-8 goes to output_queue as failed, and reading goes on.
+    """A real corpus: puts an Input for each non-blank line of the file (None: stdin), as fast as
+    the bounded queue takes them. A plain line is one text, stripped, with the id
+    "<file name>:<line number>" ("stdin:<n>"); with jsonl, a line is a row (see parse_row). Ids
+    done in `resume` (already in the output) are passed over. A line that cannot be embedded
+    (not UTF-8, a bad row) goes to output_queue as failed, and reading goes on.
 
     A done id whose text changed is counted in `resume` and stops the run (shutdown.fail):
     nothing more is sent, and the rest is read only to count the changed ones.
     Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
-    name, number = source.name if source is not None else "stdin", 0
+    name, number, seen = source.name if source is not None else "stdin", 0, set[str]()
     async with contextlib.AsyncExitStack() as stack:
         if source is None:
             read = aiofiles.stdin_bytes.read1  # read1: what the pipe has now, not a full chunk
@@ -578,30 +687,90 @@ async def read_corpus(
             if shutdown.signal is not None or (shutdown.requested and not resume.changed):
                 break
             number += 1
-            item_id = f"{name}:{number}"
-            error: UnicodeDecodeError | None = None
-            try:
-                text = raw.decode().strip()
-            except UnicodeDecodeError as exc:
-                text, error = raw.decode(errors="backslashreplace").strip(), exc
-            if not text or (not text.isprintable() and is_blank(text)):
-                continue
-            if (digest := resume.done.get(item_id)) is not None:
-                if digest == hash(text):
+            if (parsed := parse_line(raw, f"{name}:{number}", name, jsonl=jsonl, seen=seen)) is None:
+                continue  # blank
+            item, error = parsed
+            if (digest := resume.done.get(item.id)) is not None:
+                if digest == input_hash(item):
                     stats.skipped += 1
                 else:  # another text under a done id: refuse the run, and count the rest
                     resume.changed += 1
-                    resume.first_changed = resume.first_changed or (item_id, text)
-                    shutdown.fail(f"the input of {item_id} changed")
+                    resume.first_changed = resume.first_changed or item
+                    shutdown.fail(f"the input of {item.id} changed")
             elif resume.changed:
                 continue  # refused: nothing more is sent
             elif error is not None:
                 stats.enqueued += 1
-                await output_queue.put(((item_id, text), MalformedInput(f"undecodable UTF-8: {error}")))
+                await output_queue.put((item, error))
             else:
                 stats.enqueued += 1
-                await input_queue.put((item_id, text))
+                await input_queue.put(item)
     await input_queue.put(None)
+
+
+def parse_line(
+    raw: bytes, line_id: str, name: str, *, jsonl: bool, seen: set[str]
+) -> tuple[Input, MalformedInput | None] | None:
+    """The Input of one line read (None: a blank line), and the error that fails it, if any (not
+    UTF-8, a bad row): then its id is line_id, "<file name>:<line number>"."""
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError as exc:
+        error = MalformedInput(f"undecodable UTF-8: {exc}")
+        return Input(line_id, raw.decode(errors="backslashreplace").strip()), error
+    if not text or (not text.isprintable() and is_blank(text)):
+        return None
+    if not jsonl:
+        return Input(line_id, text), None
+    try:
+        return parse_row(text, line_id, name, seen), None
+    except (ValueError, RecursionError) as exc:
+        return Input(line_id, text), MalformedInput(f"bad JSONL row: {exc}")
+
+
+def parse_row(line: str, line_id: str, name: str, seen: set[str]) -> Input:
+    """A JSONL row, {"text": ..., "id"?: ..., "title"?: ..., ...}: every other field is its
+    metadata. With no "id", the id is line_id. An id in `seen` (the run's ids so far) is a
+    duplicate; a new one is added. An id "<name>:<number>" (this file's) belongs to that line, so
+    no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
+    row = STRICT_DECODER.decode(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {shown(row)}")
+    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    text, row_id, title = row.pop("text", None), row.pop("id", line_id), row.pop("title", None)
+    if not isinstance(text, str) or is_blank(text):
+        raise ValueError('"text" must be a non-empty string')
+    if not isinstance(title, str | None):
+        raise ValueError(f'"title" must be a string, got {shown(title)}')
+    if not (isinstance(row_id, str) and row_id):
+        raise ValueError(f'"id" must be a non-empty string, got {shown(row_id)}')
+    if row_id in seen:
+        raise ValueError(f"duplicate id {shown(row_id)}: this row is not embedded")
+    row_name, _, row_number = row_id.rpartition(":")
+    if row_id != line_id and row_name == name and row_number.isdigit():
+        raise ValueError(f"id {shown(row_id)} is the id of line {row_number}: give this row another id")
+    seen.add(row_id)
+    return Input(row_id, text.strip(), title, row or None)
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN, Infinity: not JSON
 
 
 async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
@@ -725,11 +894,11 @@ class Batcher(Generic[T]):
 # --- Stage 3: the embedding generator -------------------------------------------------
 async def embed_content(
     client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Output | None], *,
-    retrier: Retrier, shutdown: Shutdown, concurrency: int = 4, model: str = "gemini-embedding-001",
-    dimensions: int | None = 3, normalize: bool = True,
+    settings: EmbedSettings, retrier: Retrier, shutdown: Shutdown, concurrency: int = 4,
 ) -> None:  # fmt: skip
     """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
-    or (item, error) pair per item on output_queue. An error about the request as a whole
+    or (item, error) pair per item on output_queue. The texts go out as `settings` shape them
+    (a task, titles: see EmbedSettings), so a batch may take one call per title. An error about the request as a whole
     (a bad key or model, a spent daily quota) calls shutdown.fail: that batch and the rest are
     not reported, but left for the next run; so are the first three batches when they all fail
     with one same error (see FailingAlike). Ends output_queue with the None sentinel once its
@@ -742,17 +911,15 @@ async def embed_content(
         while (batch := await batch_queue.get()) is not None:
             if shutdown.requested:
                 continue  # drain without calling: the rest is left for the next run
-            texts = [text for _, text in batch]
+            texts, titles = [item.text for item in batch], [item.title for item in batch]
             try:
                 async with shutdown.abandonable():
-                    results = await embed_batch(
-                        client, texts, retrier=retrier, model=model, dimensions=dimensions, normalize=normalize
-                    )
+                    results = await embed_batch(client, texts, settings=settings, retrier=retrier, titles=titles)
             except (TimeoutError, Stopped):
                 log.warning("a batch of %d abandoned as the run stops; the next run redoes it", len(batch))
                 continue
             failures = [result for result in results if isinstance(result, Exception)]
-            if failures and (reason := stop_reason(failures[0], model)) is not None:
+            if failures and (reason := stop_reason(failures[0], settings.model)) is not None:
                 shutdown.fail(reason)
                 continue
             for pair in alike.take(list(zip(batch, results, strict=True))):
@@ -815,23 +982,35 @@ async def log_outputs(
             taken.append(output_queue.get_nowait())
         ended = taken[-1] is None  # embed_content puts the sentinel after every output
         lines = []
-        for (item_id, text), result in filter(None, taken):
-            if (arrived := stats.arrived_at.pop(item_id, None)) is not None:
+        for item, result in filter(None, taken):
+            if (arrived := stats.arrived_at.pop(item.id, None)) is not None:
                 stats.latencies_s.append(loop.time() - arrived)
             if isinstance(result, Exception):
                 stats.failed += 1
                 if not quiet:
                     clear = CLEAR_LINE if sys.stdout.isatty() else ""  # the progress line may be there
-                    print(f"{clear}Failed: {item_id} -> {describe(result)}", flush=True)
+                    print(f"{clear}Failed: {item.id} -> {describe(result)}", flush=True)
             elif output is not None:
-                lines.append(json.dumps({"id": item_id, "text": text, "embedding": result.values}) + "\n")
+                lines.append(record_line(item, result.values or []))
             else:
                 stats.succeeded += 1
                 if not quiet:
-                    print(f"Content: {text} -> Embedding: {result.values}")
+                    print(f"Content: {item.text} -> Embedding: {result.values}")
         if lines:
             await append(output, lines)
             stats.succeeded += len(lines)
+
+
+def record_line(item: Input, embedding: list[float]) -> str:
+    """The output record of an item: {"id", "text", "title"?, "metadata"?, "embedding"}, in that
+    order (a resume reads the id, text and title alone), as one line of JSON."""
+    record: dict[str, Any] = {"id": item.id, "text": item.text}
+    if item.title is not None:
+        record["title"] = item.title
+    if item.metadata:
+        record["metadata"] = item.metadata
+    record["embedding"] = embedding
+    return json.dumps(record) + "\n"
 
 
 async def append(f: Any, lines: list[str]) -> None:
@@ -921,23 +1100,31 @@ def write_manifest(output: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def id_and_text(line: bytes, *, strict: bool) -> tuple[str, str]:
-    """A record's id and text. Read without parsing the embedding, unless strict (every field is
-    checked). Raises ValueError for a line that is not one of our records."""
+def recorded_input(line: bytes, *, strict: bool) -> Input:
+    """A record's id, text and title. Read without parsing the rest (metadata, embedding),
+    unless strict (every field is checked). Raises ValueError for a line not one of our records."""
+    title = None
     if line.startswith(ID_PREFIX) and not strict:
         data = line.decode()
         item_id, end = ID_DECODER.raw_decode(data, len(ID_PREFIX))
         if not data.startswith(TEXT_AFTER_ID, end):
             raise ValueError("no text after the id")
-        text = ID_DECODER.raw_decode(data, end + len(TEXT_AFTER_ID))[0]
+        text, end = ID_DECODER.raw_decode(data, end + len(TEXT_AFTER_ID))
+        if data.startswith(TITLE_AFTER_TEXT, end):
+            title = ID_DECODER.raw_decode(data, end + len(TITLE_AFTER_TEXT))[0]
     else:
         record = json.loads(line)
         if not isinstance(record, dict) or not isinstance(record.get("embedding"), list):
             raise ValueError("not a record")
-        item_id, text = record.get("id"), record.get("text")
-    if not (isinstance(item_id, str) and isinstance(text, str)):
+        item_id, text, title = record.get("id"), record.get("text"), record.get("title")
+    if not (isinstance(item_id, str) and isinstance(text, str) and isinstance(title, str | None)):
         raise ValueError("not a record")
-    return item_id, text
+    return Input(item_id, text, title)
+
+
+def input_hash(item: Input) -> int:
+    """What a resume compares: the text, and the title if any (both shape the vector)."""
+    return hash(item.text) if item.title is None else hash((item.text, item.title))
 
 
 async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, int], int | None]:
@@ -957,7 +1144,7 @@ async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, in
         if torn and end > size and (line.startswith(ID_PREFIX) or not strict):
             return done, start
         try:
-            item_id, text = id_and_text(line, strict=strict)
+            item = recorded_input(line, strict=strict)
         except ValueError:
             if strict:
                 raise UsageError(
@@ -966,7 +1153,7 @@ async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, in
                 ) from None
             log.warning("%s: skipping an unreadable line: %.60r", path, line)
         else:
-            done[item_id] = hash(text)
+            done[item.id] = input_hash(item)
     return done, None
 
 
@@ -980,7 +1167,7 @@ async def resume_output(path: Path, config: Config) -> Resume:
         if manifest is not None and done:  # records to keep: their settings stay
             for name, value in settings.items():
                 if (old := recorded.get(name)) != value:
-                    setting = "normalization (--no-normalize)" if name == "normalize" else f"--{name}"
+                    setting = "normalization (--no-normalize)" if name == "normalize" else f"--{name.replace('_', '-')}"
                     raise UsageError(
                         f"{setting} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
                         "--output, or the same setting"
@@ -998,13 +1185,13 @@ def shown(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def embedded_text(path: Path, item_id: str) -> str:
-    """The text of the record of item_id in the output file (for a message: it reads the file)."""
+def embedded_input(path: Path, item_id: str) -> Input:
+    """The record of item_id in the output file (for a message: it reads the file)."""
     with path.open("rb") as f:
         for line in f:
             with contextlib.suppress(ValueError):
-                if (found := id_and_text(line, strict=False))[0] == item_id:
-                    return found[1]
+                if (found := recorded_input(line, strict=False)).id == item_id:
+                    return found
     raise AssertionError(f"no record of {item_id}")
 
 
@@ -1015,12 +1202,13 @@ async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: in
     await output.truncate(size)
     if resume.manifest_created:
         manifest_path(path).unlink()
-    item_id, text = resume.first_changed
-    old = await asyncio.to_thread(embedded_text, path, item_id)
+    new = resume.first_changed
+    old = await asyncio.to_thread(embedded_input, path, new.id)
+    what = "title" if old.text == new.text else "text"
     more = f", and {resume.changed - 1} more" if resume.changed > 1 else ""
     raise UsageError(
-        f"the input of {item_id} changed since it was embedded: {shown(old)} -> {shown(text)}{more}: "
-        "use a new --output, or restore the input"
+        f"the input of {new.id} changed since it was embedded: {shown(getattr(old, what))} -> "
+        f"{shown(getattr(new, what))}{more}: use a new --output, or restore the input"
     )
 
 
@@ -1054,20 +1242,16 @@ class BatchedEmbedder:
     def __init__(
         self, client: Client, *, batch_size: int = 8, timeout: timedelta = timedelta(milliseconds=50),
         concurrency: int = 4, model: str = "gemini-embedding-001", dimensions: int | None = None,
-        adaptive: bool = False, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S,
-        rpm: float | None = None, normalize: bool = True,
+        task_type: str | None = None, normalize: bool = True, adaptive: bool = False, max_attempts: int = 5,
+        request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None, tpm: float | None = None,
     ) -> None:  # fmt: skip
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        if not model.strip():
-            raise ValueError("model must be a model name, got ''")
         self._client = client
+        self._settings = EmbedSettings(model, dimensions, normalize, task_type)
         self._batcher: Batcher[_Request] = Batcher(batch_size, timeout, adaptive=adaptive)
         self._concurrency = concurrency
-        self._model = model
-        self._dimensions = dimensions
-        self._normalize = normalize
-        self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm)
+        self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm, tpm=tpm)
         self._requests: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=concurrency)
         self._tasks = asyncio.TaskGroup()
@@ -1112,14 +1296,7 @@ class BatchedEmbedder:
             if not (live := [(text, future) for text, future in batch if not future.done()]):
                 continue  # every caller of this batch was cancelled
             texts = [text for text, _ in live]
-            results = await embed_batch(
-                self._client,
-                texts,
-                retrier=self.retrier,
-                model=self._model,
-                dimensions=self._dimensions,
-                normalize=self._normalize,
-            )
+            results = await embed_batch(self._client, texts, settings=self._settings, retrier=self.retrier)
             for (_, future), result in zip(live, results, strict=True):
                 if future.done():  # cancelled while in flight
                     continue
@@ -1155,24 +1332,38 @@ class Config:
     max_attempts: int = 5
     request_timeout_s: float = REQUEST_TIMEOUT_S
     rpm: float | None = None
-    dimensions: int = 3
-    normalize: bool = True  # unit vectors (see unit_vector)
+    tpm: float | None = None
     model: str = "gemini-embedding-001"
+    dimensions: int = 3
+    task_type: str | None = None
+    normalize: bool = True  # unit vectors (see unit_vector)
     adaptive: bool = False
     input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
+    input_format: Literal["auto", "text", "jsonl"] = "auto"  # auto: JSONL_SUFFIXES are JSONL, the rest text
     output: Path | None = None  # a JSONL file of embeddings
     quiet: bool = False
+
+    @property
+    def embedding(self) -> EmbedSettings:
+        return EmbedSettings(self.model, self.dimensions, self.normalize, self.task_type)
+
+    @property
+    def jsonl(self) -> bool:
+        by_name = self.input is not None and self.input.suffix.lower() in JSONL_SUFFIXES
+        return self.input_format == "jsonl" or (self.input_format == "auto" and by_name)
 
     def recorded(self) -> dict[str, Any]:
         """The settings that shape the records, kept in the manifest: a resumed run must use the
         same ones. Settings that only shape the run (batch size, concurrency, rpm, ...) are not here."""
-        return {"model": self.model, "dimensions": self.dimensions, "normalize": self.normalize}
+        return {name: getattr(self.embedding, name) for name in ("model", "dimensions", "normalize", "task_type")}
 
     def __post_init__(self) -> None:
-        """Checks the settings no stage owns; Batcher, Retrier and embed_content check theirs."""
-        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("dimensions", 1), ("concurrency", 1)):
+        """Checks the settings no stage owns; Batcher, Retrier, EmbedSettings and embed_content
+        check theirs."""
+        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("concurrency", 1)):
             if not getattr(self, name) >= low:  # concurrency also bounds main's batch queue
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        self.embedding  # noqa: B018 (checks model, dimensions and task_type)
 
 
 def check_paths(config: Config) -> None:
@@ -1237,7 +1428,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         print(f"batcher: {notice}", file=sys.stderr)
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
     retrier = Retrier(
-        max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm, shutdown=shutdown
+        max_attempts=config.max_attempts,
+        request_timeout_s=config.request_timeout_s,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        shutdown=shutdown,
     )
     stats, tty = RunStats(), sys.stderr.isatty()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -1271,10 +1466,12 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             )  # fmt: skip
         else:
             path = None if config.input == STDIN else config.input
-            source = read_corpus(path, input_queue, output_queue, resume=resume, stats=stats, shutdown=shutdown)
+            source = read_corpus(
+                path, input_queue, output_queue, jsonl=config.jsonl, resume=resume, stats=stats, shutdown=shutdown
+            )
         embedder = embed_content(
-            client, batch_queue, output_queue, retrier=retrier, shutdown=shutdown, concurrency=config.concurrency,
-            model=config.model, dimensions=config.dimensions, normalize=config.normalize,
+            client, batch_queue, output_queue, settings=config.embedding, retrier=retrier, shutdown=shutdown,
+            concurrency=config.concurrency,
         )  # fmt: skip
         # The demo prints a line per item (the document's output); with --output only failures are
         # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
@@ -1351,11 +1548,20 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
     return parse
 
 
+def task_type(text: str) -> str:
+    """An argparse type: one of TASK_NAMES, in any case."""
+    if (name := text.strip().upper()) not in TASK_NAMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TASK_NAMES)}, got {text!r}")
+    return name
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The flags; each one's dest is the name of its Config field."""
     p = _Parser(prog="batcher.py", description=__doc__, formatter_class=HelpFormatter)
     add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
     add("--input", type=Path, metavar="PATH", help="embed this file, one text per non-blank line ('-': stdin)")
+    add("--input-format", choices=("auto", "text", "jsonl"), default="auto", metavar="FORMAT",
+        help='auto, text or jsonl (rows of {"text", "id"?, "title"?, ...}); auto: jsonl for .jsonl and .ndjson')  # fmt: skip
     add("--output", type=Path, metavar="PATH", help="append {id, text, embedding} JSONL here; a re-run resumes")
     add("--num-inputs", type=number(int, 0), default=100, metavar="N", help="demo: inputs to enqueue")
     add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, metavar="N", help="texts per call, 1..100")
@@ -1367,7 +1573,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
         help="per attempt")  # fmt: skip
     add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, evenly spaced")
+    add("--tpm", type=positive, metavar="N", help="cap on tokens per minute (characters / 4), call starts spaced")
     add("--dimensions", type=count, default=3, metavar="N", help="output_dimensionality")
+    add("--task-type", type=task_type, metavar="TASK", help=f"what the vectors are for: {', '.join(TASK_NAMES)}")
     add("--no-normalize", dest="normalize", action="store_false", help="keep the API's vectors, not unit length")
     add("--model", type=model_name, default="gemini-embedding-001", metavar="NAME", help="embedding model")
     add("--adaptive", action="store_true", help="flush partial batches early when arrivals are slow")

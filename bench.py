@@ -171,7 +171,7 @@ async def poisson_inputs(
     for i in range(n):
         await asyncio.sleep(rng.expovariate(rate))
         stats.arrived_at[f"input-{i}"] = loop.time()
-        await queue.put((f"input-{i}", f"input-{i}"))
+        await queue.put(batcher.Input(f"input-{i}", f"input-{i}"))
     await queue.put(None)
 
 
@@ -199,8 +199,9 @@ async def run_chain(
         tg.create_task(stage.batch(inputs, batches))
         tg.create_task(
             batcher.embed_content(
-                client, batches, outputs, concurrency=concurrency, retrier=retrier, shutdown=batcher.Shutdown()
-            )
+                client, batches, outputs, settings=batcher.EmbedSettings(), concurrency=concurrency, retrier=retrier,
+                shutdown=batcher.Shutdown(),
+            )  # fmt: skip
         )
         tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
     return ChainResult(retrier.calls, stage.items / stage.counts.total(), stats.latencies_s, loop.time() - started)

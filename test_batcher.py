@@ -282,13 +282,13 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
         batch_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         output_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         kwargs.setdefault("retrier", Retrier(base_delay_s=0.001))
-        kwargs.setdefault("normalize", False)  # the fake's one-number vectors name their texts
+        kwargs.setdefault("settings", batcher.EmbedSettings(normalize=False))  # the fake's vectors name their texts
         kwargs.setdefault("shutdown", batcher.Shutdown())
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(feed(batch_queue, [[(text, text) for text in batch] for batch in batches]))
+            tg.create_task(feed(batch_queue, [[batcher.Input(text, text) for text in batch] for batch in batches]))
             tg.create_task(embed_content(client, batch_queue, output_queue, **kwargs))
             outputs = tg.create_task(drain(output_queue))
-        return [(item_id, result) for (item_id, _), result in outputs.result()]
+        return [(item.id, result) for item, result in outputs.result()]
 
     async def test_calls_stay_within_concurrency_and_every_result_arrives_once(self) -> None:
         client = SpyClient(latency_s=0.02)
@@ -405,8 +405,8 @@ class LoggerTest(unittest.IsolatedAsyncioTestCase):
                 feed(
                     queue,
                     [
-                        (("input-7", "input-7"), types.ContentEmbedding(values=[0.1, -0.2, 0.3])),
-                        (("input-8", "input-8"), api_error(400)),
+                        (batcher.Input("input-7", "input-7"), types.ContentEmbedding(values=[0.1, -0.2, 0.3])),
+                        (batcher.Input("input-8", "input-8"), api_error(400)),
                     ],
                 ),
                 log_outputs(queue, stats=stats),
@@ -425,7 +425,7 @@ class LoggerTest(unittest.IsolatedAsyncioTestCase):
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         with contextlib.redirect_stdout(out := Terminal()):
             await asyncio.gather(
-                feed(queue, [(("x:1", "x"), api_error(400))]), log_outputs(queue, stats=batcher.RunStats())
+                feed(queue, [(batcher.Input("x:1", "x"), api_error(400))]), log_outputs(queue, stats=batcher.RunStats())
             )
         self.assertEqual(out.getvalue(), "\r\x1b[KFailed: x:1 -> 400 INVALID_ARGUMENT: fake 400\n")
         handler = batcher.LineHandler(err := Terminal())
@@ -678,7 +678,11 @@ class BadDayTest(unittest.IsolatedAsyncioTestCase):
 
     async def embed(self, client: Any, texts: list[str], retrier: Retrier) -> dict[str, Any]:
         return dict(
-            zip(texts, await batcher.embed_batch(client, texts, retrier=retrier, model="m", dimensions=3), strict=True)
+            zip(
+                texts,
+                await batcher.embed_batch(client, texts, settings=batcher.EmbedSettings("m", 3), retrier=retrier),
+                strict=True,
+            )
         )
 
     async def test_a_call_never_answered_times_out_is_retried_and_fails_with_the_reason(self) -> None:
@@ -817,7 +821,7 @@ class CorpusTest(CorpusTestCase):
                 if i % 2:
                     resume = batcher.Resume()
                     stage = batcher.read_corpus(
-                        self.corpus, queue, queue, resume=resume, stats=stats, shutdown=shutdown
+                        self.corpus, queue, queue, jsonl=False, resume=resume, stats=stats, shutdown=shutdown
                     )
                 else:
                     stage = batcher.resume_output(self.output, batcher.Config())
@@ -1167,7 +1171,10 @@ class ResumeSafetyTest(CorpusTestCase):
         self.output.write_bytes(b"")  # no record yet: the output takes new settings
         self.assertEqual((await self.run_main(SpyClient(), dimensions=768))[0], 0)
         manifest = json.loads(batcher.manifest_path(self.output).read_text())
-        self.assertEqual(manifest["settings"], {"model": "gemini-embedding-001", "dimensions": 768, "normalize": True})
+        self.assertEqual(
+            manifest["settings"],
+            {"model": "gemini-embedding-001", "dimensions": 768, "normalize": True, "task_type": None},
+        )
 
     async def test_a_file_that_is_not_our_records_is_refused_and_left_alone(self) -> None:
         self.write_corpus(3)
