@@ -197,12 +197,11 @@ async def run_chain(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
         tg.create_task(stage.batch(inputs, batches))
-        tg.create_task(
-            batcher.embed_content(
-                client, batches, outputs, settings=batcher.EmbedSettings(), concurrency=concurrency, retrier=retrier,
-                shutdown=batcher.Shutdown(),
-            )  # fmt: skip
-        )
+        embedder = batcher.embed_content(
+            client, batches, outputs, settings=batcher.EmbedSettings(), concurrency=concurrency, retrier=retrier,
+            shutdown=batcher.Shutdown(),
+        )  # fmt: skip
+        tg.create_task(embedder)
         tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
     return ChainResult(retrier.calls, stage.items / stage.counts.total(), stats.latencies_s, loop.time() - started)
 
