@@ -1561,7 +1561,7 @@ def make_parser() -> argparse.ArgumentParser:
     add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
     add("--input", type=Path, metavar="PATH", help="embed this file, one text per non-blank line ('-': stdin)")
     add("--input-format", choices=("auto", "text", "jsonl"), default="auto", metavar="FORMAT",
-        help='auto, text or jsonl (rows of {"text", "id"?, "title"?, ...}); auto: jsonl for .jsonl and .ndjson')  # fmt: skip
+        help='text, jsonl (rows {"text", "id"?, "title"?, ...}) or auto: jsonl for .jsonl and .ndjson')  # fmt: skip
     add("--output", type=Path, metavar="PATH", help="append {id, text, embedding} JSONL here; a re-run resumes")
     add("--num-inputs", type=number(int, 0), default=100, metavar="N", help="demo: inputs to enqueue")
     add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, metavar="N", help="texts per call, 1..100")

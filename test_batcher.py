@@ -523,7 +523,8 @@ class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
 
 class StubHandler(BaseHTTPRequestHandler):
     """A tiny stand-in for the Gemini API. The first `fail_first` embed calls get a 429
-    with a RetryInfo delay; then it answers batchEmbedContents with one vector per text."""
+    with a RetryInfo delay; then it answers batchEmbedContents with one vector per text. As the
+    API, it refuses taskType and title for every model but gemini-embedding-001."""
 
     requests: list[tuple[str, dict[str, Any]]]
     fail_first = 0
@@ -542,6 +543,10 @@ class StubHandler(BaseHTTPRequestHandler):
             self.reply(
                 429, {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}}
             )
+        elif "gemini-embedding-001" not in self.path and any("taskType" in r or "title" in r for r in body["requests"]):
+            # gemini-embedding-2 takes its task in the text, and rejects the field
+            message = "Invalid JSON payload: task_type and title are not supported for this model"
+            self.reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
         elif len(body["requests"]) > 100:
             self.reply(
                 400,
@@ -986,6 +991,153 @@ class EveryModelTest(CorpusTestCase):
                 sent = [request for _, body in requests[1:] for request in body["requests"]]
                 self.assertEqual(len(sent), 25 + 12 + 7)  # one request per text: never merged
                 self.assertTrue(all(len(request["content"]["parts"]) == 1 for request in sent))
+
+
+def sent(requests: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every embed request the stub received (one per text), in order."""
+    return [request for _, body in requests for request in body["requests"]]
+
+
+class TaskTypeTest(CorpusTestCase):
+    async def test_a_task_type_is_a_field_for_001_and_the_guide_prefix_for_2_in_every_mode(self) -> None:
+        texts = self.write_corpus(6)
+        for model in ("gemini-embedding-001", "gemini-embedding-2"):
+            with self.subTest(model=model), stub_server() as (base_url, requests):
+                client = real_client(base_url)
+                self.addAsyncCleanup(client.aio.aclose)
+                output = self.tmp / f"{model}.jsonl"
+                status, _ = await self.run_main(client, model=model, output=output, task_type="RETRIEVAL_QUERY")
+                self.assertEqual(status, 0)
+                _, demo = await self.run_main(client, model=model, input=None, output=None, num_inputs=3,
+                                              input_delay_s=0, task_type="CLUSTERING")  # fmt: skip
+                async with BatchedEmbedder(client, model=model, task_type="FACT_VERIFICATION") as embedder:
+                    await embedder.embed("the moon is cheese")
+                records = [json.loads(line) for line in output.read_text().splitlines()]
+                self.assertEqual(sorted(r["text"] for r in records), sorted(texts))  # the user's text, as given
+                self.assertIn("Content: input-0 -> Embedding:", demo)
+                requests_sent = sent(requests)
+                got = [(r.get("taskType"), r["content"]["parts"][0]["text"]) for r in requests_sent]
+                if model == "gemini-embedding-001":
+                    expected = [("RETRIEVAL_QUERY", t) for t in texts]
+                    expected += [("CLUSTERING", f"input-{i}") for i in range(3)]
+                    expected.append(("FACT_VERIFICATION", "the moon is cheese"))
+                else:
+                    expected = [(None, f"task: search result | query: {t}") for t in texts]
+                    expected += [(None, f"task: clustering | query: input-{i}") for i in range(3)]
+                    expected.append((None, "task: fact checking | query: the moon is cheese"))
+                self.assertEqual(sorted(got[:6]), sorted(expected[:6]))
+                self.assertEqual(sorted(got[6:]), sorted(expected[6:]))
+                manifest = json.loads(batcher.manifest_path(output).read_text())
+                self.assertEqual(manifest["settings"]["task_type"], "RETRIEVAL_QUERY")
+
+    async def test_a_resume_with_another_task_type_is_refused(self) -> None:
+        self.write_corpus(3)
+        await self.run_main(SpyClient(), task_type="RETRIEVAL_DOCUMENT")
+        with self.assertRaisesRegex(batcher.UsageError, '^--task-type was "RETRIEVAL_DOCUMENT" for the records in'):
+            await self.run_main(SpyClient(), task_type="RETRIEVAL_QUERY")
+
+    def test_a_bad_task_type_gets_one_line_naming_the_choices_and_exit_2(self) -> None:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
+            batcher.parse_args(["--task-type", "retrieval"])
+        self.assertEqual(exit_.exception.code, 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertIn("argument --task-type: expected one of RETRIEVAL_QUERY, RETRIEVAL_DOCUMENT,", err.getvalue())
+        self.assertIn("got 'retrieval'", err.getvalue())
+        self.assertEqual(batcher.parse_args(["--task-type", "retrieval_document"]).task_type, "RETRIEVAL_DOCUMENT")
+        with self.assertRaisesRegex(ValueError, "^task_type must be one of RETRIEVAL_QUERY, .*got 'QUERY'"):
+            BatchedEmbedder(SpyClient(), task_type="QUERY")
+
+
+class JsonlCorpusTest(CorpusTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.corpus = self.tmp / "chunks.jsonl"
+
+    def write_rows(self, rows: list[Any]) -> None:
+        self.corpus.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+    async def test_rows_keep_their_id_title_and_metadata_and_bad_rows_fail_alone(self) -> None:
+        self.write_rows([
+            {"id": "doc1#0", "text": "Cats purr.", "title": "Cats", "page": 1},
+            {"text": "no id here", "source": {"file": "a.pdf"}},
+            '{"text": "torn',  # bad JSON
+            {"id": "doc1#0", "text": "again"},  # a duplicate id
+            {"title": "no text"},
+            {"text": "NaN is not JSON", "score": float("nan")},
+            {"id": "chunks.jsonl:9", "text": "takes line 9's id"},
+            ["not", "an", "object"],
+            {"id": 7, "text": "an id that is not a string"},
+            {"id": "doc2#0", "text": "  Dogs bark.  ", "title": "Dogs"},
+        ])  # fmt: skip
+        client = SpyClient()
+        status, out = await self.run_main(client)
+        self.assertEqual(status, 1)
+        failed = sorted(line.split(" -> ")[0] for line in out.splitlines() if line.startswith("Failed:"))
+        self.assertEqual(failed, [f"Failed: chunks.jsonl:{n}" for n in (3, 4, 5, 6, 7, 8, 9)])
+        self.assertIn('Failed: chunks.jsonl:4 -> MalformedInput: bad JSONL row: duplicate id "doc1#0"', out)
+        self.assertIn('"text" must be a non-empty string', out)
+        self.assertIn("NaN is not valid JSON", out)
+        records = {r["id"]: r for r in self.written()}
+        self.assertEqual(list(records), ["doc1#0", "chunks.jsonl:2", "doc2#0"])
+        self.assertEqual(
+            {k: v for k, v in records["doc1#0"].items() if k != "embedding"},
+            {"id": "doc1#0", "text": "Cats purr.", "title": "Cats", "metadata": {"page": 1}},
+        )
+        self.assertEqual(records["chunks.jsonl:2"]["metadata"], {"source": {"file": "a.pdf"}})
+        self.assertEqual(records["doc2#0"]["text"], "Dogs bark.")
+        self.assertEqual(sorted(t for call in client.calls for t in call), ["Cats purr.", "Dogs bark.", "no id here"])
+
+    async def test_a_rerun_resumes_by_id_and_refuses_a_changed_title(self) -> None:
+        rows = [{"id": f"c{i}", "text": f"chunk {i}", "title": f"doc {i // 3}"} for i in range(9)]
+        self.write_rows(rows[:5])
+        await self.run_main(SpyClient())
+        self.write_rows(rows[::-1])  # another order: ids, not lines, say what is done
+        client = SpyClient()
+        self.assertEqual((await self.run_main(client))[0], 0)
+        self.assertEqual(sorted(t for call in client.calls for t in call), [f"chunk {i}" for i in range(5, 9)])
+        self.assertEqual(sorted(r["id"] for r in self.written()), [f"c{i}" for i in range(9)])
+        rows[4]["title"] = "another title"
+        self.write_rows(rows)
+        with self.assertRaisesRegex(
+            batcher.UsageError, '^the input of c4 changed since it was embedded: "doc 1" -> "an'
+        ):
+            await self.run_main(SpyClient())
+
+    async def test_stdin_is_text_unless_input_format_jsonl(self) -> None:
+        row = json.dumps({"id": "r1", "text": "from a pipe"}) + "\n"
+        for input_format, expected in (("auto", ("stdin:1", row.strip())), ("jsonl", ("r1", "from a pipe"))):
+            with self.subTest(input_format=input_format), fake_stdin(row.encode()):
+                output = self.tmp / f"{input_format}.jsonl"
+                await self.run_main(SpyClient(), input=batcher.STDIN, output=output, input_format=input_format)
+                record = json.loads(output.read_text())
+                self.assertEqual((record["id"], record["text"]), expected)
+
+    async def test_titles_go_one_per_call_to_001_and_in_the_document_prefix_to_2(self) -> None:
+        titles = ["Cats", "Cats", None, "Dogs", "Cats", None]
+        self.write_rows([{"text": f"t{i}"} | ({"title": t} if t else {}) for i, t in enumerate(titles)])
+        for model in ("gemini-embedding-001", "gemini-embedding-2"):
+            with self.subTest(model=model), stub_server() as (base_url, requests):
+                client = real_client(base_url)
+                self.addAsyncCleanup(client.aio.aclose)
+                output = self.tmp / f"{model}.jsonl"
+                status, _ = await self.run_main(client, model=model, output=output, task_type="RETRIEVAL_DOCUMENT")
+                self.assertEqual(status, 0)
+                self.assertEqual(len(self.written_to(output)), 6)
+                calls = [[(r.get("title"), r["content"]["parts"][0]["text"]) for r in body["requests"]]
+                         for _, body in requests]  # fmt: skip
+                if model == "gemini-embedding-001":  # a title per call: the batch of 6 goes in 3 calls
+                    self.assertEqual(calls, [
+                        [("Cats", "t0"), ("Cats", "t1"), ("Cats", "t4")], [(None, "t2"), (None, "t5")], [("Dogs", "t3")]
+                    ])  # fmt: skip
+                    self.assertTrue(all(r["taskType"] == "RETRIEVAL_DOCUMENT" for r in sent(requests)))
+                else:
+                    self.assertEqual(calls, [[
+                        (None, f"title: {t or 'none'} | text: t{i}") for i, t in enumerate(titles)
+                    ]])  # fmt: skip
+
+    def written_to(self, output: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in output.read_text().splitlines()]
 
 
 class UnitVectorTest(CorpusTestCase):
