@@ -1017,6 +1017,7 @@ class TaskTypeTest(CorpusTestCase):
                 self.assertIn("Content: input-0 -> Embedding:", demo)
                 requests_sent = sent(requests)
                 got = [(r.get("taskType"), r["content"]["parts"][0]["text"]) for r in requests_sent]
+                expected: list[tuple[str | None, str]]
                 if model == "gemini-embedding-001":
                     expected = [("RETRIEVAL_QUERY", t) for t in texts]
                     expected += [("CLUSTERING", f"input-{i}") for i in range(3)]
