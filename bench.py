@@ -380,6 +380,45 @@ def bench_corpus(tmp: Path, n: int, small: int, large: int, repeats: int) -> str
     )
 
 
+class TimedEmbedder(batcher.SimulatedClient):
+    """The simulated embedder, recording each call's start (monotonic) and tokens as --tpm counts them."""
+
+    def __init__(self, latency_s: float) -> None:
+        super().__init__(latency_s=latency_s)
+        self.calls: list[tuple[float, int]] = []
+
+    async def embed_content(self, **kwargs: Any) -> Any:
+        texts = [batcher.text_of(content) for content in kwargs["contents"]]
+        self.calls.append((time.monotonic(), batcher.estimated_tokens(texts)))
+        return await super().embed_content(**kwargs)
+
+
+async def bench_batcher_tpm(tmp: Path, n: int, tpm: float) -> str:
+    """batcher --tpm on a corpus of texts of 40 to 1,200 characters: the run against the ideal
+    (tokens / tpm), and the busiest 2 s window against the cap (tpm/30, plus one call)."""
+    rng = random.Random(7)
+    corpus = tmp / f"tpm-corpus-{n}.txt"
+    corpus.write_text("".join(f"{i} " + "word " * rng.randint(8, 240) + "\n" for i in range(n)))
+    config = batcher.Config(input=corpus, output=tmp / f"tpm-{n}.jsonl", batch_size=10, concurrency=8, tpm=tpm,
+                            quiet=True)  # fmt: skip
+    client = TimedEmbedder(latency_s=0.05)
+    started = time.monotonic()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert await batcher.main(config, client, shutdown=batcher.Shutdown()) == 0
+    wall_s = time.monotonic() - started
+    tokens = sum(used for _, used in client.calls)
+    ideal_s = tokens / (tpm / 60)
+    window = max(sum(used for t, used in client.calls if start <= t < start + 2) for start, _ in client.calls)
+    cap = tpm / 30 + max(used for _, used in client.calls)
+    check(f"batcher --tpm {tpm:g}, {n} texts, batch 10, concurrency 8: wall / ideal", wall_s / ideal_s, 1.5,
+          at_least=False)  # fmt: skip
+    check(f"batcher --tpm {tpm:g}: busiest 2 s window / (tpm/30 + one call)", window / cap, 1.0, at_least=False)
+    rows = [[n, len(client.calls), f"{tpm:g}", tokens, f"{ideal_s:.1f}", f"{wall_s:.1f}", f"{wall_s / ideal_s:.2f}",
+             f"{window} / {cap:.0f}"]]  # fmt: skip
+    headers = ["texts", "calls", "tpm", "tokens", "ideal s", "wall s", "wall / ideal", "busiest 2 s / cap"]
+    return "### Batcher --tpm (in process, 50 ms calls, texts of 40 to 1,200 characters)\n\n" + table(headers, rows)
+
+
 # --- Pipeline -----------------------------------------------------------------------------------
 
 
@@ -611,6 +650,7 @@ def main(quick: bool) -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         sections.append(bench_corpus(tmp, 200_000, 10_000, 100_000 if quick else 1_000_000, 1 if quick else 3))
+        sections.append(asyncio.run(bench_batcher_tpm(tmp, 200 if quick else 400, 480_000)))
         sections.append(
             asyncio.run(
                 bench_pipeline(tmp, 10 if quick else 40, 4_000 if quick else 40_000, 10_000 if quick else 40_000)

@@ -803,6 +803,23 @@ class CorpusTest(CorpusTestCase):
         self.assertIn("undecodable UTF-8", out)
         self.assertEqual([r["id"] for r in self.written()], ["corpus.txt:1", "corpus.txt:3"])
 
+    async def test_tpm_spaces_call_starts_by_their_tokens_and_with_rpm_takes_the_longer_gap(self) -> None:
+        sizes = [400, 200, 400, 200, 400, 200]  # characters: 100 and 50 tokens
+        self.corpus.write_text("".join("x" * n + "\n" for n in sizes))
+        for rpm, gap_after in ((None, {400: 0.1, 200: 0.05}), (800, {400: 0.1, 200: 0.075})):
+            with self.subTest(rpm=rpm):
+                client = SpyClient()
+                self.output.unlink(missing_ok=True)
+                batcher.manifest_path(self.output).unlink(missing_ok=True)
+                started = time.monotonic()
+                await self.run_main(client, batch_size=1, concurrency=6, tpm=60_000, rpm=rpm)  # 1,000 tokens/s
+                self.assertLess(client.started_at[0] - started, 0.05)  # the first call at once
+                order = [len(call[0]) for call in client.calls]
+                gaps = [b - a for a, b in itertools.pairwise(client.started_at)]
+                for size, gap in zip(order, gaps, strict=False):  # a call's tokens are paid before the next start
+                    self.assertGreaterEqual(gap, gap_after[size] - 0.005, (order, gaps))
+                    self.assertLess(gap, gap_after[size] + 0.04, (order, gaps))
+
     async def test_rpm_spaces_call_starts_evenly_with_no_burst(self) -> None:
         self.write_corpus(8)
         client = SpyClient()
