@@ -184,18 +184,29 @@ async def run_chain(
     adaptive: bool = False,
     concurrency: int = 16,
     latency_s: float = 0.2,
+    demo: bool = False,
 ) -> ChainResult:
-    """enqueue (Poisson) -> Batcher -> embed_content (simulated API) -> log_outputs, as in batcher.py."""
+    """enqueue (Poisson) -> Batcher -> embed_content (simulated API) -> log_outputs, as in batcher.py.
+    With demo, the inputs come from the demo's own enqueue_inputs instead: gaps uniform in 0..1/rate
+    (so 2 x rate items/s on average), as `--input-delay 1/rate`."""
     loop = asyncio.get_running_loop()
     stats, retrier = batcher.RunStats(), batcher.Retrier()
     stage: batcher.Batcher[batcher.Input] = batcher.Batcher(size, timedelta(seconds=timeout_s), adaptive=adaptive)
     inputs: asyncio.Queue[batcher.Input | None] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
-    batches: asyncio.Queue[batcher.InputBatch | None] = asyncio.Queue(maxsize=concurrency)
+    batches: asyncio.Queue[batcher.InputBatch | None] = asyncio.Queue(maxsize=batcher.BATCH_QUEUE_SIZE)
     outputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
     client = batcher.SimulatedClient(latency_s=latency_s)
     started = loop.time()
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
+        if demo:
+            random.seed(42)
+            tg.create_task(
+                batcher.enqueue_inputs(
+                    inputs, num_inputs=n, max_delay_s=1 / rate, stats=stats, shutdown=batcher.Shutdown()
+                )
+            )
+        else:
+            tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
         tg.create_task(stage.batch(inputs, batches))
         embedder = batcher.embed_content(
             client, batches, outputs, settings=batcher.EmbedSettings(), concurrency=concurrency, retrier=retrier,
@@ -305,6 +316,32 @@ async def bench_under_load(n: int, n_serial: int) -> str:
         "so the backlog (and p99) grows without bound."
     )
     return intro + table(headers, rows) + note
+
+
+def bench_adaptive_demo(n_fast: int, fixed_too: bool) -> str:
+    """The demo's --adaptive on its defaults (batch 8, timeout 1 s, concurrency 4, 200 ms calls):
+    fast arrivals in real time, the slow and steady ones on a virtual clock (6 inputs at up to 8 s
+    apart take half a minute)."""
+    runs = [("--input-delay 0.004 (real time)", n_fast, 1 / 0.004, True, False)]
+    if fixed_too:
+        runs.append(("--input-delay 0.004 (real time), not adaptive", n_fast, 1 / 0.004, False, False))
+    runs += [("--input-delay 0.04 (virtual time)", 500, 1 / 0.04, True, True),
+             ("--input-delay 8 (virtual time)", 6, 1 / 8, True, True)]  # fmt: skip
+    rows, results = [], {}
+    for label, n, rate, adaptive, virtual in runs:
+        chain = run_chain(n, rate, 8, 1.0, adaptive=adaptive, concurrency=4, demo=True)
+        results[label] = result = run_virtual(chain) if virtual else asyncio.run(chain)
+        rows.append([label, n, result.calls, f"{result.mean_batch:.2f}", *latency_cells(result)])
+    fast, steady, slow = (results[runs[i][0]] for i in (0, -2, -1))
+    check(f"demo --adaptive --num-inputs {n_fast} --input-delay 0.004: p99 latency, s",
+          batcher.percentile(fast.latencies_s, 99), 0.5, at_least=False, fmt="{:.3f}")  # fmt: skip
+    check("demo --adaptive --num-inputs 6 --input-delay 8: p50 latency, s",
+          batcher.percentile(slow.latencies_s, 50), 0.5, at_least=False, fmt="{:.3f}")  # fmt: skip
+    check("demo --adaptive --input-delay 0.04: mean batch", steady.mean_batch, 7.0, at_least=True)
+    headers = ["python batcher.py --adaptive", "inputs", "API calls", "mean batch", "mean s", "p50 s", "p99 s",
+               "max s"]  # fmt: skip
+    intro = "### Batcher --adaptive, both ways (the demo: batch 8, timeout 1 s, concurrency 4, 200 ms calls)\n\n"
+    return intro + table(headers, rows)
 
 
 # --- Batcher on a corpus file: against the in-memory run, and memory ------------------------------
@@ -647,6 +684,7 @@ def main(quick: bool) -> int:
     sections = [asyncio.run(bench_batcher_stage(100_000 if quick else 400_000, 3 if quick else 5))]
     sections.append(bench_tradeoff(300 if quick else 1000))
     sections.append(asyncio.run(bench_under_load(1_500 if quick else 5_000, 150 if quick else 400)))
+    sections.append(bench_adaptive_demo(1_000 if quick else 2_500, fixed_too=not quick))
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         sections.append(bench_corpus(tmp, 200_000, 10_000, 100_000 if quick else 1_000_000, 1 if quick else 3))

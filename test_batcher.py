@@ -276,6 +276,71 @@ class AdaptiveBatcherTest(unittest.TestCase):
         self.assertEqual(adaptive.counts.total(), fixed.counts.total())
 
 
+async def batches_with_slow_calls(
+    batcher_: Batcher[int], arrivals: list[float], call_s: float, calls: int
+) -> list[list[int]]:
+    """Items 0, 1, ... arrive at the given loop times; `calls` consumers take batches from a batch
+    queue of one, as embed_content does, each taking call_s per batch. Returns the batches taken."""
+    loop = asyncio.get_running_loop()
+    inputs: asyncio.Queue[Any] = asyncio.Queue(maxsize=batcher.QUEUE_SIZE)
+    batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=batcher.BATCH_QUEUE_SIZE)
+    taken: list[list[int]] = []
+
+    async def arrive() -> None:
+        for i, at in enumerate(arrivals):
+            await asyncio.sleep(at - loop.time())
+            await inputs.put(i)
+        await inputs.put(None)
+
+    async def call() -> None:
+        while (batch := await batches.get()) is not None:
+            taken.append(list(batch))  # a copy, as a call sends it: later changes would be lost
+            await asyncio.sleep(call_s)
+        batches.put_nowait(None)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(arrive())
+        tg.create_task(batcher_.batch(inputs, batches))
+        for _ in range(calls):
+            tg.create_task(call())
+    return taken
+
+
+class AdaptiveGrowthTest(unittest.TestCase):
+    """In virtual time."""
+
+    def test_adaptive_batches_grow_up_to_100_while_the_calls_are_behind_and_lose_nothing(self) -> None:
+        rng = random.Random(8)
+        arrivals = list(itertools.accumulate(rng.expovariate(1000) for _ in range(5000)))  # 1,000/s
+        for adaptive in (False, True):
+            batcher_: Batcher[int] = Batcher(8, timedelta(seconds=1), adaptive=adaptive)
+            taken = run_virtual(batches_with_slow_calls(batcher_, arrivals, call_s=0.2, calls=4))
+            self.assertEqual([i for batch in taken for i in batch], list(range(5000)))  # once each, in order
+            sizes = [len(batch) for batch in taken]
+            if adaptive:  # 4 calls of 0.2 s need 50 a call for 1,000/s
+                self.assertEqual(max(sizes), 100)
+                self.assertGreater(statistics.mean(sizes), 45)
+            else:
+                self.assertEqual(max(sizes), 8)
+
+    def test_random_arrivals_and_call_times_lose_no_item_while_batches_grow(self) -> None:
+        for seed in range(20):
+            rng = random.Random(seed)
+            arrivals = list(itertools.accumulate(rng.expovariate(rng.choice([50, 500, 5000])) for _ in range(800)))
+            batcher_: Batcher[int] = Batcher(rng.randint(1, 10), timedelta(seconds=0.05), adaptive=True)
+            taken = run_virtual(batches_with_slow_calls(batcher_, arrivals, rng.uniform(0.001, 0.3), rng.randint(1, 4)))
+            self.assertEqual([i for batch in taken for i in batch], list(range(800)), seed)
+            self.assertLessEqual(max(map(len, taken)), 100)
+
+    def test_adaptive_flushes_once_another_arrival_before_the_timeout_is_less_likely_than_not(self) -> None:
+        batcher_: Batcher[float] = Batcher(8, timedelta(seconds=1), adaptive=True)
+        waits = run_virtual(batch_latencies(batcher_, [1.0 * i for i in range(1, 12)]))  # one a second
+        self.assertEqual(waits[0], 1.0)  # nothing known yet: the full timeout
+        self.assertTrue(
+            all(abs(wait - (1 - math.log(2))) < 1e-6 for wait in waits[1:-1]), waits
+        )  # 0.31 s; the last: at the end
+
+
 class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
     async def run_stage(self, client: SpyClient, batches: list[list[str]], **kwargs: Any) -> list[tuple[str, Any]]:
         """Runs embed_content on batches of texts (each text is its own id); returns (text, result)."""
