@@ -594,12 +594,15 @@ class StubHandler(BaseHTTPRequestHandler):
     requests: list[tuple[str, dict[str, Any]]]
     fail_first = 0
     error: dict[str, Any] | None = None  # the answer to every call, if set
+    received_at: list[float] | None = None
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.received_at is not None:
+            self.received_at.append(time.monotonic())
         self.requests.append((self.path, body))
         if self.error is not None:
             self.reply(self.error["error"]["code"], self.error)
@@ -637,10 +640,13 @@ class StubHandler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def stub_server(
-    fail_first: int = 0, error: dict[str, Any] | None = None
+    fail_first: int = 0, error: dict[str, Any] | None = None, received_at: list[float] | None = None
 ) -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+    """The stub, serving on a free port; yields its URL and the requests it received. received_at,
+    if given, gets the time.monotonic() at which each request arrived."""
     requests: list[tuple[str, dict[str, Any]]] = []
-    handler = type("Handler", (StubHandler,), {"requests": requests, "fail_first": fail_first, "error": error})
+    attributes = {"requests": requests, "fail_first": fail_first, "error": error, "received_at": received_at}
+    handler = type("Handler", (StubHandler,), attributes)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -872,18 +878,23 @@ class CorpusTest(CorpusTestCase):
         sizes = [400, 200, 400, 200, 400, 200]  # characters: 100 and 50 tokens
         self.corpus.write_text("".join("x" * n + "\n" for n in sizes))
         for rpm, gap_after in ((None, {400: 0.1, 200: 0.05}), (800, {400: 0.1, 200: 0.075})):
-            with self.subTest(rpm=rpm):
-                client = SpyClient()
-                self.output.unlink(missing_ok=True)
-                batcher.manifest_path(self.output).unlink(missing_ok=True)
+            received_at: list[float] = []
+            with self.subTest(rpm=rpm), stub_server(received_at=received_at) as (base_url, requests):
+                client = real_client(base_url)
+                self.addAsyncCleanup(client.aio.aclose)
+                output = self.tmp / f"tpm-{rpm}.jsonl"
                 started = time.monotonic()
-                await self.run_main(client, batch_size=1, concurrency=6, tpm=60_000, rpm=rpm)  # 1,000 tokens/s
-                self.assertLess(client.started_at[0] - started, 0.05)  # the first call at once
-                order = [len(call[0]) for call in client.calls]
-                gaps = [b - a for a, b in itertools.pairwise(client.started_at)]
-                for size, gap in zip(order, gaps, strict=False):  # a call's tokens are paid before the next start
-                    self.assertGreaterEqual(gap, gap_after[size] - 0.005, (order, gaps))
+                await self.run_main(client, output=output, batch_size=1, concurrency=6, tpm=60_000, rpm=rpm)
+                self.assertLess(received_at[0] - started, 0.1)  # the first call at once (0.1: the SDK's setup)
+                order = [len(body["requests"][0]["content"]["parts"][0]["text"]) for _, body in requests]
+                # A call's tokens are paid (at 1,000 tokens/s) before the next start. Arrivals at the stub
+                # jitter by some ms, and the first has the connection to make: gaps from the second on.
+                gaps = [b - a for a, b in itertools.pairwise(received_at[1:])]
+                for size, gap in zip(order[1:], gaps, strict=False):
+                    self.assertGreaterEqual(gap, gap_after[size] - 0.02, (order, gaps))
                     self.assertLess(gap, gap_after[size] + 0.04, (order, gaps))
+                expected_s = sum(gap_after[size] for size in order[1:-1])
+                self.assertAlmostEqual(received_at[-1] - received_at[1], expected_s, delta=0.03)
 
     async def test_rpm_spaces_call_starts_evenly_with_no_burst(self) -> None:
         self.write_corpus(8)
