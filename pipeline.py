@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import importlib
 import itertools
 import json
@@ -34,9 +36,11 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -82,6 +86,21 @@ SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
 MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Resume)
 LOCK_NAME = ".lock"
+# --batch-api: each live job's prompts wait in outputs/batch/ until its results are written.
+BATCH_DIR = "batch"
+JOB_RE = re.compile(r"job_(\d+)")
+# A job holds up to this many prompts (--batch-job-size) and this many bytes of requests: far
+# under Google's 2 GB per input file, and small enough that one job's prompts fit in memory as
+# its results are matched to them, and that a failed job costs little to resubmit.
+JOB_PROMPTS = 20_000
+JOB_BYTES = 256 << 20
+POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
+SIMULATED_POLL_INTERVAL_S = 0.5
+SIMULATED_JOB_S = 2.0  # how long a simulated job takes
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
 # The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
 RECORDED_SETTINGS = (
     "model", "system_instruction", "json_schema", "temperature", "max_output_tokens", "thinking_level",
@@ -181,6 +200,7 @@ class Stats:
     output_tokens: int = 0
     thinking_tokens: int = 0
     answers: int = 0  # answered calls
+    batch_jobs: int = 0  # Batch API jobs created (--batch-api): their tokens are billed at half price
     started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
 
     def summary(self, errors_held: int, *, stopped: bool) -> str:
@@ -191,7 +211,12 @@ class Stats:
             f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped (already done), "
             f"{self.succeeded} succeeded, {self.failed} failed, {plural(self.retries, 'retry', 'retries')}",
             f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking}; "
-            f"{plural(self.calls, 'call')}, {self.answers} answered",
+            + (
+                f"{plural(self.batch_jobs, 'Batch API job')} created, {self.answers} answers, billed at the batch "
+                "price (half the interactive one)"
+                if self.batch_jobs or not self.calls
+                else f"{plural(self.calls, 'call')}, {self.answers} answered"
+            ),
             f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
             f"{plural(errors_held, 'failed prompt')} in {ERRORS_NAME}",
         ]
@@ -232,13 +257,19 @@ class Config:
     service_tier: str | None = None  # None: the API's default (standard)
     retry_errors: bool = False
     word_count: bool = False
+    batch_api: bool = False  # stage 2 through Google's Batch API: see batch_generate
+    batch_job_size: int = JOB_PROMPTS
+    poll_interval_s: float = POLL_INTERVAL_S
+    batch_cancel: bool = False
     quiet: bool = False  # no per-item lines, and no progress line
 
     def __post_init__(self) -> None:
-        for name in ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens"):
+        counts = ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens",
+                  "batch_job_size")  # fmt: skip
+        for name in counts:
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("request_timeout_s", "rpm", "tpm"):
+        for name in ("request_timeout_s", "rpm", "tpm", "poll_interval_s"):
             if (value := getattr(self, name)) is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
@@ -249,6 +280,8 @@ class Config:
             raise ValueError(f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, got {self.thinking_level!r}")
         if self.thinking_level is not None and self.thinking_budget is not None:  # the API rejects both at once
             raise ValueError("thinking_level and thinking_budget cannot both be set: choose one")
+        if self.batch_api and (self.service_tier is not None or self.word_count):
+            raise ValueError("batch_api takes neither service_tier (it is a price of its own) nor word_count")
 
     def generation(self) -> types.GenerateContentConfig | None:
         """The one GenerateContentConfig every call shares, or None for the model's defaults."""
@@ -433,6 +466,7 @@ class Shutdown:
         self.requested = False  # either: an attribute, not a property, as the reader reads it per line
         self._grace_s = grace_s
         self._in_flight: set[asyncio.Timeout] = set()
+        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
 
     def request(self, signum: int = signal.SIGINT) -> None:
         if self.signal is not None:
@@ -441,12 +475,21 @@ class Shutdown:
         name = signal.Signals(signum).name
         print(f"pipeline: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
         self.signal, self.requested = signum, True
+        self._stopping.set()
         self._end_in_flight()
 
     def fail(self, message: str) -> None:
         if self.failure is None:
             self.failure, self.requested = message, True
+            self._stopping.set()
             self._end_in_flight()
+
+    async def waited(self, timeout_s: float) -> bool:
+        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._stopping.wait()
+        return self.requested
 
     def _end_in_flight(self) -> None:
         """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
@@ -489,6 +532,7 @@ class SimulatedClient:
         self.latency_s = latency_s
         self.failure_rate = failure_rate
         self.aio = self.models = self  # so client.aio.models.generate_content works as on genai.Client
+        self.files = self.batches = SimulatedBatchAPI(self)  # client.aio.files.upload, .batches.create, ...
         self._template: tuple[Any, str] | None = None  # (schema, its JSON answer with a placeholder)
 
     async def generate_content(
@@ -497,15 +541,18 @@ class SimulatedClient:
         await asyncio.sleep(self.latency_s)
         if self.failure_rate and random.random() < self.failure_rate:
             raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
-        match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
-        text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
-        if config is not None and config.response_mime_type == "application/json":
-            text = self.json_answer(config.response_json_schema, text)
+        json_output = config is not None and config.response_mime_type == "application/json"
+        text = self.answer(contents, config.response_json_schema if json_output and config else None, json_output)
         system = str(config.system_instruction or "") if config is not None else ""
         usage = {"prompt_token_count": -(-len(contents + system) // 4), "candidates_token_count": -(-len(text) // 4)}
         # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
         candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
         return types.GenerateContentResponse.model_validate({"candidates": [candidate], "usage_metadata": usage})
+
+    def answer(self, contents: str, schema: Any, json_output: bool) -> str:
+        match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
+        text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
+        return self.json_answer(schema, text) if json_output else text
 
     def json_answer(self, schema: Any, text: str) -> str:
         """fake_instance(schema, text) as JSON, from a template made once per schema, so the
@@ -513,6 +560,58 @@ class SimulatedClient:
         if self._template is None or self._template[0] is not schema:
             self._template = (schema, json.dumps(fake_instance(schema, "\0")))
         return self._template[1].replace('"\\u0000"', json.dumps(text))
+
+
+class SimulatedBatchAPI:
+    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
+    the requests in a folder of the system's temp dir, and a job, named after its creation time
+    and that copy, succeeds SIMULATED_JOB_S later. Nothing lives in memory, so a re-run in
+    another process finds the jobs of the first one. download answers each request as
+    generate_content would."""
+
+    def __init__(self, client: SimulatedClient) -> None:
+        self._client = client
+        self._store = Path(tempfile.gettempdir()) / "pipeline-simulated-batch-api"
+
+    async def upload(self, *, file: Path, config: Any = None) -> types.File:
+        data = await asyncio.to_thread(Path(file).read_bytes)
+        name = hashlib.sha256(data).hexdigest()[:32]
+        await asyncio.to_thread(self._store.mkdir, exist_ok=True)
+        await asyncio.to_thread((self._store / name).write_bytes, data)
+        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=len(data))
+
+    async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
+        return types.BatchJob(
+            name=f"batches/{time.time_ns()}-{src.removeprefix('files/')}", state=types.JobState.JOB_STATE_PENDING
+        )
+
+    async def get(self, *, name: str) -> types.BatchJob:
+        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
+        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
+            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
+        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
+
+    async def cancel(self, *, name: str) -> None:
+        pass
+
+    async def download(self, *, file: str, destination: Any) -> None:
+        requests = await asyncio.to_thread(
+            (self._store / file.removeprefix("files/").removesuffix(".results")).read_bytes
+        )
+        lines = []
+        for line in requests.decode().splitlines():
+            row = json.loads(line)
+            request, schema = row["request"], row["request"].get("generationConfig", {}).get("responseJsonSchema")
+            contents = request["contents"][0]["parts"][0]["text"]
+            json_output = request.get("generationConfig", {}).get("responseMimeType") == "application/json"
+            text = self._client.answer(contents, schema, json_output)
+            system = request.get("systemInstruction", {}).get("parts", [{}])[0].get("text", "")
+            usage = {"promptTokenCount": -(-len(contents + system) // 4), "candidatesTokenCount": -(-len(text) // 4)}
+            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
+            response = {"candidates": [candidate], "usageMetadata": usage}
+            lines.append(json.dumps({"key": row["key"], "response": response}) + "\n")
+        await destination.write("".join(lines).encode())
 
 
 def fake_instance(schema: Any, text: str) -> Any:
@@ -588,7 +687,7 @@ def is_jsonl(path: Path) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_file(path: Path, mode: Literal["rb", "ab", "xb"]) -> AsyncIterator[Any]:
+async def open_file(path: Path, mode: Literal["rb", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
     """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
     a task cancelled while it waits loses the file: it never receives it, or its close, still
     queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
@@ -981,6 +1080,257 @@ async def generate_content(
     await error_queue.put(None)
 
 
+# --- Stage 2 with --batch-api: submit, wait, collect ----------------------------------
+@dataclass
+class Job:
+    """A Batch API job, as the manifest records it: the API's name, the file in the output
+    folder that holds its prompts (id, prompt, metadata), and which attempt it is for them."""
+
+    name: str
+    prompts: str  # relative to the output folder: batch/job_00001.jsonl
+    attempt: int = 1
+
+
+class JobBook:
+    """The output folder's live Batch API jobs, kept in its manifest. Creating a job is not
+    idempotent and every job is billed, so a job is recorded (one atomic manifest write) as soon
+    as create returns; a re-run waits on the recorded jobs and never submits their prompts again.
+    A job leaves the book (and its prompts file goes) once its results are written: drop_collected,
+    at the end of the run. states: the last state seen of each job, for the progress line."""
+
+    def __init__(self, output_dir: Path, manifest: dict[str, Any]) -> None:
+        self.output_dir, self.manifest = output_dir, manifest
+        self.live = [Job(**job) for job in manifest.get("jobs", [])]
+        self.states: dict[str, str] = {}
+        self.collected: list[Job] = []
+        self.created = 0  # jobs this run created
+        numbers = [int(m.group(1)) for p in (output_dir / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
+        self._numbers = itertools.count(max(numbers, default=0) + 1)
+        self._lock = asyncio.Lock()  # one manifest write at a time
+
+    def new_path(self) -> Path:
+        return self.output_dir / BATCH_DIR / f"job_{next(self._numbers):05d}.jsonl"
+
+    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
+        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
+        self.live = [*(j for j in self.live if j is not replacing), job]
+        self.created += 1
+        await self._write()
+
+    async def drop_collected(self) -> None:
+        self.live = [job for job in self.live if job not in self.collected]
+        await self._write()
+        for job in self.collected:
+            (self.output_dir / job.prompts).unlink(missing_ok=True)
+        self.collected = []
+
+    async def _write(self) -> None:
+        async with self._lock:
+            self.manifest["jobs"] = [vars(job) for job in self.live]
+            await asyncio.to_thread(write_manifest, self.output_dir, dict(self.manifest))
+
+
+def batch_request(config: Config) -> dict[str, Any]:
+    """The part of every Batch API request that the run's settings make, in the API's JSON names
+    (the file holds REST requests, not SDK objects): the same settings as an interactive call."""
+    thinking = {
+        "thinkingLevel": (config.thinking_level or "").upper() or None,
+        "thinkingBudget": config.thinking_budget,
+    }
+    generation = {
+        "temperature": config.temperature, "maxOutputTokens": config.max_output_tokens,
+        "responseMimeType": None if config.json_schema is None else "application/json",
+        "responseJsonSchema": config.json_schema,
+        "thinkingConfig": {name: value for name, value in thinking.items() if value is not None} or None,
+    }  # fmt: skip
+    request: dict[str, Any] = {}
+    if config.system_instruction is not None:
+        request["systemInstruction"] = {"parts": [{"text": config.system_instruction}]}
+    if generation := {name: value for name, value in generation.items() if value is not None}:
+        request["generationConfig"] = generation
+    return request
+
+
+async def write_job_files(path: Path, prompts: list[Prompt], settings: dict[str, Any]) -> Path:
+    """Writes a job's prompts (path: kept until its results are written) and its Batch API input
+    ({"key": id, "request": ...} per line; returned, to upload), each in one write, through aiofiles."""
+    requests_path = path.with_suffix(".requests.jsonl")
+    lines = [json_line({"id": i, "prompt": text, "metadata": metadata}) for i, text, metadata in prompts]
+    requests = [
+        json_line({"key": i, "request": {"contents": [{"role": "user", "parts": [{"text": text}]}], **settings}})
+        for i, text, _ in prompts
+    ]
+    for target, data in ((path, lines), (requests_path, requests)):
+        async with open_file(target, "xb") as f:
+            await append(f, data)
+    return requests_path
+
+
+async def read_job_prompts(path: Path, skip: Collection[str]) -> dict[str, Prompt]:
+    """A job's prompts by id, but those in skip (already written: an earlier run collected them)."""
+    prompts: dict[str, Prompt] = {}
+    async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
+        async for block in blocks:
+            for line in block.decode().split("\n"):
+                row = strict_json(line)
+                if row["id"] not in skip:
+                    prompts[row["id"]] = (row["id"], row["prompt"], row["metadata"])
+    return prompts
+
+
+def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats, *, json_output: bool) -> Result:
+    """The Result of one line of a job's results file: {"key", "response"} or {"key", "error"}."""
+    prompt_id, text, metadata = prompt
+    if isinstance(error := row.get("error"), dict):
+        message = f"{error.get('code', '?')} {error.get('status', '')}: {error.get('message', '')}"
+        return Result(prompt_id, text, metadata, error=f"batch: {message}", attempts=attempt)
+    try:
+        response = types.GenerateContentResponse.model_validate(row.get("response"))
+        usage = count_usage(response, stats)
+        answer, reason = read_answer(response, json_output=json_output)
+    except (ValueError, Blocked, MalformedReply) as exc:  # pydantic's ValidationError is a ValueError
+        return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt)
+    return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
+
+
+async def batch_generate(
+    client: Client, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None], *,
+    error_queue: asyncio.Queue[Result | None], config: Config, jobs: JobBook, done: Collection[str], stats: Stats,
+    shutdown: Shutdown,
+) -> None:  # fmt: skip
+    """Stage 2 with --batch-api: the same Results, from Google's Batch API at half price.
+
+    Submit: prompts go out in jobs of up to config.batch_job_size (or JOB_BYTES); each job's
+    prompts are written as the Batch API's JSONL, uploaded, and the job created and recorded at
+    once (JobBook). Wait: every job is polled every config.poll_interval_s. Collect: the results
+    file is downloaded (through aiofiles) and matched to the prompts by key, never by position;
+    a prompt with no result goes to error_queue saying so. A job that ends FAILED, CANCELLED or
+    EXPIRED is resubmitted, up to config.max_attempts jobs for its prompts, then its prompts
+    fail with its state. Jobs an earlier run recorded are waited on too (their prompts, never
+    read again, are not in input_queue); ids in `done` were collected already. After a shutdown
+    request nothing is submitted and waiting stops at once: the jobs go on at Google. Ends
+    output_queue with one sentinel per writer, and error_queue with one."""
+    settings = batch_request(config)
+    collecting = asyncio.Semaphore(1)  # one job's prompts in memory at a time
+
+    async def submit(prompts: list[Prompt], attempt: int, replacing: Job | None = None) -> Job | None:
+        path = jobs.new_path()
+        requests_path = await write_job_files(path, prompts, settings)
+        try:
+            uploaded = await batch_call(
+                lambda: client.aio.files.upload(
+                    file=requests_path, config=types.UploadFileConfig(mime_type="jsonl", display_name=path.name)
+                )
+            )
+            if shutdown.requested or uploaded is None:
+                path.unlink()
+                return None
+            display_name = f"pipeline.py {config.outputs.name} {path.stem}"
+            created = await batch_call(
+                lambda: client.aio.batches.create(
+                    model=config.model, src=uploaded.name, config={"display_name": display_name}
+                )
+            )
+        finally:
+            requests_path.unlink()  # uploaded, or not needed: the prompts file is what stays
+        if created is None or created.name is None:
+            path.unlink()
+            return None
+        job = Job(created.name, str(path.relative_to(config.outputs)), attempt)
+        await jobs.record(job, replacing=replacing)  # before anything else: it is billed
+        stats.batch_jobs += 1
+        log.info("batch job %s created: %d prompts (attempt %d)", job.name, len(prompts), attempt)
+        return job
+
+    async def batch_call(fn: Callable[[], Awaitable[T]]) -> T | None:
+        """An upload or create, retried like a call; an error that ends it stops the run (None)."""
+        for attempt in range(1, config.max_attempts + 1):
+            try:
+                return await bounded(fn(), config.request_timeout_s)
+            except Exception as exc:
+                if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                    raise
+                if not is_transient(exc) or attempt == config.max_attempts:
+                    shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
+                    return None
+                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
+        return None
+
+    async def follow(job: Job) -> None:
+        """Waits for job to end, then collects it, or resubmits its prompts."""
+        while True:
+            try:
+                batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
+                state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+            except Exception as exc:
+                if not (is_transient(exc) or isinstance(exc, errors.APIError)):
+                    raise
+                if not is_transient(exc):  # a 404: the job is gone
+                    batch_job, state = None, f"unknown to the API ({describe(exc)})"
+                else:
+                    log.info("batch job %s: polling again after %s", job.name, describe(exc))
+                    state = jobs.states.get(job.name, "JOB_STATE_PENDING")
+            jobs.states[job.name] = state
+            if state in JOB_ENDED or state.startswith("unknown"):
+                break
+            if await shutdown.waited(config.poll_interval_s):
+                return  # the job goes on at Google: the next run collects it
+        async with collecting:
+            prompts = await read_job_prompts(config.outputs / job.prompts, done)
+            if state == "JOB_STATE_SUCCEEDED" and batch_job is not None:
+                await collect(job, batch_job, prompts)
+            elif job.attempt < config.max_attempts and not shutdown.requested:
+                new = await submit(list(prompts.values()), job.attempt + 1, replacing=job)
+                if new is not None:
+                    jobs.collected.append(job)  # replaced in the book already; its file goes at the end
+                    tg.create_task(follow(new))
+                    return
+            else:
+                for prompt_id, text, metadata in prompts.values():
+                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
+                    await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
+        jobs.collected.append(job)
+
+    async def collect(job: Job, batch_job: types.BatchJob, prompts: dict[str, Prompt]) -> None:
+        path = (config.outputs / job.prompts).with_suffix(".results.jsonl")
+        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
+            await client.aio.files.download(file=batch_job.dest.file_name if batch_job.dest else "", destination=f)
+        async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
+            async for block in blocks:
+                for line in filter(None, block.decode().split("\n")):
+                    row = strict_json(line)
+                    if (prompt := prompts.pop(row.get("key"), None)) is None:
+                        continue  # a key not ours, or seen already, or collected by an earlier run
+                    result = batch_result(row, prompt, job.attempt, stats, json_output=config.json_schema is not None)
+                    await (error_queue if result.error is not None else output_queue).put(result)
+        for prompt_id, text, metadata in prompts.values():
+            reason = f"no result for this prompt in batch job {job.name}"
+            await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
+        path.unlink()
+
+    async def submit_and_follow(prompts: list[Prompt]) -> None:
+        if prompts and not shutdown.requested and (job := await submit(prompts, 1)) is not None:
+            tg.create_task(follow(job))
+
+    async with asyncio.TaskGroup() as tg:
+        for recorded in jobs.live:
+            tg.create_task(follow(recorded))
+        batch: list[Prompt] = []
+        size = 0
+        while (prompt := await input_queue.get()) is not None:
+            if shutdown.requested:
+                continue  # drain, so the readers and the sentinel get through
+            batch.append(prompt)
+            size += len(prompt[1]) + 200  # the request's JSON around the prompt: about 200 bytes
+            if len(batch) == config.batch_job_size or size >= JOB_BYTES:
+                await submit_and_follow(batch)
+                batch, size = [], 0
+        await submit_and_follow(batch)
+    for _ in range(config.writers):
+        await output_queue.put(None)
+    await error_queue.put(None)
+
+
 # --- Stage 3: the output writers ------------------------------------------------------
 async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Result], bool]:
     """Waits for one item, then takes what is already waiting (up to MAX_WRITE_BATCH).
@@ -1076,11 +1426,12 @@ class Resume:
     torn: list[tuple[Path, int]] = field(default_factory=list)  # torn last lines: (file, where to cut)
     retry_failed: bool = False  # --retry-errors, or failures made with other settings: run them again
     met: set[str] = field(default_factory=set)  # the failed ids that the readers met in the inputs
+    queued: dict[str, int] = field(default_factory=dict)  # ids in a live Batch API job (see JobBook)
 
     def skips(self, prompt_id: str, text: str) -> bool:
         """Whether the readers pass over this prompt. A failed prompt runs again if its text
         changed (the error was about another prompt). check_inputs has refused changed done ones."""
-        if prompt_id in self.done:
+        if prompt_id in self.done or prompt_id in self.queued:
             return True
         if (digest := self.failed.get(prompt_id)) is None:
             return False
@@ -1192,7 +1543,7 @@ def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
 async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> None:
     """Refuses (UsageError) a resume whose inputs changed under ids already answered: a record
     answers one prompt. Reads the inputs once more, only when something is done."""
-    if not resume.done:
+    if not (resume.done or resume.queued):
         return
     first: tuple[str, str] | None = None  # the first changed id, and its prompt now
     changed, seen, reserved = 0, set[str](), {path.name for path in files}
@@ -1200,11 +1551,17 @@ async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> N
         async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
             async for prompts in blocks:
                 for prompt_id, text, _, _ in prompts:
-                    if (digest := resume.done.get(prompt_id)) is not None and digest != hash(text):
+                    digest = resume.done.get(prompt_id, resume.queued.get(prompt_id))
+                    if digest is not None and digest != hash(text):
                         changed += 1
                         first = first or (prompt_id, text)
     if first is not None:
         first_id, text = first
+        if first_id not in resume.done:
+            raise UsageError(
+                f"the input of {first_id} changed since it was sent in a Batch API job: {shown(text)}: restore the "
+                "inputs, or end the job with --batch-cancel"
+            )
         old = await asyncio.to_thread(answered_prompt, output_dir, first_id)
         more = f", and {changed - 1} more" if changed > 1 else ""
         raise UsageError(
@@ -1291,7 +1648,7 @@ def count_lines(files: list[Path]) -> int:
     return total
 
 
-async def show_progress(stats: Stats, files: list[Path], *, tty: bool) -> None:
+async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: JobBook | None = None) -> None:
     """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
     flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
     PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence."""
@@ -1302,6 +1659,10 @@ async def show_progress(stats: Stats, files: list[Path], *, tty: bool) -> None:
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
             eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
             line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
+            if jobs is not None:  # --batch-api: the jobs' states instead
+                states = Counter(state.removeprefix("JOB_STATE_").lower() for state in jobs.states.values())
+                shown_states = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none yet"
+                line = f"batch jobs: {shown_states}; {elapsed:.0f}s elapsed; {done} done, {stats.failed} failed"
             print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
@@ -1320,8 +1681,19 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     with locked(config.outputs):
         # Every check comes before any change: a refused run leaves the folder as it was.
         resume, manifest = await asyncio.to_thread(open_outputs, config)
+        jobs = JobBook(config.outputs, manifest)
+        if config.batch_cancel:
+            return await cancel_jobs(client, jobs)
+        if jobs.live and not config.batch_api:
+            raise UsageError(
+                f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
+                f"{config.outputs}: run with --batch-api to collect them, or --batch-cancel"
+            )
+        resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
         await check_inputs(files, resume, config.outputs)
         await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
+        if config.batch_api:
+            (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
         if resume.done or resume.failed:
             log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
         gate = Gate(rpm=config.rpm, tpm=config.tpm)
@@ -1331,16 +1703,42 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         shard_numbers = itertools.count(resume.next_shard)
         spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
         pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
-        progress = None if config.quiet else asyncio.create_task(show_progress(stats, files, tty=sys.stderr.isatty()))
+        tty = sys.stderr.isatty()
+        progress = None
+        if not config.quiet:
+            progress = asyncio.create_task(
+                show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
+            )
+        if config.batch_api:  # the one stage that changes: submit, wait, collect
+            generator = batch_generate(
+                client,
+                input_queue,
+                output_queue,
+                error_queue=error_queue,
+                config=config,
+                jobs=jobs,
+                done=resume.done,
+                stats=stats,
+                shutdown=shutdown,
+            )
+        else:
+            generator = generate_content(
+                client,
+                input_queue,
+                output_queue,
+                error_queue=error_queue,
+                config=config,
+                gate=gate,
+                stats=stats,
+                shutdown=shutdown,
+                word_count_pool=pool,
+            )
         stages = [
             read_inputs(
-                files, input_queue, error_queue=error_queue, readers=config.readers, consumers=config.workers,
-                resume=resume, stats=stats, shutdown=shutdown,
+                files, input_queue, error_queue=error_queue, readers=config.readers,
+                consumers=1 if config.batch_api else config.workers, resume=resume, stats=stats, shutdown=shutdown,
             ),
-            generate_content(
-                client, input_queue, output_queue, error_queue=error_queue, config=config, gate=gate, stats=stats,
-                shutdown=shutdown, word_count_pool=pool,
-            ),
+            generator,
             *(write_outputs(
                 config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
                 quiet=config.quiet,
@@ -1359,6 +1757,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 progress.cancel()
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+        if not file_errors:  # the results of collected jobs are written: the jobs leave the manifest
+            await jobs.drop_collected()
         done: Collection[str] = resume.done
         if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
             done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
@@ -1373,9 +1773,38 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     if shutdown.failure is not None:
         print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2
+    if jobs.live:
+        print(
+            f"pipeline.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
+            "again to collect them (or --batch-cancel to stop them)", file=sys.stderr,
+        )  # fmt: skip
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if errors_held else 0
+
+
+def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
+    """The ids of the prompts in live jobs, each with a hash of its prompt (see check_inputs)."""
+    queued: dict[str, int] = {}
+    for job in live:
+        with (output_dir / job.prompts).open("rb") as f:
+            for line in f:
+                row = strict_json(line)
+                queued[row["id"]] = hash(row["prompt"])
+    return queued
+
+
+async def cancel_jobs(client: Client, jobs: JobBook) -> int:
+    """--batch-cancel: cancels every recorded job and forgets it; its prompts go in the next run."""
+    for job in jobs.live:
+        try:
+            await client.aio.batches.cancel(name=job.name)
+            print(f"cancelled {job.name}")
+        except errors.APIError as exc:  # ended already, say: forgotten all the same
+            print(f"{job.name}: {describe(exc)}; forgotten")
+    jobs.collected = list(jobs.live)
+    await jobs.drop_collected()
+    return 0
 
 
 # --- CLI ------------------------------------------------------------------------------
@@ -1454,6 +1883,26 @@ def make_parser() -> argparse.ArgumentParser:
     add("--json-schema", type=Path, metavar="PATH", help="ask for JSON matching this JSON Schema file; parse it")
     add("--service-tier", choices=SERVICE_TIERS, help="flex: half price, slower, may be shed (503s are retried)")
     add("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
+    add(
+        "--batch-api",
+        action="store_true",
+        help="through Google's Batch API: half price, its own quota, results within 24 h; a re-run resumes waiting",
+    )
+    add(
+        "--batch-job-size",
+        type=count,
+        default=JOB_PROMPTS,
+        metavar="N",
+        help=f"prompts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; Google takes 2 GB)",
+    )
+    add(
+        "--poll-interval",
+        dest="poll_interval_s",
+        type=positive,
+        metavar="SECONDS",
+        help=f"between looks at a Batch API job (default: {POLL_INTERVAL_S:g}; offline {SIMULATED_POLL_INTERVAL_S:g})",
+    )
+    add("--batch-cancel", action="store_true", help="cancel the Batch API jobs recorded in --outputs, and forget them")
     add("--word-count", action="store_true", help="add word_count, computed in a process pool")
     add("--offline", action="store_true", help="use the simulated model even with a key")
     add("--fake-latency", type=number(float, 0), default=0.1, metavar="SECONDS", help="simulated latency")
@@ -1490,6 +1939,10 @@ def config_from(args: argparse.Namespace) -> Config:
         raise UsageError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
     if args.request_timeout_s is None:
         settings["request_timeout_s"] = FLEX_REQUEST_TIMEOUT_S if args.service_tier == "flex" else REQUEST_TIMEOUT_S
+    if args.poll_interval_s is None:
+        settings["poll_interval_s"] = POLL_INTERVAL_S
+    if args.batch_api and (args.service_tier is not None or args.word_count):
+        raise UsageError("--batch-api takes neither --service-tier (the batch price is its own) nor --word-count")
     return Config(**settings)
 
 
@@ -1509,6 +1962,8 @@ def run_cli(argv: list[str] | None = None) -> int:
                 offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
                 request_timeout_s=config.request_timeout_s, connections=config.workers,
             )  # fmt: skip
+            if args.poll_interval_s is None and isinstance(client, SimulatedClient):
+                config = dataclasses.replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)
             try:
                 return await main(config, client, shutdown=shutdown)
             finally:
