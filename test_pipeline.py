@@ -1016,6 +1016,284 @@ def scripted_client(
         server.server_close()
 
 
+class BatchStub:
+    """The Batch API's REST surface, as google-genai sends it (read from its files.py, batches.py
+    and _api_client.py), for one test. Records every request as (method, path).
+
+    - The resumable upload: POST /upload/v1beta/files (X-Goog-Upload-Protocol: resumable,
+      Command: start) is answered with an absolute x-goog-upload-url; POSTs there carry the bytes
+      (Command: upload, or "upload, finalize" last), answered x-goog-upload-status active / final,
+      and the final one with {"file": {...}}.
+    - POST /v1beta/models/{m}:batchGenerateContent ({"batch": {"inputConfig": {"fileName"},
+      "displayName"}}) creates a job, answered as a long-running operation: name "batches/N", the
+      state in metadata.state.
+    - GET /v1beta/batches/N: BATCH_STATE_RUNNING for the first polls_to_end polls, then the job's
+      end state (end_states[N-1], else BATCH_STATE_SUCCEEDED); once succeeded, metadata.output
+      .responsesFile names a results file: "ok: <prompt>" for each key, usage 10 + 5 tokens,
+      passed through results(rows) (a test may shuffle, drop or fail rows).
+    - POST /v1beta/batches/N:cancel, and GET /v1beta/files/{name}:download?alt=media.
+    """
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()  # notified after each request
+        self.requests: list[tuple[str, str]] = []
+        self.files: dict[str, bytes] = {}  # name -> content
+        self.sessions: dict[str, bytearray] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.polls_to_end = 1
+        self.end_states: list[str] = []
+        self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
+        self.port = 0
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        with self.changed:
+            self.requests.append((method, path))
+            try:
+                return self._handle(method, path, headers, body)
+            finally:
+                self.changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Blocks (call it in a thread) until predicate() holds after a request."""
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout_s), "the stub waited in vain"
+
+    def polled(self) -> bool:
+        return any(method == "GET" and "/batches/" in path for method, path in self.requests)
+
+    def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method == "POST" and re.fullmatch(r"/upload/v1(beta)?/files", path):
+            assert headers["X-Goog-Upload-Protocol"] == "resumable" and headers["X-Goog-Upload-Command"] == "start"
+            session = str(len(self.sessions) + 1)
+            self.sessions[session] = bytearray()
+            url = f"http://127.0.0.1:{self.port}/upload-session/{session}"
+            return 200, {"x-goog-upload-url": url, "x-goog-upload-status": "active"}, b"{}"
+        if method == "POST" and (m := re.fullmatch(r"/upload-session/(\d+)", path)):
+            data = self.sessions[m.group(1)]
+            assert int(headers["X-Goog-Upload-Offset"]) == len(data)
+            data += body
+            if "finalize" not in headers["X-Goog-Upload-Command"]:
+                return 200, {"x-goog-upload-status": "active"}, b"{}"
+            name = f"files/upload-{m.group(1)}"
+            self.files[name] = bytes(data)
+            file = {"name": name, "mimeType": "jsonl", "sizeBytes": str(len(data)), "state": "ACTIVE"}
+            return 200, {"x-goog-upload-status": "final"}, json.dumps({"file": file}).encode()
+        if method == "POST" and (m := re.fullmatch(r"/v1(beta)?/models/([^/:]+):batchGenerateContent", path)):
+            batch = json.loads(body)["batch"]
+            name = f"batches/{len(self.jobs) + 1}"
+            self.jobs[name] = {"file": batch["inputConfig"]["fileName"], "model": m.group(2), "polls": 0,
+                               "display_name": batch.get("displayName"), "state": "BATCH_STATE_PENDING"}  # fmt: skip
+            return 200, {}, json.dumps(self.operation(name)).encode()
+        if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+)", path)):
+            if (job := self.jobs.get(m.group(2))) is None:
+                error = {"code": 404, "message": "not found", "status": "NOT_FOUND"}
+                return 404, {}, json.dumps({"error": error}).encode()
+            job["polls"] += 1
+            if job["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"):
+                number = int(m.group(2).split("/")[1])
+                ends = self.end_states[number - 1] if number <= len(self.end_states) else "BATCH_STATE_SUCCEEDED"
+                job["state"] = ends if job["polls"] > self.polls_to_end else "BATCH_STATE_RUNNING"
+                if job["state"] == "BATCH_STATE_SUCCEEDED":
+                    self.files[f"files/results-{number}"] = self.answer(self.files[job["file"]])
+            return 200, {}, json.dumps(self.operation(m.group(2))).encode()
+        if method == "POST" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+):cancel", path)):
+            self.jobs[m.group(2)]["state"] = "BATCH_STATE_CANCELLED"
+            return 200, {}, b"{}"
+        if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
+            return 200, {"Content-Type": "application/octet-stream"}, self.files[f"files/{m.group(2)}"]
+        raise AssertionError(f"the stub does not know {method} {path}")
+
+    def operation(self, name: str) -> dict[str, Any]:
+        job = self.jobs[name]
+        metadata: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{job['model']}", "displayName": job["display_name"], "state": job["state"],
+        }  # fmt: skip
+        if job["state"] == "BATCH_STATE_SUCCEEDED":
+            metadata["output"] = {"responsesFile": f"files/results-{name.split('/')[1]}"}
+        return {
+            "name": name,
+            "metadata": metadata,
+            "done": job["state"] not in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"),
+        }
+
+    def answer(self, requests: bytes) -> bytes:
+        rows = []
+        for line in requests.decode().splitlines():
+            row = json.loads(line)
+            _, response = answer("ok: " + prompt_of(row["request"]))
+            rows.append({"key": row["key"], "response": response})
+        return "".join(json.dumps(row) + "\n" for row in self.results(rows)).encode()
+
+    def created(self) -> int:
+        return len(self.jobs)
+
+
+class BatchStubHandler(BaseHTTPRequestHandler):
+    stub: BatchStub
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.serve("GET")
+
+    def do_POST(self) -> None:
+        self.serve("POST")
+
+    def serve(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, headers, data = self.stub.handle(method, self.path, self.headers, body)
+        self.send_response(status)
+        headers.setdefault("Content-Type", "application/json")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def batch_server() -> Iterator[tuple[str, BatchStub]]:
+    stub = BatchStub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (BatchStubHandler,), {"stub": stub}))
+    stub.port = server.server_port
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", stub
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def real_batch_client(base_url: str) -> Any:
+    env = {"GEMINI_API_KEY": "k", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url}
+    with mock.patch.dict(os.environ, env):
+        return pipeline.make_client(offline=False, fake_latency_s=0, fake_failure_rate=0)
+
+
+class BatchApiTest(PipelineTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = replace(self.config, batch_api=True, poll_interval_s=0.01, batch_job_size=4)
+
+    async def run_batch(self, stub_url: str, **changes: Any) -> tuple[int, str]:
+        client = real_batch_client(stub_url)
+        try:
+            return await self.run_pipeline(client, **changes)
+        finally:
+            await client.aio.aclose()
+
+    async def test_jobs_go_through_upload_create_poll_download_and_end_exactly_once(self) -> None:
+        prompts = write_inputs(self.inputs, 3, 3)  # 9 prompts: jobs of 4, 4 and 1
+        with batch_server() as (url, stub):
+            status, summary = await self.run_batch(url, system_instruction="Be brief.", temperature=0.5,
+                                                   thinking_level="low", json_schema=None)  # fmt: skip
+        self.assertEqual(status, 0, self.stderr)
+        self.assertEqual(sorted(r["response"] for r in records(self.outputs)), sorted("ok: " + p for p in prompts))
+        self.assertTrue(all(r["usage"] == {"input_tokens": 10, "output_tokens": 5} for r in records(self.outputs)))
+        self.assertEqual(stub.created(), 3)
+        uploaded = [json.loads(line) for data in stub.files.values() if b'"request"' in data
+                    for line in data.decode().splitlines()]  # fmt: skip
+        self.assertEqual(sorted(row["key"] for row in uploaded), sorted(r["id"] for r in records(self.outputs)))
+        request = uploaded[0]["request"]
+        self.assertEqual(request["systemInstruction"], {"parts": [{"text": "Be brief."}]})
+        self.assertEqual(request["generationConfig"], {"temperature": 0.5, "thinkingConfig": {"thinkingLevel": "LOW"}})
+        self.assertIn("3 Batch API jobs created", summary)
+        self.assertIn("billed at the batch price", summary)
+        self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["jobs"], [])
+        self.assertEqual(list((self.outputs / "batch").iterdir()), [])  # each job's files go once collected
+        self.assert_exactly_once(prompts)
+
+    async def test_shuffled_results_a_missing_key_and_a_row_error_are_matched_by_key(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 4)
+
+        def results(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            rows = rows[::-1]  # out of order
+            dropped = rows.pop(1)["key"]  # a key with no result
+            rows[0] = {"key": rows[0]["key"], "error": {"code": 400, "message": "bad request", "status": "INVALID"}}
+            self.lost.append(dropped)
+            self.failed.append(rows[0]["key"])
+            return rows
+
+        self.lost: list[str] = []
+        self.failed: list[str] = []
+        with batch_server() as (url, stub):
+            stub.results = results
+            status, _ = await self.run_batch(url)
+        self.assertEqual(status, 1)
+        written = {r["id"]: r["response"] for r in records(self.outputs)}
+        by_id = {f"shard_{s}.txt:{n}": p for s in range(2) for n, p in enumerate(prompts[s * 4 : s * 4 + 4], 1)}
+        self.assertTrue(all(response == "ok: " + by_id[i] for i, response in written.items()))  # never by position
+        errors_by_id = {r["id"]: r["error"] for r in records(self.outputs, "errors.jsonl")}
+        self.assertEqual(sorted(errors_by_id), sorted(self.lost + self.failed))
+        self.assertTrue(all("no result for this prompt in batch job batches/" in errors_by_id[i] for i in self.lost))
+        self.assertTrue(all(errors_by_id[i] == "batch: 400 INVALID: bad request" for i in self.failed))
+        self.assert_exactly_once(prompts)
+
+    async def test_an_expired_job_is_resubmitted_then_fails_with_its_state_after_max_attempts(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 3)
+        with batch_server() as (url, stub):
+            stub.end_states = ["BATCH_STATE_EXPIRED", "BATCH_STATE_SUCCEEDED"]
+            status, _ = await self.run_batch(url)
+            self.assertEqual((status, stub.created()), (0, 2))  # the second job answered them
+        self.assert_exactly_once(prompts)
+        self.assertEqual(len(records(self.outputs)), 3)
+        with batch_server() as (url, stub):
+            stub.end_states = ["BATCH_STATE_EXPIRED"] * 3
+            status, _ = await self.run_batch(url, outputs=self.tmp / "again", max_attempts=3)
+            self.assertEqual((status, stub.created()), (1, 3))
+        errors_ = records(self.tmp / "again", "errors.jsonl")
+        self.assertEqual(len(errors_), 3)
+        self.assertTrue(all(e["error"] == "batch job batches/3 ended EXPIRED (attempt 3)" for e in errors_), errors_)
+
+    async def test_ctrl_c_while_waiting_stops_at_once_and_a_rerun_collects_without_a_new_job(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 3)
+        with batch_server() as (url, stub):
+            stub.polls_to_end = 10**9  # never ends, until the test lets it
+            shutdown = Shutdown()
+
+            async def interrupt() -> None:
+                await asyncio.to_thread(stub.wait_until, lambda: stub.created() == 2 and stub.polled())
+                shutdown.request(signal.SIGINT)
+
+            started = time.monotonic()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                status, _ = await self.run_batch(url, poll_interval_s=30, shutdown=shutdown)
+            self.assertLess(time.monotonic() - started, 5)  # not a 30 s poll, nor a 5 s grace
+            self.assertEqual(status, 130)
+            self.assertIn("2 Batch API jobs still running at Google: run the same command again", self.stderr)
+            self.assertEqual(records(self.outputs), [])
+            self.assertEqual(len(json.loads((self.outputs / "manifest.json").read_text())["jobs"]), 2)
+            with self.assertRaisesRegex(pipeline.UsageError, "run with --batch-api to collect them"):
+                await self.run_pipeline(SpyClient(), batch_api=False)
+            stub.polls_to_end = 0
+            status, _ = await self.run_batch(url)
+            self.assertEqual((status, stub.created()), (0, 2))  # no new job
+        self.assert_exactly_once(prompts)
+
+    async def test_batch_cancel_cancels_the_recorded_jobs_and_forgets_them(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        with batch_server() as (url, stub):
+            stub.polls_to_end = 10**9
+            shutdown = Shutdown()
+
+            async def interrupt() -> None:
+                await asyncio.to_thread(stub.wait_until, lambda: stub.created() == 1)
+                shutdown.request(signal.SIGTERM)
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                self.assertEqual((await self.run_batch(url, shutdown=shutdown))[0], 143)
+            self.assertEqual((await self.run_batch(url, batch_cancel=True))[0], 0)
+            self.assertTrue(
+                any(m == "POST" and re.fullmatch(r"/v1(beta)?/batches/1:cancel", p) for m, p in stub.requests)
+            )
+        self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["jobs"], [])
+        self.assertEqual((await self.run_pipeline(SpyClient(), batch_api=False))[0], 0)  # the prompts, done now
+
+
 class JsonlInputTest(PipelineTestCase):
     async def test_txt_and_jsonl_together_with_ids_metadata_duplicates_and_bad_lines(self) -> None:
         self.inputs.mkdir()
