@@ -1883,6 +1883,27 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 130)
         self.assertLess(time.monotonic() - started, 2.0)  # not the 5 s grace, nor the 60 s calls
 
+    def test_batch_api_kill_9_while_waiting_then_a_rerun_creates_no_job_and_ends_exactly_once(self) -> None:
+        prompts = write_inputs(self.tmp / "inputs", 3, 5)
+        with batch_server() as (url, stub):
+            env = self.env | {"GEMINI_API_KEY": "k", "GOOGLE_GEMINI_BASE_URL": url}
+            command = [sys.executable, str(HERE / "pipeline.py"), "--batch-api", "--batch-job-size", "4",
+                       "--poll-interval", "0.05", "--quiet"]  # fmt: skip
+            stub.polls_to_end = 10**9
+            proc = subprocess.Popen(command, cwd=self.tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            last_polled = lambda: any(path.endswith("/batches/4") for _, path in stub.requests)  # noqa: E731
+            stub.wait_until(last_polled, timeout_s=30)  # all 4 created and recorded: the 4th is waited on
+            proc.kill()
+            proc.communicate()
+            self.assertEqual(len(json.loads((self.tmp / "outputs" / "manifest.json").read_text())["jobs"]), 4)
+            stub.polls_to_end = 0
+            result = subprocess.run(command, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(stub.created(), 4)  # waited on the recorded jobs: none submitted again
+        written = [r["prompt"] for r in records(self.tmp / "outputs")]
+        self.assertEqual(sorted(written), sorted(prompts))  # each once
+        self.assertNotIn("k", [line.strip() for line in result.stderr.splitlines()])
+
     def test_sigkill_at_any_moment_then_resume_gives_exactly_once(self) -> None:
         prompts = write_inputs(self.tmp / "inputs", 10, 200)
         rng = random.Random(2)
