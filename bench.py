@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import batcher
 import pipeline
@@ -660,19 +661,47 @@ async def bench_reader(tmp: Path, n: int, repeats: int) -> str:
     )
 
 
-def peak_rss_mb(tmp: Path, n: int) -> float:
+def peak_rss_mb(tmp: Path, n: int, *extra: str) -> float:
     """Runs pipeline.py in a child on n prompts; returns its peak RSS."""
-    make_inputs(folder := tmp / f"rss-{n}", n)
-    args = ["--inputs", str(folder), "--outputs", str(tmp / f"rss-out-{n}")]
+    folder = tmp / f"rss-{n}"
+    if not folder.exists():
+        make_inputs(folder, n)
+    args = ["--inputs", str(folder), "--outputs", str(tmp / f"rss-out-{n}{'-'.join(extra)}"), *extra]
     return run_child("pipeline.py", [*args, "--workers", "16", "--queue-size", "100", "--shard-size", "1000"])[1]
 
 
 def bench_memory(tmp: Path, small: int, large: int) -> str:
-    small_mb, large_mb = peak_rss_mb(tmp, small), peak_rss_mb(tmp, large)
-    check(f"pipeline peak RSS {large:,} / {small:,} prompts", large_mb / small_mb, 1.3, at_least=False)
-    rows = [[f"{small:,}", f"{small_mb:.1f}", "1.00"], [f"{large:,}", f"{large_mb:.1f}", f"{large_mb / small_mb:.2f}"]]
+    rows = []
+    for mode, extra in (("interactive", ()), ("`--batch-api`", ("--batch-api",))):
+        small_mb, large_mb = peak_rss_mb(tmp, small, *extra), peak_rss_mb(tmp, large, *extra)
+        name = "pipeline" + (" --batch-api" if extra else "")
+        check(f"{name} peak RSS {large:,} / {small:,} prompts", large_mb / small_mb, 1.3, at_least=False)
+        rows += [[mode, f"{small:,}", f"{small_mb:.1f}", "1.00"],
+                 [mode, f"{large:,}", f"{large_mb:.1f}", f"{large_mb / small_mb:.2f}"]]  # fmt: skip
     intro = "### Pipeline memory (peak RSS of `python pipeline.py` in a child, zero latency)\n\n"
-    return intro + table(["prompts", "peak RSS MiB", "ratio"], rows)
+    return intro + table(["mode", "prompts", "peak RSS MiB", "ratio"], rows)
+
+
+async def bench_batch_api(tmp: Path, n: int) -> str:
+    """--batch-api's own cost: writing each job's files, the upload, parsing the results and
+    writing the records, against the interactive run at zero latency (the simulated Batch API
+    answers at once here: no wait)."""
+    make_inputs(folder := tmp / f"batch-{n}", n)
+    settings = {"workers": 16, "queue_size": 100, "shard_size": 1000}
+    with mock.patch.object(pipeline, "SIMULATED_JOB_S", 0.0):
+        interactive: list[float] = []
+        batch: list[float] = []
+        while len(batch) < 2 or (min(batch) > min(interactive) and len(batch) < MAX_RUNS // 3):
+            interactive.append(await run_pipeline(folder, 0.0, **settings))
+            batch.append(await run_pipeline(folder, 0.0, batch_api=True, poll_interval_s=0.001, **settings))
+    ratio = min(batch) / min(interactive)
+    check(f"pipeline --batch-api, {n:,} prompts, no wait: wall / the interactive run at zero latency", ratio, 1.0,
+          at_least=False)  # fmt: skip
+    rows = [["interactive, zero latency", f"{min(interactive):.2f}", f"{min(interactive) / n * 1e6:.0f}", "1.00"],
+            ["`--batch-api` (jobs of 20,000; no wait)", f"{min(batch):.2f}", f"{min(batch) / n * 1e6:.0f}",
+             f"{ratio:.2f}"]]  # fmt: skip
+    intro = f"### Pipeline --batch-api: the mode's own cost ({n:,} prompts, in process, best of {len(batch)})\n\n"
+    return intro + table(["run", "wall s", "µs per prompt", "ratio"], rows)
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -696,6 +725,7 @@ def main(quick: bool) -> int:
         )
         sections.append(asyncio.run(bench_tpm(tmp, 60 if quick else 120, 2400, 16)))
         sections.append(asyncio.run(bench_reader(tmp, 300_000 if quick else 1_000_000, 5)))
+        sections.append(asyncio.run(bench_batch_api(tmp, 10_000 if quick else 40_000)))
         sections.append(bench_memory(tmp, 10_000, 100_000 if quick else 1_000_000))
 
     print(f"## Benchmark results{' (--quick)' if quick else ''}\n")

@@ -895,9 +895,15 @@ def count_usage(response: types.GenerateContentResponse, stats: Stats) -> dict[s
     meta = response.usage_metadata
     if meta is None:
         return None
-    usage = {"input_tokens": meta.prompt_token_count or 0, "output_tokens": meta.candidates_token_count or 0}
-    if meta.thoughts_token_count:
-        usage["thinking_tokens"] = meta.thoughts_token_count
+    return add_usage(meta.prompt_token_count, meta.candidates_token_count, meta.thoughts_token_count, stats)
+
+
+def add_usage(
+    input_tokens: int | None, output_tokens: int | None, thinking: int | None, stats: Stats
+) -> dict[str, int]:
+    usage = {"input_tokens": input_tokens or 0, "output_tokens": output_tokens or 0}
+    if thinking:
+        usage["thinking_tokens"] = thinking
     stats.input_tokens += usage["input_tokens"]
     stats.output_tokens += usage["output_tokens"]
     stats.thinking_tokens += usage.get("thinking_tokens", 0)
@@ -909,13 +915,21 @@ def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -
     """The answer (parsed JSON with json_output, else text) and its finish reason when that is
     not STOP (MAX_TOKENS, say: the text is kept, cut short). Raises Blocked for a blocked
     prompt or answer, MalformedReply for a reply with no usable answer."""
-    if (feedback := response.prompt_feedback) is not None and feedback.block_reason is not None:
-        raise Blocked(f"blocked: {feedback.block_reason.name}")
+    feedback = response.prompt_feedback
+    block = feedback.block_reason.name if feedback is not None and feedback.block_reason is not None else None
     candidate = response.candidates[0] if response.candidates else None
     reason = candidate.finish_reason.name if candidate is not None and candidate.finish_reason else None
+    return answer_of(block, reason, response.text if candidate is not None else None, json_output=json_output)
+
+
+def answer_of(
+    block: str | None, reason: str | None, answer: str | None, *, json_output: bool
+) -> tuple[Any, str | None]:
+    """read_answer's verdict on a reply's block reason, finish reason and text (see read_answer)."""
+    if block is not None:
+        raise Blocked(f"blocked: {block}")
     if reason in BLOCKED_REASONS:
         raise Blocked(f"blocked: {reason}")
-    answer = response.text if candidate is not None else None
     if answer is None:
         if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
             raise Blocked(f"no answer: finish reason {reason}")  # e.g. MAX_TOKENS spent on thinking
@@ -1184,12 +1198,23 @@ def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats
     if isinstance(error := row.get("error"), dict):
         message = f"{error.get('code', '?')} {error.get('status', '')}: {error.get('message', '')}"
         return Result(prompt_id, text, metadata, error=f"batch: {message}", attempts=attempt)
+    # The REST JSON, read as it is: a types.GenerateContentResponse per row would cost more than all
+    # the rest of the mode (30 us each in pydantic), and the SDK makes none for a results file.
+    response: dict[str, Any] = row["response"] if isinstance(row.get("response"), dict) else {}
+    meta, candidates = response.get("usageMetadata") or {}, response.get("candidates") or [{}]
+    candidate = candidates[0] if isinstance(candidates[0], dict) else {}
+    parts = (candidate.get("content") or {}).get("parts") or []
+    texts = [part["text"] for part in parts if isinstance(part.get("text"), str) and not part.get("thought")]
+    usage = None
+    if meta:
+        usage = add_usage(meta.get("promptTokenCount"), meta.get("candidatesTokenCount"),
+                          meta.get("thoughtsTokenCount"), stats)  # fmt: skip
     try:
-        response = types.GenerateContentResponse.model_validate(row.get("response"))
-        usage = count_usage(response, stats)
-        answer, reason = read_answer(response, json_output=json_output)
-    except (ValueError, Blocked, MalformedReply) as exc:  # pydantic's ValidationError is a ValueError
-        return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt)
+        block = (response.get("promptFeedback") or {}).get("blockReason")
+        answer, reason = answer_of(block, candidate.get("finishReason"), "".join(texts) if texts else None,
+                                   json_output=json_output)  # fmt: skip
+    except (Blocked, MalformedReply) as exc:
+        return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, usage=usage)
     return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
 
 

@@ -1212,12 +1212,18 @@ class BatchApiTest(PipelineTestCase):
             rows = rows[::-1]  # out of order
             dropped = rows.pop(1)["key"]  # a key with no result
             rows[0] = {"key": rows[0]["key"], "error": {"code": 400, "message": "bad request", "status": "INVALID"}}
+            rows[1]["response"]["candidates"][0]["finishReason"] = "SAFETY"  # blocked: no record
+            rows[2]["response"]["candidates"][0]["finishReason"] = "MAX_TOKENS"  # cut short: kept, and said
             self.lost.append(dropped)
             self.failed.append(rows[0]["key"])
+            self.blocked.append(rows[1]["key"])
+            self.cut.append(rows[2]["key"])
             return rows
 
         self.lost: list[str] = []
         self.failed: list[str] = []
+        self.blocked: list[str] = []
+        self.cut: list[str] = []
         with batch_server() as (url, stub):
             stub.results = results
             status, _ = await self.run_batch(url)
@@ -1226,9 +1232,11 @@ class BatchApiTest(PipelineTestCase):
         by_id = {f"shard_{s}.txt:{n}": p for s in range(2) for n, p in enumerate(prompts[s * 4 : s * 4 + 4], 1)}
         self.assertTrue(all(response == "ok: " + by_id[i] for i, response in written.items()))  # never by position
         errors_by_id = {r["id"]: r["error"] for r in records(self.outputs, "errors.jsonl")}
-        self.assertEqual(sorted(errors_by_id), sorted(self.lost + self.failed))
+        self.assertEqual(sorted(errors_by_id), sorted(self.lost + self.failed + self.blocked))
         self.assertTrue(all("no result for this prompt in batch job batches/" in errors_by_id[i] for i in self.lost))
         self.assertTrue(all(errors_by_id[i] == "batch: 400 INVALID: bad request" for i in self.failed))
+        self.assertEqual([errors_by_id[i] for i in self.blocked], ["blocked: SAFETY"] * 2)  # one in each job of 4
+        self.assertEqual([r["finish_reason"] for r in records(self.outputs) if r["id"] in self.cut], ["MAX_TOKENS"] * 2)
         self.assert_exactly_once(prompts)
 
     async def test_an_expired_job_is_resubmitted_then_fails_with_its_state_after_max_attempts(self) -> None:
