@@ -576,9 +576,17 @@ class SimulatedBatchAPI:
     async def upload(self, *, file: Path, config: Any = None) -> types.File:
         data = await asyncio.to_thread(Path(file).read_bytes)
         name = hashlib.sha256(data).hexdigest()[:32]
-        await asyncio.to_thread(self._store.mkdir, exist_ok=True)
-        await asyncio.to_thread((self._store / name).write_bytes, data)
+        await asyncio.to_thread(self._keep, name, data)
         return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=len(data))
+
+    def _keep(self, name: str, data: bytes) -> None:
+        """Stores an upload; those older than 48 hours go, as Google's uploaded files do."""
+        self._store.mkdir(exist_ok=True)
+        for old in self._store.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another run may remove it first
+                if time.time() - old.stat().st_mtime > 48 * 3600:
+                    old.unlink()
+        (self._store / name).write_bytes(data)
 
     async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
         return types.BatchJob(

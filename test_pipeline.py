@@ -1238,6 +1238,11 @@ class BatchApiTest(PipelineTestCase):
         self.assertEqual([errors_by_id[i] for i in self.blocked], ["blocked: SAFETY"] * 2)  # one in each job of 4
         self.assertEqual([r["finish_reason"] for r in records(self.outputs) if r["id"] in self.cut], ["MAX_TOKENS"] * 2)
         self.assert_exactly_once(prompts)
+        with batch_server() as (url, stub):  # --retry-errors sends the failed ones again, in a job of their own
+            self.assertEqual((await self.run_batch(url, retry_errors=True))[0], 0)
+            self.assertEqual(stub.created(), 2)  # 6 failed prompts: jobs of 4 and 2
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+        self.assertEqual(sorted(r["prompt"] for r in records(self.outputs)), sorted(prompts))
 
     async def test_an_expired_job_is_resubmitted_then_fails_with_its_state_after_max_attempts(self) -> None:
         prompts = write_inputs(self.inputs, 1, 3)
