@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -94,6 +95,7 @@ JOB_RE = re.compile(r"job_(\d+)")
 # its results are matched to them, and that a failed job costs little to resubmit.
 JOB_PROMPTS = 20_000
 JOB_BYTES = 256 << 20
+WRITE_EVERY = 1000  # prompts held before a job's files are appended to
 POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
 SIMULATED_POLL_INTERVAL_S = 0.5
 SIMULATED_JOB_S = 2.0  # how long a simulated job takes
@@ -574,19 +576,20 @@ class SimulatedBatchAPI:
         self._store = Path(tempfile.gettempdir()) / "pipeline-simulated-batch-api"
 
     async def upload(self, *, file: Path, config: Any = None) -> types.File:
-        data = await asyncio.to_thread(Path(file).read_bytes)
-        name = hashlib.sha256(data).hexdigest()[:32]
-        await asyncio.to_thread(self._keep, name, data)
-        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=len(data))
+        name, size = await asyncio.to_thread(self._keep, Path(file))
+        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=size)
 
-    def _keep(self, name: str, data: bytes) -> None:
-        """Stores an upload; those older than 48 hours go, as Google's uploaded files do."""
+    def _keep(self, path: Path) -> tuple[str, int]:
+        """Stores a copy of an upload under its hash; those older than 48 hours go, as Google's do."""
         self._store.mkdir(exist_ok=True)
         for old in self._store.iterdir():
             with contextlib.suppress(FileNotFoundError):  # another run may remove it first
                 if time.time() - old.stat().st_mtime > 48 * 3600:
                     old.unlink()
-        (self._store / name).write_bytes(data)
+        with path.open("rb") as f:
+            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        shutil.copyfile(path, self._store / name)
+        return name, path.stat().st_size
 
     async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
         return types.BatchJob(
@@ -604,11 +607,9 @@ class SimulatedBatchAPI:
         pass
 
     async def download(self, *, file: str, destination: Any) -> None:
-        requests = await asyncio.to_thread(
-            (self._store / file.removeprefix("files/").removesuffix(".results")).read_bytes
-        )
+        """Writes the results a chunk at a time, as the SDK does."""
         lines = []
-        for line in requests.decode().splitlines():
+        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
             row = json.loads(line)
             request, schema = row["request"], row["request"].get("generationConfig", {}).get("responseJsonSchema")
             contents = request["contents"][0]["parts"][0]["text"]
@@ -619,6 +620,9 @@ class SimulatedBatchAPI:
             candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
             response = {"candidates": [candidate], "usageMetadata": usage}
             lines.append(json.dumps({"key": row["key"], "response": response}) + "\n")
+            if len(lines) == WRITE_EVERY:
+                await destination.write("".join(lines).encode())
+                lines = []
         await destination.write("".join(lines).encode())
 
 
@@ -1173,19 +1177,42 @@ def batch_request(config: Config) -> dict[str, Any]:
     return request
 
 
-async def write_job_files(path: Path, prompts: list[Prompt], settings: dict[str, Any]) -> Path:
-    """Writes a job's prompts (path: kept until its results are written) and its Batch API input
-    ({"key": id, "request": ...} per line; returned, to upload), each in one write, through aiofiles."""
-    requests_path = path.with_suffix(".requests.jsonl")
-    lines = [json_line({"id": i, "prompt": text, "metadata": metadata}) for i, text, metadata in prompts]
-    requests = [
-        json_line({"key": i, "request": {"contents": [{"role": "user", "parts": [{"text": text}]}], **settings}})
-        for i, text, _ in prompts
-    ]
-    for target, data in ((path, lines), (requests_path, requests)):
-        async with open_file(target, "xb") as f:
-            await append(f, data)
-    return requests_path
+class JobFiles:
+    """A job being filled: its prompts (path: kept until its results are written) and its Batch API
+    input ({"key": id, "request": ...} per line: requests_path, to upload). Both are appended to
+    through aiofiles every WRITE_EVERY prompts, so a job of any size holds that many in memory."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path, self.requests_path = path, path.with_suffix(".requests.jsonl")
+        self.count = self.size = 0  # prompts, and bytes of requests (about)
+        self._settings = settings
+        self._held: list[Prompt] = []
+
+    async def add(self, prompt: Prompt) -> None:
+        self._held.append(prompt)
+        self.count += 1
+        self.size += len(prompt[1]) + 200  # the request's JSON around the prompt: about 200 bytes
+        if len(self._held) == WRITE_EVERY:
+            await self.flush()
+
+    async def flush(self) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        lines = [json_line({"id": i, "prompt": text, "metadata": metadata}) for i, text, metadata in held]
+        requests = [
+            json_line(
+                {"key": i, "request": {"contents": [{"role": "user", "parts": [{"text": text}]}], **self._settings}}
+            )
+            for i, text, _ in held
+        ]
+        for target, data in ((self.path, lines), (self.requests_path, requests)):
+            async with open_file(target, "ab") as f:
+                await append(f, data)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.requests_path.unlink(missing_ok=True)
 
 
 async def read_job_prompts(path: Path, skip: Collection[str]) -> dict[str, Prompt]:
@@ -1246,9 +1273,10 @@ async def batch_generate(
     settings = batch_request(config)
     collecting = asyncio.Semaphore(1)  # one job's prompts in memory at a time
 
-    async def submit(prompts: list[Prompt], attempt: int, replacing: Job | None = None) -> Job | None:
-        path = jobs.new_path()
-        requests_path = await write_job_files(path, prompts, settings)
+    async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
+        """Uploads and creates the job of `files`, and records it; None if the run stops first."""
+        await files.flush()
+        path, requests_path = files.path, files.requests_path
         try:
             uploaded = await batch_call(
                 lambda: client.aio.files.upload(
@@ -1272,7 +1300,7 @@ async def batch_generate(
         job = Job(created.name, str(path.relative_to(config.outputs)), attempt)
         await jobs.record(job, replacing=replacing)  # before anything else: it is billed
         stats.batch_jobs += 1
-        log.info("batch job %s created: %d prompts (attempt %d)", job.name, len(prompts), attempt)
+        log.info("batch job %s created: %d prompts (attempt %d)", job.name, files.count, attempt)
         return job
 
     async def batch_call(fn: Callable[[], Awaitable[T]]) -> T | None:
@@ -1312,8 +1340,11 @@ async def batch_generate(
             prompts = await read_job_prompts(config.outputs / job.prompts, done)
             if state == "JOB_STATE_SUCCEEDED" and batch_job is not None:
                 await collect(job, batch_job, prompts)
-            elif job.attempt < config.max_attempts and not shutdown.requested:
-                new = await submit(list(prompts.values()), job.attempt + 1, replacing=job)
+            elif job.attempt < config.max_attempts and not shutdown.requested and prompts:
+                files = JobFiles(jobs.new_path(), settings)
+                for prompt in prompts.values():
+                    await files.add(prompt)
+                new = await submit(files, job.attempt + 1, replacing=job)
                 if new is not None:
                     jobs.collected.append(job)  # replaced in the book already; its file goes at the end
                     tg.create_task(follow(new))
@@ -1341,24 +1372,26 @@ async def batch_generate(
             await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
         path.unlink()
 
-    async def submit_and_follow(prompts: list[Prompt]) -> None:
-        if prompts and not shutdown.requested and (job := await submit(prompts, 1)) is not None:
+    async def submit_and_follow(files: JobFiles) -> None:
+        if shutdown.requested:
+            files.remove()
+        elif (job := await submit(files, 1)) is not None:
             tg.create_task(follow(job))
 
     async with asyncio.TaskGroup() as tg:
         for recorded in jobs.live:
             tg.create_task(follow(recorded))
-        batch: list[Prompt] = []
-        size = 0
+        filling: JobFiles | None = None
         while (prompt := await input_queue.get()) is not None:
             if shutdown.requested:
                 continue  # drain, so the readers and the sentinel get through
-            batch.append(prompt)
-            size += len(prompt[1]) + 200  # the request's JSON around the prompt: about 200 bytes
-            if len(batch) == config.batch_job_size or size >= JOB_BYTES:
-                await submit_and_follow(batch)
-                batch, size = [], 0
-        await submit_and_follow(batch)
+            filling = filling or JobFiles(jobs.new_path(), settings)
+            await filling.add(prompt)
+            if filling.count == config.batch_job_size or filling.size >= JOB_BYTES:
+                await submit_and_follow(filling)
+                filling = None
+        if filling is not None:
+            await submit_and_follow(filling)
     for _ in range(config.writers):
         await output_queue.put(None)
     await error_queue.put(None)
