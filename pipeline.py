@@ -1271,7 +1271,6 @@ async def batch_generate(
     request nothing is submitted and waiting stops at once: the jobs go on at Google. Ends
     output_queue with one sentinel per writer, and error_queue with one."""
     settings = batch_request(config)
-    collecting = asyncio.Semaphore(1)  # one job's prompts in memory at a time
 
     async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
         """Uploads and creates the job of `files`, and records it; None if the run stops first."""
@@ -1317,43 +1316,51 @@ async def batch_generate(
                 await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
         return None
 
-    async def follow(job: Job) -> None:
-        """Waits for job to end, then collects it, or resubmits its prompts."""
-        while True:
-            try:
-                batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
-                state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
-            except Exception as exc:
-                if not (is_transient(exc) or isinstance(exc, errors.APIError)):
-                    raise
-                if not is_transient(exc):  # a 404: the job is gone
-                    batch_job, state = None, f"unknown to the API ({describe(exc)})"
+    async def look_at(job: Job) -> types.BatchJob | str | None:
+        """The job, once it has ended (or its state, if the API does not know it); else None."""
+        try:
+            batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
+                raise
+            if not is_transient(exc):  # a 404: the job is gone
+                return f"UNKNOWN to the API ({describe(exc)})"
+            log.info("batch job %s: looking again after %s", job.name, describe(exc))
+            return None
+        jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        return batch_job if state in JOB_ENDED else None
+
+    async def wait_and_collect() -> None:
+        """One look at every job waiting, each poll interval: an ended job is collected, or its
+        prompts resubmitted (or failed), one job at a time. Ends when nothing is waiting and no
+        job can come any more (submitting is over), or at once on a shutdown request."""
+        while waiting or not submitted.is_set():
+            for job in list(waiting):
+                if (ended := await look_at(job)) is None:
+                    continue
+                waiting.remove(job)
+                prompts = await read_job_prompts(config.outputs / job.prompts, done)
+                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
+                if isinstance(ended, types.BatchJob) and state in (
+                    "JOB_STATE_SUCCEEDED",
+                    "JOB_STATE_PARTIALLY_SUCCEEDED",
+                ):
+                    await collect(job, ended, prompts)
+                elif job.attempt < config.max_attempts and prompts:
+                    files = JobFiles(jobs.new_path(), settings)
+                    for prompt in prompts.values():
+                        await files.add(prompt)
+                    if (new := await submit(files, job.attempt + 1, replacing=job)) is not None:
+                        waiting.append(new)
                 else:
-                    log.info("batch job %s: polling again after %s", job.name, describe(exc))
-                    state = jobs.states.get(job.name, "JOB_STATE_PENDING")
-            jobs.states[job.name] = state
-            if state in JOB_ENDED or state.startswith("unknown"):
-                break
-            if await shutdown.waited(config.poll_interval_s):
-                return  # the job goes on at Google: the next run collects it
-        async with collecting:
-            prompts = await read_job_prompts(config.outputs / job.prompts, done)
-            if state == "JOB_STATE_SUCCEEDED" and batch_job is not None:
-                await collect(job, batch_job, prompts)
-            elif job.attempt < config.max_attempts and not shutdown.requested and prompts:
-                files = JobFiles(jobs.new_path(), settings)
-                for prompt in prompts.values():
-                    await files.add(prompt)
-                new = await submit(files, job.attempt + 1, replacing=job)
-                if new is not None:
-                    jobs.collected.append(job)  # replaced in the book already; its file goes at the end
-                    tg.create_task(follow(new))
-                    return
-            else:
-                for prompt_id, text, metadata in prompts.values():
                     reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
-                    await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
-        jobs.collected.append(job)
+                    for prompt_id, text, metadata in prompts.values():
+                        await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
+                jobs.collected.append(job)  # its prompts file goes at the end of the run
+                if shutdown.requested:
+                    return
+            if await shutdown.waited(config.poll_interval_s if waiting else 0.05):
+                return  # the jobs go on at Google: the next run collects them
 
     async def collect(job: Job, batch_job: types.BatchJob, prompts: dict[str, Prompt]) -> None:
         path = (config.outputs / job.prompts).with_suffix(".results.jsonl")
@@ -1372,15 +1379,16 @@ async def batch_generate(
             await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
         path.unlink()
 
-    async def submit_and_follow(files: JobFiles) -> None:
+    async def submit_new(files: JobFiles) -> None:
         if shutdown.requested:
             files.remove()
         elif (job := await submit(files, 1)) is not None:
-            tg.create_task(follow(job))
+            waiting.append(job)
 
+    waiting = list(jobs.live)  # jobs not ended yet, as far as we know: an earlier run's first
+    submitted = asyncio.Event()  # set once no new prompt can come
     async with asyncio.TaskGroup() as tg:
-        for recorded in jobs.live:
-            tg.create_task(follow(recorded))
+        tg.create_task(wait_and_collect())
         filling: JobFiles | None = None
         while (prompt := await input_queue.get()) is not None:
             if shutdown.requested:
@@ -1388,10 +1396,11 @@ async def batch_generate(
             filling = filling or JobFiles(jobs.new_path(), settings)
             await filling.add(prompt)
             if filling.count == config.batch_job_size or filling.size >= JOB_BYTES:
-                await submit_and_follow(filling)
+                await submit_new(filling)
                 filling = None
         if filling is not None:
-            await submit_and_follow(filling)
+            await submit_new(filling)
+        submitted.set()
     for _ in range(config.writers):
         await output_queue.put(None)
     await error_queue.put(None)
