@@ -1939,7 +1939,14 @@ class CommandLineTest(unittest.TestCase):
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            time.sleep(rng.uniform(1.1, 1.6))  # start-up takes about a second
+            outputs = self.tmp / "outputs"
+            wanted = len(records(outputs)) + rng.randint(1, 300)  # kill at a random point, once under way
+            deadline = time.monotonic() + 20
+            while (
+                time.monotonic() < deadline
+                and sum(path.stat().st_size for path in outputs.glob("*.jsonl")) < wanted * 60
+            ):  # about 60 bytes a record
+                time.sleep(0.005)
             proc.kill()
             proc.wait()
         result = self.run_script("--quiet", "--fake-latency", "0", "--workers", "16")
