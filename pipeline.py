@@ -1,6 +1,7 @@
 """A concurrent LLM data pipeline: prompts from sharded files, through Gemini, to sharded JSONL.
 
     ./make_inputs.sh && python pipeline.py        # offline: a simulated model, no key needed
+    python pipeline.py --batch-api                # through the Batch API: half price, within 24 h
     GEMINI_API_KEY=... python pipeline.py         # the real API through genai.Client()
     python pipeline.py --help                     # every flag
 
@@ -10,6 +11,10 @@ queue with None sentinels, one per consumer:
     read_inputs (x readers) --> generate_content (x workers) --> write_outputs (x writers)
          | unreadable lines          | failed prompts
          +---------------------------+------------------------> write_errors
+
+With --batch-api, stage 2 is batch_generate instead: submit (jobs of prompts, to Google's Batch
+API at half price), wait, collect; its jobs are recorded in outputs/manifest.json, so a re-run
+waits on them instead of paying twice.
 
 Inputs are *.txt files (one prompt per line) and *.jsonl files (one {"prompt": ...} object per
 line, with an optional "id" and metadata). Every prompt ends exactly once in
