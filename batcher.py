@@ -27,22 +27,27 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import importlib
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -87,6 +92,19 @@ MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+# --batch-api: each live job's texts wait beside the output, in <output>.batch/, until collected.
+BATCH_SUFFIX = ".batch"
+JOB_RE = re.compile(r"job_(\d+)")
+JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size), and bytes of requests:
+JOB_BYTES = 256 << 20  # far under Google's 2 GB per input file; one job's texts are in memory at collection
+WRITE_EVERY = 1000  # texts held before a job's files are appended to
+POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
+SIMULATED_POLL_INTERVAL_S = 0.5
+SIMULATED_JOB_S = 2.0
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
 
 # The task types of Google's embeddings guide. gemini-embedding-001 takes one as the task_type
 # field; gemini-embedding-2 rejects that field and takes the task in the text, in these forms
@@ -142,6 +160,7 @@ class RunStats:
     skipped: int = 0  # already in the output file
     succeeded: int = 0
     failed: int = 0
+    batch_jobs: int = 0  # Batch API jobs created (--batch-api)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -152,6 +171,7 @@ class Resume:
     text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
 
     done: dict[str, int] = field(default_factory=dict)
+    queued: set[str] = field(default_factory=set)  # ids in a live Batch API job: passed over
     manifest_created: bool = False  # by this run (so a refused run removes it)
     changed: int = 0
     first_changed: Input | None = None
@@ -489,6 +509,7 @@ class Shutdown:
         self.failure: str | None = None
         self._grace_s = grace_s
         self._in_flight: set[asyncio.Timeout] = set()
+        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
 
     @property
     def requested(self) -> bool:
@@ -497,6 +518,7 @@ class Shutdown:
     def fail(self, message: str) -> None:
         if self.failure is None:
             self.failure = message
+            self._stopping.set()
             self._end_in_flight()
 
     def request(self, signum: int = signal.SIGINT) -> None:
@@ -506,7 +528,15 @@ class Shutdown:
         name = signal.Signals(signum).name
         print(f"batcher: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
         self.signal = signum
+        self._stopping.set()
         self._end_in_flight()
+
+    async def waited(self, timeout_s: float) -> bool:
+        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._stopping.wait()
+        return self.requested
 
     def _end_in_flight(self) -> None:
         """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
@@ -561,6 +591,7 @@ class SimulatedClient:
     def __init__(self, *, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
         self.aio = self.models = self  # so client.aio.models.embed_content works as on genai.Client
+        self.files = self.batches = SimulatedBatchAPI()  # client.aio.files.upload, .batches.create_embeddings, ...
 
     async def embed_content(
         self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
@@ -572,6 +603,53 @@ class SimulatedClient:
         dimensions = (config.output_dimensionality if config else None) or 3
         vectors = [fake_vector(text_of(content), dimensions) for content in contents]
         return types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=vector) for vector in vectors])
+
+
+class SimulatedBatchAPI:
+    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
+    the requests in a folder of the system's temp dir, and a job, named after its creation time and
+    that copy, succeeds SIMULATED_JOB_S later, so a re-run in another process finds it."""
+
+    def __init__(self) -> None:
+        self._store = Path(tempfile.gettempdir()) / "batcher-simulated-batch-api"
+
+    async def upload(self, *, file: Path, config: Any = None) -> types.File:
+        return await asyncio.to_thread(self._keep, Path(file))
+
+    def _keep(self, path: Path) -> types.File:
+        self._store.mkdir(exist_ok=True)
+        for old in self._store.iterdir():  # those older than 48 hours go, as Google's do
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - old.stat().st_mtime > 48 * 3600:
+                    old.unlink()
+        with path.open("rb") as f:
+            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        shutil.copyfile(path, self._store / name)
+        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=path.stat().st_size)
+
+    async def create_embeddings(self, *, model: str, src: dict[str, str], config: Any = None) -> types.BatchJob:
+        name = f"batches/{time.time_ns()}-{src['file_name'].removeprefix('files/')}"
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_PENDING)
+
+    async def get(self, *, name: str) -> types.BatchJob:
+        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
+        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
+            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
+        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
+
+    async def download(self, *, file: str, destination: Any) -> None:
+        """Writes the results a chunk at a time, as the SDK does: the simulated vector of each text."""
+        lines = []
+        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
+            row = json.loads(line)
+            request = row["request"]
+            vector = fake_vector(request["content"]["parts"][0]["text"], request.get("outputDimensionality") or 3)
+            lines.append(json.dumps({"key": row["key"], "response": {"embedding": {"values": vector}}}) + "\n")
+            if len(lines) == WRITE_EVERY:
+                await destination.write("".join(lines).encode())
+                lines = []
+        await destination.write("".join(lines).encode())
 
 
 _FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
@@ -696,7 +774,9 @@ async def read_corpus(
             if (parsed := parse_line(raw, f"{name}:{number}", name, jsonl=jsonl, seen=seen)) is None:
                 continue  # blank
             item, error = parsed
-            if (digest := resume.done.get(item.id)) is not None:
+            if item.id in resume.queued:  # a live Batch API job embeds it
+                stats.skipped += 1
+            elif (digest := resume.done.get(item.id)) is not None:
                 if digest == input_hash(item):
                     stats.skipped += 1
                 else:  # another text under a done id: refuse the run, and count the rest
@@ -1015,6 +1095,235 @@ class FailingAlike:
         return held if len(self._errors) < self._limit else []
 
 
+# --- Stages 2 and 3 with --batch-api: submit, wait, collect ---------------------------
+@dataclass
+class Job:
+    """A Batch API job, as the output's manifest records it: the API's name, the file beside the
+    output that holds its texts (id, text, title, metadata), and which attempt it is for them."""
+
+    name: str
+    texts: str  # a path: <output>.batch/job_00001.jsonl
+    attempt: int = 1
+
+
+class JobBook:
+    """The output's live Batch API jobs, kept in its manifest. Creating a job is not idempotent and
+    every job is billed, so a job is recorded (one atomic manifest write) as soon as create returns;
+    a re-run waits on the recorded jobs and never submits their texts again. A job leaves the book
+    (and its file goes) once its records are written: drop_collected, at the end of the run."""
+
+    def __init__(self, output: Path) -> None:
+        self.output, self.folder = output, output.with_name(output.name + BATCH_SUFFIX)
+        self.manifest = read_manifest(output) or {"written_by": "batcher.py"}
+        self.live = [Job(**job) for job in self.manifest.get("jobs", [])]
+        self.states: dict[str, str] = {}
+        self.collected: list[Job] = []
+        numbers = [int(m.group(1)) for p in self.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
+        self._numbers = itertools.count(max(numbers, default=0) + 1)
+        self._lock = asyncio.Lock()
+
+    def new_path(self) -> Path:
+        self.folder.mkdir(exist_ok=True)
+        return self.folder / f"job_{next(self._numbers):05d}.jsonl"
+
+    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
+        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
+        self.live = [*(j for j in self.live if j is not replacing), job]
+        await self._write()
+
+    async def drop_collected(self) -> None:
+        self.live = [job for job in self.live if job not in self.collected]
+        await self._write()
+        for job in self.collected:
+            await asyncio.to_thread(Path(job.texts).unlink, missing_ok=True)
+        self.collected = []
+
+    async def _write(self) -> None:
+        async with self._lock:
+            self.manifest["jobs"] = [vars(job) for job in self.live]
+            await asyncio.to_thread(write_manifest, self.output, dict(self.manifest))
+
+
+def queued_texts(live: list[Job]) -> set[str]:
+    """The ids of the texts in live jobs: the readers pass over them."""
+    queued: set[str] = set()
+    for job in live:
+        with Path(job.texts).open("rb") as f:
+            queued.update(json.loads(line)["id"] for line in f)
+    return queued
+
+
+class JobFiles:
+    """A job being filled: its texts (path, kept until its records are written) and its Batch API
+    input ({"key": id, "request": EmbedContentRequest} per line: requests_path, to upload), both
+    appended to through aiofiles every WRITE_EVERY texts."""
+
+    def __init__(self, path: Path, settings: EmbedSettings) -> None:
+        self.path, self.requests_path = path, path.with_suffix(".requests.jsonl")
+        self.count = self.size = 0
+        self._settings = settings
+        self._held: list[Input] = []
+
+    async def add(self, item: Input) -> None:
+        self._held.append(item)
+        self.count += 1
+        self.size += len(item.text) + 200
+        if len(self._held) == WRITE_EVERY:
+            await self.flush()
+
+    async def flush(self) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        s = self._settings
+        lines, requests = [], []
+        for item in held:
+            lines.append(json.dumps({"id": item.id, "text": item.text, "title": item.title, "metadata": item.metadata}))
+            request: dict[str, Any] = {"content": {"parts": [{"text": s.sent_text(item.text, item.title)}]}}
+            config = s.config(item.title)  # the fields an interactive call would send
+            if config.task_type is not None:
+                request["taskType"] = config.task_type
+            if config.title is not None:
+                request["title"] = config.title
+            if config.output_dimensionality is not None:
+                request["outputDimensionality"] = config.output_dimensionality
+            requests.append(json.dumps({"key": item.id, "request": request}))
+        for target, data in ((self.path, lines), (self.requests_path, requests)):
+            async with open_file(target, "ab") as f:
+                await append(f, [line + "\n" for line in data])
+
+
+async def read_job_texts(path: Path) -> dict[str, Input]:
+    """A job's texts by id."""
+    async with open_file(path, "rb") as f:
+        items = {}
+        async for line in read_lines(f.read):
+            row = json.loads(line)
+            items[row["id"]] = Input(row["id"], row["text"], row["title"], row["metadata"])
+        return items
+
+
+def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedding | Exception:
+    """The embedding of one line of a job's results file, or the error that failed it."""
+    if isinstance(error := row.get("error"), dict):
+        message = f"{error.get('code', '?')} {error.get('status', '')}: {error.get('message', '')}"
+        return MalformedReply(f"batch: {message}")
+    values = ((row.get("response") or {}).get("embedding") or {}).get("values")
+    if not (isinstance(values, list) and values):
+        return MalformedReply("batch: no embedding in the result")
+    return types.ContentEmbedding(values=unit_vector(values) if normalize else values)
+
+
+async def batch_embed(
+    client: Client, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
+    settings: EmbedSettings, jobs: JobBook, config: Config, stats: RunStats, shutdown: Shutdown,
+) -> None:  # fmt: skip
+    """Stages 2 and 3 with --batch-api: Google's Batch API batches and embeds, at half price.
+    Submit: texts go out in jobs of up to config.batch_job_size; each job's texts are written as
+    the Batch API's JSONL (aiofiles), uploaded, and the job created (batches.create_embeddings)
+    and recorded at once (JobBook). Wait: one look at every waiting job each poll interval.
+    Collect: the results file is downloaded and matched to the texts by key, never by position;
+    each vector is shaped as an interactive run's (normalization), and a text with no result
+    fails (not written: the next run sends it again). A job that ends FAILED, CANCELLED or
+    EXPIRED is resubmitted, up to config.max_attempts jobs for its texts. After a shutdown
+    request nothing is submitted and waiting stops at once. Ends output_queue with the sentinel."""
+
+    async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
+        await files.flush()
+        try:
+            if shutdown.requested:
+                return None
+            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
+            uploaded = await bounded(client.aio.files.upload(file=files.requests_path, config=upload_config),
+                                     config.request_timeout_s)  # fmt: skip
+            with warnings.catch_warnings():  # "batches.create_embeddings() is experimental": said in the README
+                warnings.simplefilter("ignore")
+                created = await bounded(client.aio.batches.create_embeddings(
+                    model=settings.model, src={"file_name": uploaded.name}), config.request_timeout_s)  # fmt: skip
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                raise
+            shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
+            return None
+        finally:
+            files.requests_path.unlink(missing_ok=True)
+        job = Job(str(created.name), str(files.path), attempt)
+        await jobs.record(job, replacing=replacing)  # before anything else: it is billed
+        stats.batch_jobs += 1
+        log.info("batch job %s created: %d texts (attempt %d)", job.name, files.count, attempt)
+        return job
+
+    async def look_at(job: Job) -> types.BatchJob | str | None:
+        try:
+            batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
+                raise
+            return None if is_transient(exc) else f"UNKNOWN to the API ({describe(exc)})"
+        jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        return batch_job if state in JOB_ENDED else None
+
+    async def collect(job: Job, batch_job: types.BatchJob, items: dict[str, Input]) -> None:
+        path = Path(job.texts).with_suffix(".results.jsonl")
+        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
+            await client.aio.files.download(file=batch_job.dest.file_name if batch_job.dest else "", destination=f)
+        async with open_file(path, "rb") as f:
+            async for line in read_lines(f.read):
+                row = json.loads(line)
+                if (item := items.pop(row.get("key"), None)) is not None:
+                    await output_queue.put((item, batch_embedding(row, settings.normalize)))
+        for item in items.values():
+            await output_queue.put((item, MalformedReply(f"batch: no result for this text in {job.name}")))
+        path.unlink()
+
+    async def wait_and_collect() -> None:
+        while waiting or not submitted.is_set():
+            for job in list(waiting):
+                if (ended := await look_at(job)) is None:
+                    continue
+                waiting.remove(job)
+                items = await read_job_texts(Path(job.texts))
+                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
+                if isinstance(ended, types.BatchJob) and state in (
+                    "JOB_STATE_SUCCEEDED",
+                    "JOB_STATE_PARTIALLY_SUCCEEDED",
+                ):
+                    await collect(job, ended, items)
+                elif job.attempt < config.max_attempts and items:
+                    files = JobFiles(jobs.new_path(), settings)
+                    for item in items.values():
+                        await files.add(item)
+                    if (new := await submit(files, job.attempt + 1, replacing=job)) is not None:
+                        waiting.append(new)
+                else:
+                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
+                    for item in items.values():
+                        await output_queue.put((item, MalformedReply(reason)))
+                jobs.collected.append(job)
+                if shutdown.requested:
+                    return
+            if await shutdown.waited(config.poll_interval_s if waiting else 0.05):
+                return
+
+    waiting, submitted = list(jobs.live), asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(wait_and_collect())
+        filling: JobFiles | None = None
+        while (item := await input_queue.get()) is not None:
+            if shutdown.requested:
+                continue
+            filling = filling or JobFiles(jobs.new_path(), settings)
+            await filling.add(item)
+            if filling.count == config.batch_job_size or filling.size >= JOB_BYTES:
+                if (job := await submit(filling, 1)) is not None:
+                    waiting.append(job)
+                filling = None
+        if filling is not None and (job := await submit(filling, 1)) is not None:
+            waiting.append(job)
+        submitted.set()
+    await output_queue.put(None)
+
+
 # --- Stage 4: the output logger (or, for a corpus, the output writer) -----------------
 async def log_outputs(
     output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False, output: Any = None
@@ -1074,7 +1383,7 @@ async def append(f: Any, lines: list[str]) -> None:
 
 # --- Files: aiofiles, safely ----------------------------------------------------------
 @contextlib.asynccontextmanager
-async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb"]) -> AsyncIterator[Any]:
+async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
     """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
     a task cancelled while it waits loses the file: it never receives it, or its close, still
     queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
@@ -1390,6 +1699,9 @@ class Config:
     input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
     input_format: Literal["auto", "text", "jsonl"] = "auto"  # auto: JSONL_SUFFIXES are JSONL, the rest text
     output: Path | None = None  # a JSONL file of embeddings
+    batch_api: bool = False  # stages 2 and 3 through Google's Batch API: see batch_embed
+    batch_job_size: int = JOB_TEXTS
+    poll_interval_s: float = POLL_INTERVAL_S
     quiet: bool = False
 
     @property
@@ -1409,7 +1721,7 @@ class Config:
     def __post_init__(self) -> None:
         """Checks the settings no stage owns; Batcher, Retrier, EmbedSettings and embed_content
         check theirs."""
-        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("concurrency", 1)):
+        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("concurrency", 1), ("batch_job_size", 1)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         self.embedding  # noqa: B018 (checks model, dimensions and task_type)
@@ -1418,6 +1730,8 @@ class Config:
 def check_paths(config: Config) -> None:
     """Raises UsageError, naming the path, for an input or output that cannot work."""
     source, output = config.input, config.output
+    if config.batch_api and (source is None or output is None):
+        raise UsageError("--batch-api embeds a corpus: give --input and --output")
     if source is not None and source != STDIN:
         if not source.exists():
             raise UsageError(f"input file not found: {source}")
@@ -1438,7 +1752,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def summary(batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopped: bool) -> str:
+def summary(
+    batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopped: bool, batch_api: bool = False
+) -> str:
     """What the run did. Latency is measured in the demo, where inputs arrive over time; a corpus
     is read as fast as the queues take it, so its summary has none. A stopped run (a bad key, a
     spent quota, Ctrl-C) says what it leaves for the next run."""
@@ -1451,11 +1767,20 @@ def summary(batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopp
     lines = [
         f"Summary: {plural(batcher.items, 'item')} in {plural(counts.total(), 'batch', 'batches')} ({counts['full']} "
         f"full, {counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}",
-        f"  mean batch size {mean_batch:.2f}, {plural(retrier.calls, 'API call')}, "
-        f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
-        f"{plural(stats.failed, 'failed item')}",
-        f"  {latency}wall time {wall_s:.2f}s",
     ]
+    if batch_api:  # Google's Batch API made the batches
+        lines = [
+            f"Summary: {plural(stats.batch_jobs, 'Batch API job')} created, billed at the batch price (half the "
+            f"interactive one){skipped}",
+            f"  {stats.succeeded} embedded, {plural(stats.failed, 'failed item')}",
+        ]
+    else:
+        lines.append(
+            f"  mean batch size {mean_batch:.2f}, {plural(retrier.calls, 'API call')}, "
+            f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
+            f"{plural(stats.failed, 'failed item')}"
+        )
+    lines.append(f"  {latency}wall time {wall_s:.2f}s")
     if stopped:
         left = stats.enqueued - stats.succeeded - stats.failed
         lines.append(f"  left for the next run: {plural(left, 'item')} read but not done, and those not read")
@@ -1508,6 +1833,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             size = os.fstat(output.fileno()).st_size
             if resume.done:
                 log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
+            jobs = JobBook(config.output)
+            if jobs.live and not config.batch_api:
+                raise UsageError(
+                    f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
+                    f"texts for {config.output}: run with --batch-api to collect them"
+                )
+            resume.queued = await asyncio.to_thread(queued_texts, jobs.live)
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
                 input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
@@ -1518,21 +1850,27 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             source = read_corpus(
                 path, input_queue, output_queue, jsonl=config.jsonl, resume=resume, stats=stats, shutdown=shutdown
             )
-        embedder = embed_content(
-            client, batch_queue, output_queue, settings=config.embedding, retrier=retrier, shutdown=shutdown,
-            concurrency=config.concurrency,
-        )  # fmt: skip
+        stages = [source]
+        if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
+            stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
+                                      config=config, stats=stats, shutdown=shutdown))  # fmt: skip
+        else:
+            stages.append(batcher.batch(input_queue, batch_queue))
+            stages.append(embed_content(
+                client, batch_queue, output_queue, settings=config.embedding, retrier=retrier, shutdown=shutdown,
+                concurrency=config.concurrency,
+            ))  # fmt: skip
         # The demo prints a line per item (the document's output); with --output only failures are
         # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
         per_item_lines = config.input is None and output is None
         quiet = config.quiet or (output is None and not per_item_lines)
-        sink = log_outputs(output_queue, stats=stats, quiet=quiet, output=output)
+        stages.append(log_outputs(output_queue, stats=stats, quiet=quiet, output=output))
         progress = None
         if not config.quiet and (not per_item_lines or not tty):
             progress = asyncio.create_task(show_progress(stats, tty=tty))
         try:
             async with asyncio.TaskGroup() as tg:
-                for stage in (source, batcher.batch(input_queue, batch_queue), embedder, sink):
+                for stage in stages:
                     tg.create_task(stage)
         except* OSError as group:
             file_errors += leaf_exceptions(group)
@@ -1541,7 +1879,9 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 progress.cancel()
         if resume.changed:
             await refuse_changed_input(output, config.output or STDIN, resume, size)
-    print(summary(batcher, retrier, stats, stopped=shutdown.requested or bool(file_errors)))
+        if config.batch_api and not file_errors:  # the records of collected jobs are written
+            await jobs.drop_collected()
+    print(summary(batcher, retrier, stats, stopped=shutdown.requested or bool(file_errors), batch_api=config.batch_api))
     for fault in file_errors:  # one line each, naming the file
         print(f"batcher.py: error: {fault}", file=sys.stderr)
     if file_errors:
@@ -1549,6 +1889,9 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     if shutdown.failure is not None:
         print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
         return 2
+    if config.batch_api and jobs.live:
+        print(f"batcher.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
+              "again to collect them", file=sys.stderr)  # fmt: skip
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if stats.failed else 0
@@ -1627,6 +1970,25 @@ def make_parser() -> argparse.ArgumentParser:
     add("--task-type", type=task_type, metavar="TASK", help=f"what the vectors are for: {', '.join(TASK_NAMES)}")
     add("--no-normalize", dest="normalize", action="store_false", help="keep the API's vectors, not unit length")
     add("--model", type=model_name, default="gemini-embedding-001", metavar="NAME", help="embedding model")
+    add(
+        "--batch-api",
+        action="store_true",
+        help="with --input/--output: through Google's Batch API, half price, within 24 h; a re-run resumes",
+    )
+    add(
+        "--batch-job-size",
+        type=count,
+        default=JOB_TEXTS,
+        metavar="N",
+        help=f"texts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; Google takes 2 GB)",
+    )
+    add(
+        "--poll-interval",
+        dest="poll_interval_s",
+        type=positive,
+        metavar="SECONDS",
+        help=f"between looks at Batch API jobs; none: {POLL_INTERVAL_S:g}, offline {SIMULATED_POLL_INTERVAL_S:g}",
+    )
     add("--adaptive", action="store_true",
         help="fit batches to arrivals: flush early when slow, grow up to 100 when calls fall behind")  # fmt: skip
     add("--offline", action="store_true", help="use the simulated client even with a key")
@@ -1647,7 +2009,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
-    config = Config(**{setting.name: getattr(args, setting.name) for setting in fields(Config)})  # dest = field name
+    settings = {setting.name: getattr(args, setting.name) for setting in fields(Config)}  # dest = field name
+    config = Config(**settings | {"poll_interval_s": args.poll_interval_s or POLL_INTERVAL_S})
 
     async def run() -> int:
         shutdown = Shutdown()
@@ -1656,8 +2019,11 @@ def run_cli(argv: list[str] | None = None) -> int:
                 offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s,
                 connections=args.concurrency,
             )  # fmt: skip
+            polled = config
+            if args.poll_interval_s is None and isinstance(client, SimulatedClient):
+                polled = replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)
             try:
-                return await main(config, client, shutdown=shutdown)
+                return await main(polled, client, shutdown=shutdown)
             finally:
                 if isinstance(client, genai.Client):
                     await client.aio.aclose()  # the kept-alive connections
