@@ -1234,6 +1234,236 @@ class JsonlCorpusTest(CorpusTestCase):
         return [json.loads(line) for line in output.read_text().splitlines()]
 
 
+class BatchStub:
+    """The Batch API's REST surface for embeddings, as google-genai sends it (files.py, batches.py,
+    _api_client.py): the resumable upload (POST /upload/v1beta/files, answered with an absolute
+    x-goog-upload-url; POSTs there with "upload" / "upload, finalize", answered x-goog-upload-status
+    active / final and {"file": {...}}); POST .../models/{m}:asyncBatchEmbedContent with
+    {"batch": {"inputConfig": {"file_name"}}} (the SDK's own field name), answered as a long-running
+    operation; GET .../batches/N (BATCH_STATE_RUNNING for polls_to_end polls, then end_states[N-1] or
+    SUCCEEDED, with metadata.output.responsesFile); GET .../files/{name}:download?alt=media, whose
+    lines are {"key", "response": {"embedding": {"values"}}} passed through results(rows)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.files: dict[str, bytes] = {}
+        self.sessions: dict[str, bytearray] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.polls_to_end = 1
+        self.end_states: list[str] = []
+        self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
+        self.port = 0
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        with self.changed:
+            self.requests.append((method, path, body))
+            try:
+                return self._handle(method, path, headers, body)
+            finally:
+                self.changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout_s), "the stub waited in vain"
+
+    def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method == "POST" and re.fullmatch(r"/upload/v1(beta)?/files", path):
+            assert headers["X-Goog-Upload-Protocol"] == "resumable" and headers["X-Goog-Upload-Command"] == "start"
+            session = str(len(self.sessions) + 1)
+            self.sessions[session] = bytearray()
+            url = f"http://127.0.0.1:{self.port}/upload-session/{session}"
+            return 200, {"x-goog-upload-url": url, "x-goog-upload-status": "active"}, b"{}"
+        if method == "POST" and (m := re.fullmatch(r"/upload-session/(\d+)", path)):
+            data = self.sessions[m.group(1)]
+            assert int(headers["X-Goog-Upload-Offset"]) == len(data)
+            data += body
+            if "finalize" not in headers["X-Goog-Upload-Command"]:
+                return 200, {"x-goog-upload-status": "active"}, b"{}"
+            name = f"files/upload-{m.group(1)}"
+            self.files[name] = bytes(data)
+            file = {"name": name, "mimeType": "jsonl", "sizeBytes": str(len(data)), "state": "ACTIVE"}
+            return 200, {"x-goog-upload-status": "final"}, json.dumps({"file": file}).encode()
+        if method == "POST" and (m := re.fullmatch(r"/v1(beta)?/models/([^/:]+):asyncBatchEmbedContent", path)):
+            batch = json.loads(body)["batch"]
+            name = f"batches/{len(self.jobs) + 1}"
+            self.jobs[name] = {"file": batch["inputConfig"]["file_name"], "model": m.group(2), "polls": 0,
+                               "state": "BATCH_STATE_PENDING"}  # fmt: skip
+            return 200, {}, json.dumps(self.operation(name)).encode()
+        if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+)", path)):
+            job = self.jobs[m.group(2)]
+            job["polls"] += 1
+            if job["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"):
+                number = int(m.group(2).split("/")[1])
+                ends = self.end_states[number - 1] if number <= len(self.end_states) else "BATCH_STATE_SUCCEEDED"
+                job["state"] = ends if job["polls"] > self.polls_to_end else "BATCH_STATE_RUNNING"
+                if job["state"] == "BATCH_STATE_SUCCEEDED":
+                    self.files[f"files/results-{number}"] = self.answer(self.files[job["file"]])
+            return 200, {}, json.dumps(self.operation(m.group(2))).encode()
+        if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
+            return 200, {"Content-Type": "application/octet-stream"}, self.files[f"files/{m.group(2)}"]
+        raise AssertionError(f"the stub does not know {method} {path}")
+
+    def operation(self, name: str) -> dict[str, Any]:
+        job = self.jobs[name]
+        metadata: dict[str, Any] = {"model": f"models/{job['model']}", "state": job["state"]}
+        if job["state"] == "BATCH_STATE_SUCCEEDED":
+            metadata["output"] = {"responsesFile": f"files/results-{name.split('/')[1]}"}
+        return {"name": name, "metadata": metadata}
+
+    def answer(self, requests: bytes) -> bytes:
+        rows = []
+        for line in requests.decode().splitlines():
+            row = json.loads(line)
+            text = row["request"]["content"]["parts"][0]["text"]
+            rows.append({"key": row["key"], "response": {"embedding": {"values": [float(len(text)), 0.0, 0.0]}}})
+        return "".join(json.dumps(row) + "\n" for row in self.results(rows)).encode()
+
+    def created(self) -> int:
+        return len(self.jobs)
+
+    def uploaded_requests(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for name, data in self.files.items() if name.startswith("files/upload")
+                for line in data.decode().splitlines()]  # fmt: skip
+
+
+class BatchStubHandler(BaseHTTPRequestHandler):
+    stub: BatchStub
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.serve("GET")
+
+    def do_POST(self) -> None:
+        self.serve("POST")
+
+    def serve(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, headers, data = self.stub.handle(method, self.path, self.headers, body)
+        self.send_response(status)
+        headers.setdefault("Content-Type", "application/json")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def batch_server() -> Iterator[tuple[str, BatchStub]]:
+    stub = BatchStub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (BatchStubHandler,), {"stub": stub}))
+    stub.port = server.server_port
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", stub
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class BatchApiTest(CorpusTestCase):
+    async def run_batch(self, url: str, **changes: Any) -> tuple[int, str]:
+        client = real_client(url)
+        try:
+            settings = {"batch_api": True, "poll_interval_s": 0.01, "batch_job_size": 4} | changes
+            return await self.run_main(client, **settings)
+        finally:
+            await client.aio.aclose()
+
+    async def test_jobs_go_through_upload_create_poll_download_and_give_the_interactive_records(self) -> None:
+        self.corpus = self.tmp / "chunks.jsonl"
+        rows = [{"id": f"c{i}", "text": f"chunk {i}", "title": "Doc", "page": i} for i in range(9)]
+        self.corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for model in ("gemini-embedding-001", "gemini-embedding-2"):
+            output = self.tmp / f"{model}.jsonl"
+            with self.subTest(model=model), batch_server() as (url, stub):
+                status, out = await self.run_batch(url, model=model, output=output, task_type="RETRIEVAL_DOCUMENT",
+                                                   dimensions=768)  # fmt: skip
+                self.assertEqual(status, 0, out)
+                self.assertEqual(stub.created(), 3)  # jobs of 4, 4 and 1
+                self.assertIn("3 Batch API jobs created, billed at the batch price", out)
+                sent = {r["key"]: r["request"] for r in stub.uploaded_requests()}
+                if model == "gemini-embedding-001":
+                    self.assertEqual(sent["c0"], {"content": {"parts": [{"text": "chunk 0"}]},
+                                                  "taskType": "RETRIEVAL_DOCUMENT", "title": "Doc",
+                                                  "outputDimensionality": 768})  # fmt: skip
+                else:
+                    self.assertEqual(sent["c0"], {"content": {"parts": [{"text": "title: Doc | text: chunk 0"}]},
+                                                  "outputDimensionality": 768})  # fmt: skip
+                records = {r["id"]: r for r in (json.loads(line) for line in output.read_text().splitlines())}
+                self.assertEqual(sorted(records), sorted(f"c{i}" for i in range(9)))
+                self.assertEqual(records["c3"]["metadata"], {"page": 3})
+                self.assertEqual(records["c3"]["embedding"], [1.0, 0.0, 0.0])  # unit length, as interactive
+                manifest = json.loads(batcher.manifest_path(output).read_text())
+                self.assertEqual(manifest["jobs"], [])
+
+    async def test_shuffled_results_a_missing_key_and_a_row_error_are_matched_by_key(self) -> None:
+        texts = self.write_corpus(8)
+        lost: list[str] = []
+
+        def results(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            rows = rows[::-1]
+            lost.append(rows.pop(0)["key"])
+            rows[0] = {"key": rows[0]["key"], "error": {"code": 400, "message": "too long", "status": "INVALID"}}
+            lost.append(rows[0]["key"])
+            return rows
+
+        with batch_server() as (url, stub):
+            stub.results = results
+            status, out = await self.run_batch(url, normalize=False)
+        self.assertEqual(status, 1)
+        written = {r["id"]: r for r in self.written()}
+        self.assertTrue(all(r["embedding"] == [float(len(r["text"])), 0.0, 0.0] for r in written.values()))
+        self.assertEqual(len(written) + len(lost), len(texts))
+        self.assertIn("batch: no result for this text in batches/", out)
+        self.assertIn("batch: 400 INVALID: too long", out)
+        with batch_server() as (url, stub):  # the failed ones go again: never written, never lost
+            self.assertEqual((await self.run_batch(url, normalize=False))[0], 0)
+            self.assertEqual(stub.created(), 1)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_an_expired_job_is_resubmitted_and_ctrl_c_while_waiting_is_resumed_without_a_new_job(self) -> None:
+        texts = self.write_corpus(6)
+        with batch_server() as (url, stub):
+            stub.end_states = ["BATCH_STATE_EXPIRED"]
+            stub.polls_to_end = 10**9  # waits until the test lets it end
+            shutdown = batcher.Shutdown()
+
+            def both_recorded() -> None:  # created, and in the manifest: the first already waited on
+                stub.wait_until(lambda: stub.created() == 2 and any(m == "GET" for m, _, _ in stub.requests))
+                deadline = time.monotonic() + 10
+                while len(json.loads(batcher.manifest_path(self.output).read_text()).get("jobs", [])) < 2:
+                    assert time.monotonic() < deadline, "the second job was never recorded"
+                    time.sleep(0.005)
+
+            async def interrupt() -> None:
+                await asyncio.to_thread(both_recorded)
+                shutdown.request(signal.SIGINT)
+
+            client = real_client(url)
+            self.addAsyncCleanup(client.aio.aclose)
+            config = batcher.Config(input=self.corpus, output=self.output, batch_api=True, poll_interval_s=30,
+                                    batch_job_size=4)  # fmt: skip
+            started = time.monotonic()
+            err = io.StringIO()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    status = await batcher.main(config, client, shutdown=shutdown)
+            self.assertLess(time.monotonic() - started, 5)  # at once: not a 30 s poll nor the 5 s grace
+            self.assertEqual(status, 130)
+            self.assertIn("2 Batch API jobs still running at Google", err.getvalue())
+            with self.assertRaisesRegex(batcher.UsageError, "run with --batch-api to collect them"):
+                await self.run_main(SpyClient())
+            stub.polls_to_end = 0
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            self.assertEqual(stub.created(), 3)  # the expired job again, once; no new job for the other
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+
 class UnitVectorTest(CorpusTestCase):
     async def test_vectors_are_unit_length_unless_no_normalize_in_corpus_mode_the_demo_and_embedder(self) -> None:
         self.write_corpus(12)
