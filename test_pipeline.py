@@ -1286,6 +1286,34 @@ class BatchApiTest(PipelineTestCase):
             self.assertEqual((status, stub.created()), (0, 2))  # no new job
         self.assert_exactly_once(prompts)
 
+    async def test_offline_the_simulated_batch_api_answers_as_the_simulated_model_even_across_processes(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 3)
+        shutdown = Shutdown()
+
+        def recorded() -> None:  # a job in the manifest: the run waits on it
+            deadline = time.monotonic() + 10
+            manifest = self.outputs / "manifest.json"
+            while not (manifest.exists() and json.loads(manifest.read_text()).get("jobs")):
+                assert time.monotonic() < deadline, "no job was recorded"
+                time.sleep(0.005)
+
+        async def interrupt() -> None:
+            await asyncio.to_thread(recorded)
+            shutdown.request(signal.SIGINT)
+
+        with mock.patch.object(pipeline, "SIMULATED_JOB_S", 0.3):
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                status, _ = await self.run_pipeline(pipeline.SimulatedClient(), shutdown=shutdown, poll_interval_s=0.01)
+            self.assertEqual(status, 130)
+            status, summary = await self.run_pipeline(pipeline.SimulatedClient(), poll_interval_s=0.01)  # a new client
+        self.assertEqual(status, 0)
+        answers = {r["prompt"]: r["response"] for r in records(self.outputs)}
+        self.assertEqual(answers, {p: str(2 * int(p.split()[-1].rstrip("?"))) for p in prompts})
+        # The first run's job (4 prompts: jobs of 4) collected by the second, which sent the other 2 alone.
+        self.assertIn("4 skipped", summary)
+        self.assertIn("1 Batch API job created", summary)
+
     async def test_batch_cancel_cancels_the_recorded_jobs_and_forgets_them(self) -> None:
         write_inputs(self.inputs, 1, 2)
         with batch_server() as (url, stub):
