@@ -1314,6 +1314,27 @@ class BatchApiTest(PipelineTestCase):
         self.assertIn("4 skipped", summary)
         self.assertIn("1 Batch API job created", summary)
 
+    async def test_off_a_terminal_the_progress_line_shows_the_jobs_by_state_and_the_time_elapsed(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        jobs = pipeline.JobBook(self.outputs, {})
+        jobs.states = {
+            "batches/1": "JOB_STATE_RUNNING",
+            "batches/2": "JOB_STATE_RUNNING",
+            "batches/3": "JOB_STATE_PENDING",
+        }
+        stats = pipeline.Stats(succeeded=4, failed=1)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(pipeline, "PROGRESS_EVERY_S", 0.2):
+            files = sorted(self.inputs.glob("*.txt"))
+            progress = asyncio.create_task(pipeline.show_progress(stats, files, tty=False, jobs=jobs))
+            await asyncio.sleep(0.3)
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        self.assertRegex(
+            err.getvalue(), r"^progress: batch jobs: 1 pending, 2 running; \d+s elapsed; 5 done, 1 failed\n$"
+        )
+
     async def test_batch_cancel_cancels_the_recorded_jobs_and_forgets_them(self) -> None:
         write_inputs(self.inputs, 1, 2)
         with batch_server() as (url, stub):
