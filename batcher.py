@@ -1137,6 +1137,9 @@ class JobBook:
         for job in self.collected:
             await asyncio.to_thread(Path(job.texts).unlink, missing_ok=True)
         self.collected = []
+        if not self.live:  # nothing waits any more: no empty folder left behind
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.folder.rmdir)
 
     async def _write(self) -> None:
         async with self._lock:

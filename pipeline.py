@@ -208,6 +208,7 @@ class Stats:
     thinking_tokens: int = 0
     answers: int = 0  # answered calls
     batch_jobs: int = 0  # Batch API jobs created (--batch-api): their tokens are billed at half price
+    batch_api: bool = False
     started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
 
     def summary(self, errors_held: int, *, stopped: bool) -> str:
@@ -215,13 +216,14 @@ class Stats:
         done = self.succeeded + self.failed
         thinking = f", {self.thinking_tokens} thinking" if self.thinking_tokens else ""
         lines = [
-            f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped (already done), "
+            f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped "
+            f"({'already done, or in a recorded batch job' if self.batch_api else 'already done'}), "
             f"{self.succeeded} succeeded, {self.failed} failed, {plural(self.retries, 'retry', 'retries')}",
             f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking}; "
             + (
                 f"{plural(self.batch_jobs, 'Batch API job')} created, {self.answers} answers, billed at the batch "
                 "price (half the interactive one)"
-                if self.batch_jobs or not self.calls
+                if self.batch_api
                 else f"{plural(self.calls, 'call')}, {self.answers} answered"
             ),
             f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
@@ -1154,6 +1156,9 @@ class JobBook:
         for job in self.collected:
             (self.output_dir / job.prompts).unlink(missing_ok=True)
         self.collected = []
+        if not self.live:  # nothing waits any more: no empty folder left behind
+            with contextlib.suppress(OSError):
+                (self.output_dir / BATCH_DIR).rmdir()
 
     async def _write(self) -> None:
         async with self._lock:
@@ -1753,7 +1758,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed, 2 an
     error about every request (a bad key or model), 130 or 143 interrupted. Raises
     UsageError on bad input, or when another run holds the output folder."""
-    stats = Stats()  # its clock starts here: the resume scan is part of the run
+    stats = Stats(batch_api=config.batch_api)  # its clock starts here: the resume scan is part of the run
     files = check_paths(config)
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
