@@ -201,7 +201,7 @@ class BatcherTest(unittest.IsolatedAsyncioTestCase):
     async def test_stress_no_item_lost_duplicated_or_reordered(self) -> None:
         asyncio.get_running_loop().set_debug(False)  # debug mode's checks would double this test's time
         rng = random.Random(7)
-        items = list(range(1000))
+        items = list(range(600))
         for batch_size, timeout_ms in [(1, 0.2), (7, 0.5), (64, 1.0), (100, 0.3)]:
             # No gap, a bare yield (1 ns), or a gap near the timeout: arrivals race the timer.
             gaps = lambda: rng.choice([0.0, 0.0, 1e-9, 1e-9, 0.0002, 0.0005])  # noqa: E731

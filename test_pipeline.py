@@ -1507,7 +1507,7 @@ class GenerationSettingsTest(PipelineTestCase):
                 response: types.GenerateContentResponse = await self.client.aio.models.generate_content(**kwargs)
                 return response
 
-        tpm = 60_000  # 1,000 tokens a second: 15 calls of about 100 take about 1.5 s
+        tpm = 120_000  # 2,000 tokens a second: 15 calls of about 100 take about 0.75 s
         with scripted_client(respond) as (client, _):
             started = time.monotonic()
             status, _ = await self.run_pipeline(Recording(client), tpm=tpm, workers=10, max_output_tokens=95)
