@@ -1498,7 +1498,7 @@ class UnitVectorTest(CorpusTestCase):
 
 class KeepAliveTest(CorpusTestCase):
     async def test_the_keep_alive_pool_holds_a_connection_per_call_in_flight_across_pauses(self) -> None:
-        self.write_corpus(200)
+        self.write_corpus(120)
         connections, calls = itertools.count(), itertools.count(1)
 
         class KeepAliveHandler(StubHandler):
@@ -1509,7 +1509,7 @@ class KeepAliveTest(CorpusTestCase):
                 super().setup()
 
             def do_POST(self) -> None:
-                if next(calls) % 25:  # every 25th call: a pause for all
+                if next(calls) % 15:  # every 15th call: a pause for all
                     super().do_POST()
                     return
                 self.rfile.read(int(self.headers["Content-Length"]))
@@ -1532,7 +1532,7 @@ class KeepAliveTest(CorpusTestCase):
         self.addAsyncCleanup(client.aio.aclose)
         status, _ = await self.run_main(client, batch_size=1, concurrency=32, quiet=True)
         self.assertEqual(status, 0)
-        self.assertEqual(len(self.written()), 200)
+        self.assertEqual(len(self.written()), 120)
         self.assertLessEqual(next(connections), 32 + 4)  # with 20 kept, each pause would reopen 12
 
 
