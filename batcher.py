@@ -1219,7 +1219,7 @@ def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedd
 
 async def batch_embed(
     client: Client, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
-    settings: EmbedSettings, jobs: JobBook, config: Config, stats: RunStats, shutdown: Shutdown,
+    settings: EmbedSettings, jobs: JobBook, config: Config, retrier: Retrier, stats: RunStats, shutdown: Shutdown,
 ) -> None:  # fmt: skip
     """Stages 2 and 3 with --batch-api: Google's Batch API batches and embeds, at half price.
     Submit: texts go out in jobs of up to config.batch_job_size; each job's texts are written as
@@ -1233,16 +1233,18 @@ async def batch_embed(
 
     async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
         await files.flush()
-        try:
-            if shutdown.requested:
-                return None
+        try:  # retried as an embed call is (transient errors, a server's delay); Stopped: the run stops
             upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
-            uploaded = await bounded(client.aio.files.upload(file=files.requests_path, config=upload_config),
-                                     config.request_timeout_s)  # fmt: skip
+            uploaded = await retrier.call(
+                lambda: client.aio.files.upload(file=files.requests_path, config=upload_config)
+            )
             with warnings.catch_warnings():  # "batches.create_embeddings() is experimental": said in the README
                 warnings.simplefilter("ignore")
-                created = await bounded(client.aio.batches.create_embeddings(
-                    model=settings.model, src={"file_name": uploaded.name}), config.request_timeout_s)  # fmt: skip
+                created = await retrier.call(
+                    lambda: client.aio.batches.create_embeddings(model=settings.model, src={"file_name": uploaded.name})
+                )
+        except Stopped:
+            return None
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
                 raise
@@ -1856,7 +1858,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         stages = [source]
         if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
             stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
-                                      config=config, stats=stats, shutdown=shutdown))  # fmt: skip
+                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown))  # fmt: skip
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
             stages.append(embed_content(

@@ -1136,7 +1136,6 @@ class JobBook:
         self.live = [Job(**job) for job in manifest.get("jobs", [])]
         self.states: dict[str, str] = {}
         self.collected: list[Job] = []
-        self.created = 0  # jobs this run created
         numbers = [int(m.group(1)) for p in (output_dir / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
         self._lock = asyncio.Lock()  # one manifest write at a time
@@ -1147,7 +1146,6 @@ class JobBook:
     async def record(self, job: Job, *, replacing: Job | None = None) -> None:
         """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
         self.live = [*(j for j in self.live if j is not replacing), job]
-        self.created += 1
         await self._write()
 
     async def drop_collected(self) -> None:
