@@ -6,8 +6,8 @@ Gemini embed_content API, several calls at a time; results reach a logger, or a 
     python batcher.py                      # the document's demo, offline: a simulated client
     GEMINI_API_KEY=... python batcher.py   # the real API through genai.Client()
     python batcher.py --input corpus.txt --output embeddings.jsonl --rpm 2900   # your corpus
-    python batcher.py --input chunks.jsonl --output index.jsonl --task-type RETRIEVAL_DOCUMENT \
-        --dimensions 768 --rpm 2900 --tpm 950000    # JSONL rows {"text", "id"?, "title"?, ...}
+    python batcher.py --input chunks.jsonl --output index.jsonl \\
+        --task-type RETRIEVAL_DOCUMENT --dimensions 768 --tpm 950000   # JSONL rows {"text", "id"?, ...}
     python batcher.py --help               # every flag
 
 The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
