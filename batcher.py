@@ -57,7 +57,8 @@ import aiofiles
 from google import genai
 from google.genai import errors, types
 
-log = logging.getLogger("batcher")
+PROG = "batcher"  # in messages; the shared runtime (below) names the script by it
+log = logging.getLogger(PROG)
 
 MAX_BATCH_SIZE = 100  # the API rejects more than 100 texts in one call
 QUEUE_SIZE = 256  # bound of the item queues: backpressure instead of unbounded memory
@@ -65,19 +66,9 @@ QUEUE_SIZE = 256  # bound of the item queues: backpressure instead of unbounded 
 # queue holds batches frozen at their size while the items behind them wait (p99 at 500/s,
 # --adaptive: 0.54 s with 4, 0.36 s with 1); with --adaptive, the one waiting batch keeps growing.
 BATCH_QUEUE_SIZE = 1
-CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
-STDIN = Path("-")
-BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
-BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
-ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
-TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read without the embedding
-TITLE_AFTER_TEXT = ', "title": '  # and then, in a record of a JSONL row with a title, the title
-MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
-ID_DECODER = json.JSONDecoder()
-JSONL_SUFFIXES = (".jsonl", ".ndjson")  # an --input with one of these (any case) holds JSONL rows
-MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: it could not be written)
-TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
-VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
+# The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
+# An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
+REQUEST_TIMEOUT_S = 60.0
 # Permanent errors about the request's content: splitting the batch isolates the bad text.
 # Others (401, 403, 404: the key or the model) fail every text alike, so they are not split.
 BISECT_CODES = frozenset({400, 413, 422})
@@ -85,41 +76,6 @@ BISECT_CODES = frozenset({400, 413, 422})
 # than not: for Poisson arrivals, once the time left is under ln 2 x the mean gap between them.
 ADAPTIVE_FLUSH_GAPS = math.log(2)
 ADAPTIVE_ALPHA = 0.1  # weight of the newest gap in the moving average (a plain mean for the first 10)
-# The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
-# An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
-REQUEST_TIMEOUT_S = 60.0
-MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
-CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
-PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
-GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
-# --batch-api: each live job's texts wait beside the output, in <output>.batch/, until collected.
-BATCH_SUFFIX = ".batch"
-JOB_RE = re.compile(r"job_(\d+)")
-JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size), and bytes of requests:
-JOB_BYTES = 256 << 20  # far under Google's 2 GB per input file; one job's texts are in memory at collection
-WRITE_EVERY = 1000  # texts held before a job's files are appended to
-POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
-SIMULATED_POLL_INTERVAL_S = 0.5
-SIMULATED_JOB_S = 2.0
-JOB_ENDED = frozenset(
-    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
-     "JOB_STATE_EXPIRED"}
-)  # fmt: skip
-
-# The task types of Google's embeddings guide. gemini-embedding-001 takes one as the task_type
-# field; gemini-embedding-2 rejects that field and takes the task in the text, in these forms
-# (the guide's): "task: <name> | query: <text>", and "title: <title> | text: <text>" for documents.
-TASK_NAMES = {
-    "RETRIEVAL_QUERY": "search result",
-    "RETRIEVAL_DOCUMENT": None,  # a document: "title: ... | text: ..."
-    "QUESTION_ANSWERING": "question answering",
-    "FACT_VERIFICATION": "fact checking",
-    "CODE_RETRIEVAL_QUERY": "code retrieval",
-    "SEMANTIC_SIMILARITY": "sentence similarity",
-    "CLASSIFICATION": "classification",
-    "CLUSTERING": "clustering",
-}
-FIELD_TASK_MODELS = ("gemini-embedding-001", "gemini-embedding-exp", "text-embedding-")  # task_type as a field
 
 T = TypeVar("T")
 
@@ -141,590 +97,11 @@ Output: TypeAlias = tuple[Input, "types.ContentEmbedding | Exception"]
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.embed_content
 
 
-class UsageError(Exception):
-    """Bad flags or bad input: reported in one line, exit status 2."""
+# === The document: the four stages, in its order, and main() ===
 
+# --- Stage 1: the input enqueuer (the demo) or the corpus reader ---
 
-class MalformedInput(Exception):
-    """An input line that cannot be embedded (not UTF-8): that item fails, the rest go on."""
 
-
-# --- Records --------------------------------------------------------------------------
-@dataclass
-class RunStats:
-    """What the logger saw, and when each input arrived (for latency)."""
-
-    arrived_at: dict[str, float] = field(default_factory=dict)  # by id
-    latencies_s: list[float] = field(default_factory=list)
-    enqueued: int = 0
-    skipped: int = 0  # already in the output file
-    succeeded: int = 0
-    failed: int = 0
-    batch_jobs: int = 0  # Batch API jobs created (--batch-api)
-    started: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Resume:
-    """What an earlier run left in --output: each id with a record, and a hash of its text, so
-    that an id is done only for the same text. changed counts the ids whose text is not that
-    text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
-
-    done: dict[str, int] = field(default_factory=dict)
-    queued: set[str] = field(default_factory=set)  # ids in a live Batch API job: passed over
-    manifest_created: bool = False  # by this run (so a refused run removes it)
-    changed: int = 0
-    first_changed: Input | None = None
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    """What shapes each vector; the output's manifest records them, so a resumed run keeps them.
-
-    task_type is one of TASK_NAMES, or None (the model's default). gemini-embedding-001 gets it
-    as the task_type field, and with RETRIEVAL_DOCUMENT a text's title as the title field, which
-    holds for a whole call: texts of different titles go in different calls. Newer models
-    (gemini-embedding-2) take task and title in the text sent instead (see sent_text); the
-    record's text stays the text as given. normalize: unit vectors (see unit_vector)."""
-
-    model: str = "gemini-embedding-001"
-    dimensions: int | None = None  # output_dimensionality; None: the model's full size
-    normalize: bool = True
-    task_type: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model.strip():
-            raise ValueError("model must be a model name, got ''")
-        if self.dimensions is not None and self.dimensions < 1:
-            raise ValueError(f"dimensions must be >= 1, got {self.dimensions}")
-        if self.task_type is not None and self.task_type not in TASK_NAMES:
-            raise ValueError(f"task_type must be one of {', '.join(TASK_NAMES)}, got {self.task_type!r}")
-
-    @property
-    def task_in_text(self) -> bool:
-        return not self.model.rsplit("/", 1)[-1].startswith(FIELD_TASK_MODELS)
-
-    @property
-    def titles_per_call(self) -> bool:
-        """Whether a title goes in the call's config (one title per call) rather than the text."""
-        return self.task_type == "RETRIEVAL_DOCUMENT" and not self.task_in_text
-
-    def sent_text(self, text: str, title: str | None) -> str:
-        if not self.task_in_text or self.task_type is None:
-            return text
-        if (task := TASK_NAMES[self.task_type]) is None:
-            return f"title: {title or 'none'} | text: {text}"
-        return f"task: {task} | query: {text}"
-
-    def config(self, title: str | None) -> types.EmbedContentConfig:
-        field_task = None if self.task_in_text else self.task_type
-        title = title if self.titles_per_call else None
-        return types.EmbedContentConfig(output_dimensionality=self.dimensions, task_type=field_task, title=title)
-
-
-# --- Faults and retries ---------------------------------------------------------------
-class MalformedReply(Exception):
-    """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
-
-
-class Stopped(Exception):
-    """An attempt not made because the run is stopping: its texts are left for the next run."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
-    worth another try."""
-    if isinstance(exc, errors.APIError):
-        return exc.code in TRANSIENT_CODES
-    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
-        return True
-    # httpx / httpx2 / aiohttp connection errors, matched by name so no transport is imported.
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
-
-
-async def bounded(call: Awaitable[T], timeout_s: float) -> T:
-    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
-    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await call
-    except Exception as exc:
-        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
-            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
-        raise
-
-
-def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
-    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    details = body.get("details") if isinstance(body, dict) else None
-    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
-
-
-def is_request_wide(exc: BaseException) -> bool:
-    """An error about the request as a whole (a bad key, no access, an unknown model), not
-    about its texts: every other call would fail alike, so the run stops."""
-    if not isinstance(exc, errors.APIError):
-        return False
-    if exc.code in (401, 403, 404):
-        return True
-    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
-    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
-
-
-def daily_quota(exc: BaseException) -> str | None:
-    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
-    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
-    if not isinstance(exc, errors.APIError) or exc.code != 429:
-        return None
-    for detail in error_details(exc):
-        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
-        for violation in violations if isinstance(violations, list) else []:
-            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
-            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
-                return quota_id or "a quota of 0"
-    return None
-
-
-def stop_reason(exc: BaseException, model: str) -> str | None:
-    """Why exc stops the whole run (every other call would fail alike), or None."""
-    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
-        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
-    if (quota := daily_quota(exc)) is not None:
-        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
-    if is_request_wide(exc):
-        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
-    return None
-
-
-def server_retry_delay_s(exc: BaseException) -> float | None:
-    """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
-    if not isinstance(exc, errors.APIError):
-        return None
-    for detail in error_details(exc):
-        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
-        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
-            return float(match.group(1))
-    headers = getattr(exc.response, "headers", None)
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
-        return None
-
-
-def is_unparsable_reply(exc: ValueError) -> bool:
-    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
-    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
-    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
-
-
-def model_name(text: str) -> str:
-    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("a model name is required, got ''")
-    return text
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an error: the API's code, status and message, or the type."""
-    if isinstance(exc, errors.APIError):
-        return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
-    if isinstance(exc, TimeoutError) and str(exc):
-        return str(exc)  # "timed out after 60 s"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class Gate:
-    """Where every call waits before it starts (pipeline.py has the same Gate). A delay named by
-    the server pauses every call, not just the one told. With rpm, call starts are at least
-    60/rpm seconds apart; with tpm, a call starts only once the tokens of those before it are
-    paid for at tpm, and then its own are owed: a 2 s window holds at most tpm/30 tokens and one
-    call's. No burst at the start, and no start is booked ahead. The pipeline corrects each
-    estimate by the tokens the API reports; an embedding reply reports none, so here it stands."""
-
-    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
-        for name, value in (("rpm", rpm), ("tpm", tpm)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
-        self._call_gap_s = 60.0 / rpm if rpm else 0.0
-        self._token_gap_s = 60.0 / tpm if tpm else 0.0
-        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
-        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
-        self._paused_until = 0.0
-
-    def pause(self, delay_s: float) -> None:
-        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
-
-    async def wait_turn(self, tokens: float = 0.0) -> None:
-        loop = asyncio.get_running_loop()
-        # A loop, not one sleep: another call may start first, or pause everyone, meanwhile.
-        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():  # noqa
-            await asyncio.sleep(start - loop.time())
-        now = loop.time()
-        self._next_call_at = now + self._call_gap_s
-        self._tokens_paid_at = now + tokens * self._token_gap_s
-
-
-class Retrier:
-    """Runs API calls with retries, and counts calls and retries.
-
-    Each attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy, a
-    fake), and a timed-out attempt is transient. Transient errors are retried with exponential
-    backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
-    attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
-    corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
-    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
-    instead).
-    """
-
-    def __init__(
-        self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
-        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
-    ) -> None:  # fmt: skip
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        if not (request_timeout_s > 0 and math.isfinite(request_timeout_s)):
-            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
-        self.max_attempts = max_attempts
-        self.request_timeout_s = request_timeout_s
-        self.base_delay_s = base_delay_s
-        self.calls = self.retries = 0
-        self.gate = Gate(rpm=rpm, tpm=tpm)
-        self._shutdown = shutdown
-
-    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
-        for attempt in range(1, self.max_attempts + 1):
-            await self.gate.wait_turn(tokens)
-            if self._shutdown is not None and self._shutdown.requested:
-                raise Stopped("not sent: the run is stopping")
-            self.calls += 1
-            try:
-                return await bounded(fn(), self.request_timeout_s)
-            except Exception as exc:
-                if daily_quota(exc) is not None:
-                    raise  # spent for today: neither a retry nor a pause can help
-                if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
-                    self.gate.pause(delay_s)  # after a last attempt
-                if not is_transient(exc) or attempt == self.max_attempts:
-                    raise
-                backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
-                log.info("retrying after %s (attempt %d)", describe(exc), attempt)
-                self.retries += 1
-                await asyncio.sleep(random.uniform(0, backoff_s))
-        raise AssertionError("unreachable")
-
-
-async def embed_batch(
-    client: Client, texts: list[str], *, settings: EmbedSettings, retrier: Retrier,
-    titles: list[str | None] | None = None,
-) -> list[types.ContentEmbedding | Exception]:  # fmt: skip
-    """Embeds texts (with their titles, if any); returns an embedding or an error per text, in
-    order. One call, or one per title where the model takes a title per call (EmbedSettings)."""
-    titles = titles or [None] * len(texts)
-    calls: dict[str | None, list[int]] = {}  # the texts' places, by the title their call carries
-    for i, title in enumerate(titles):
-        calls.setdefault(title if settings.titles_per_call else None, []).append(i)
-    results: list[types.ContentEmbedding | Exception] = [MalformedReply("not embedded")] * len(texts)
-    for title, places in calls.items():
-        sent = [settings.sent_text(texts[i], titles[i]) for i in places]
-        for i, result in zip(places, await embed_call(client, sent, settings, title, retrier), strict=True):
-            results[i] = result
-    return results
-
-
-async def embed_call(
-    client: Client, texts: list[str], settings: EmbedSettings, title: str | None, retrier: Retrier
-) -> list[types.ContentEmbedding | Exception]:
-    """Embeds texts, as sent, in one call; with settings.normalize each vector is scaled to unit
-    length (see unit_vector).
-
-    A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
-    fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls. Bisection stops
-    when both halves fail alike (the error does not depend on the texts), and never starts
-    for an error about the request as a whole (the key, the model).
-    """
-    config = settings.config(title)
-
-    async def request(part: list[str]) -> list[types.ContentEmbedding]:
-        # Each text its own Content: for every model but gemini-embedding-001, the SDK merges a
-        # list of strings into one multi-part input, and N texts come back as one vector.
-        contents = [types.Content(parts=[types.Part(text=text)]) for text in part]
-        try:
-            response = await client.aio.models.embed_content(model=settings.model, contents=contents, config=config)
-        except ValueError as exc:
-            if not is_unparsable_reply(exc):
-                raise  # raised before sending ("model is required."): a fault of the call, not the reply
-            raise MalformedReply(f"unreadable reply: {exc}") from exc
-        if len(embeddings := response.embeddings or []) != len(part):
-            raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
-        if settings.normalize:
-            for embedding in embeddings:
-                embedding.values = unit_vector(embedding.values or [])
-        return embeddings
-
-    async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
-        """One call, retried: the embeddings, or the error that ended it."""
-        try:
-            return list(await retrier.call(lambda: request(part), tokens=estimated_tokens(part)))
-        except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
-                raise  # a bug, not a fault of this batch: let it surface
-            return exc
-
-    async def bisect(part: list[str], error: Exception) -> list[types.ContentEmbedding | Exception]:
-        """Splits `part`, which failed with `error`, while a split can tell which texts cause it."""
-        if len(part) == 1 or not isinstance(error, errors.APIError) or error.code not in BISECT_CODES:
-            return [error] * len(part)
-        if is_request_wide(error):  # a 400 for a bad key: no text causes it
-            return [error] * len(part)
-        halves = [part[: len(part) // 2], part[len(part) // 2 :]]
-        outcomes = [await attempt(half) for half in halves]
-        if all(isinstance(o, errors.APIError) and (o.code, o.message) == (error.code, error.message) for o in outcomes):
-            return [error] * len(part)  # both halves fail alike: the error does not depend on the texts
-        results: list[types.ContentEmbedding | Exception] = []
-        for half, outcome in zip(halves, outcomes, strict=True):
-            results += outcome if isinstance(outcome, list) else await bisect(half, outcome)
-        return results
-
-    outcome = await attempt(texts)
-    return outcome if isinstance(outcome, list) else await bisect(texts, outcome)
-
-
-def estimated_tokens(texts: list[str]) -> int:
-    """A call's tokens for --tpm: characters / 4 (the Developer API reports no usage for embeddings)."""
-    return math.ceil(sum(map(len, texts)) / 4)
-
-
-class Shutdown:
-    """The first Ctrl-C or SIGTERM stops the input and every new call or retry; calls still in
-    flight get grace_s to finish before they are abandoned (the next run redoes their texts).
-    Everything completed is written, the summary printed, and the exit status is 128 + the
-    signal (130, 143). A second signal exits at once. fail() stops the run the same way for an
-    error that concerns every request (a bad key, an unknown model): the exit status is then 2."""
-
-    def __init__(self, *, grace_s: float = GRACE_S) -> None:
-        self.signal: int | None = None
-        self.failure: str | None = None
-        self._grace_s = grace_s
-        self._in_flight: set[asyncio.Timeout] = set()
-        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None or self.failure is not None
-
-    def fail(self, message: str) -> None:
-        if self.failure is None:
-            self.failure = message
-            self._stopping.set()
-            self._end_in_flight()
-
-    def request(self, signum: int = signal.SIGINT) -> None:
-        if self.signal is not None:
-            sys.stdout.flush()
-            os._exit(128 + signum)
-        name = signal.Signals(signum).name
-        print(f"batcher: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
-        self.signal = signum
-        self._stopping.set()
-        self._end_in_flight()
-
-    async def waited(self, timeout_s: float) -> bool:
-        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._stopping.wait()
-        return self.requested
-
-    def _end_in_flight(self) -> None:
-        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
-        deadline = asyncio.get_running_loop().time() + self._grace_s
-        for timeout in self._in_flight:
-            timeout.reschedule(min(deadline, timeout.when() or math.inf))
-
-    @contextlib.asynccontextmanager
-    async def abandonable(self) -> AsyncIterator[None]:
-        async with asyncio.timeout(None) as timeout:
-            self._in_flight.add(timeout)
-            try:
-                yield
-            finally:
-                self._in_flight.discard(timeout)
-
-
-@contextlib.contextmanager
-def signals_handled(shutdown: Shutdown) -> Iterator[None]:
-    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
-    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    loop = asyncio.get_running_loop()
-    for signum in signums:
-        loop.add_signal_handler(signum, shutdown.request, signum)
-    try:
-        yield
-    finally:
-        for signum in signums:
-            loop.remove_signal_handler(signum)
-
-
-async def show_progress(stats: RunStats, *, tty: bool) -> None:
-    """Until cancelled: on a terminal, one line redrawn 4 times a second; elsewhere (nohup,
-    containers, CI logs) a plain line every PROGRESS_EVERY_S, so a stall shows as counts
-    that stop moving."""
-    try:
-        while True:
-            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
-            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
-            line = f"{done} done, {stats.failed} failed, {stats.enqueued - done} in flight, {done / elapsed:.0f}/s"
-            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
-    finally:
-        if tty:
-            print(file=sys.stderr)
-
-
-# --- The simulated client -------------------------------------------------------------
-class SimulatedClient:
-    """Stands in for genai.Client offline: client.aio.models.embed_content returns a
-    real types.EmbedContentResponse with deterministic vectors after latency_s."""
-
-    def __init__(self, *, latency_s: float = 0.0) -> None:
-        self.latency_s = latency_s
-        self.aio = self.models = self  # so client.aio.models.embed_content works as on genai.Client
-        self.files = self.batches = SimulatedBatchAPI()  # client.aio.files.upload, .batches.create_embeddings, ...
-
-    async def embed_content(
-        self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
-    ) -> types.EmbedContentResponse:
-        if len(contents) > MAX_BATCH_SIZE:
-            message = f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_SIZE} requests can be in one batch"
-            raise errors.ClientError(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
-        await asyncio.sleep(self.latency_s)
-        dimensions = (config.output_dimensionality if config else None) or 3
-        vectors = [fake_vector(text_of(content), dimensions) for content in contents]
-        return types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=vector) for vector in vectors])
-
-
-class SimulatedBatchAPI:
-    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
-    the requests in a folder of the system's temp dir, and a job, named after its creation time and
-    that copy, succeeds SIMULATED_JOB_S later, so a re-run in another process finds it."""
-
-    def __init__(self) -> None:
-        self._store = Path(tempfile.gettempdir()) / "batcher-simulated-batch-api"
-
-    async def upload(self, *, file: Path, config: Any = None) -> types.File:
-        return await asyncio.to_thread(self._keep, Path(file))
-
-    def _keep(self, path: Path) -> types.File:
-        self._store.mkdir(exist_ok=True)
-        for old in self._store.iterdir():  # those older than 48 hours go, as Google's do
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - old.stat().st_mtime > 48 * 3600:
-                    old.unlink()
-        with path.open("rb") as f:
-            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
-        shutil.copyfile(path, self._store / name)
-        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=path.stat().st_size)
-
-    async def create_embeddings(self, *, model: str, src: dict[str, str], config: Any = None) -> types.BatchJob:
-        name = f"batches/{time.time_ns()}-{src['file_name'].removeprefix('files/')}"
-        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_PENDING)
-
-    async def get(self, *, name: str) -> types.BatchJob:
-        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
-        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
-            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
-        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
-        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
-
-    async def download(self, *, file: str, destination: Any) -> None:
-        """Writes the results a chunk at a time, as the SDK does: the simulated vector of each text."""
-        lines = []
-        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
-            row = json.loads(line)
-            request = row["request"]
-            vector = fake_vector(request["content"]["parts"][0]["text"], request.get("outputDimensionality") or 3)
-            lines.append(json.dumps({"key": row["key"], "response": {"embedding": {"values": vector}}}) + "\n")
-            if len(lines) == WRITE_EVERY:
-                await destination.write("".join(lines).encode())
-                lines = []
-        await destination.write("".join(lines).encode())
-
-
-_FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
-_FAKE_VALUES = [round(_FAKE_RNG.uniform(-1, 1), 6) for _ in range(8192)]
-
-
-def unit_vector(values: list[float]) -> list[float]:
-    """values scaled to length 1, so a dot product is the cosine. Google's embeddings guide says
-    to normalize gemini-embedding-001's vectors below 3072 dimensions (768, 1536) yourself: only
-    the full size comes normalized. A unit vector stays as it is; a zero vector too."""
-    norm = math.hypot(*values)
-    return [value / norm for value in values] if norm else values
-
-
-def text_of(content: types.Content) -> str:
-    """The text of a one-part Content, as embed_batch sends each text."""
-    return "".join(part.text or "" for part in content.parts or [])
-
-
-def fake_vector(text: str, dimensions: int) -> list[float]:
-    """A deterministic vector in [-1, 1] for a text: the same text, the same vector, every run.
-    A slice of one fixed random sequence at an offset hashed from the text: cheap at any
-    dimension, so benchmarks measure the batcher, not the fake."""
-    start = zlib.crc32(text.encode()) % 4096
-    values = _FAKE_VALUES[start : start + dimensions]
-    while len(values) < dimensions:  # beyond 4096 dimensions: wrap around
-        values += _FAKE_VALUES[: dimensions - len(values)]
-    return values
-
-
-def make_client(
-    *, offline: bool, fake_latency_s: float, request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20
-) -> Client:
-    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
-    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
-    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
-    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
-    not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
-    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
-    has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
-    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
-    if offline or not (has_key or vertex):
-        return SimulatedClient(latency_s=fake_latency_s)
-    timeout_ms = math.ceil(request_timeout_s * 1000)
-    options = types.HttpOptions(
-        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
-    )
-    try:
-        return genai.Client(http_options=options)
-    except Exception as exc:
-        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
-            raise
-        raise UsageError(f"cannot make the Gemini client: {exc}") from None
-
-
-def keep_alive(connections: int) -> dict[str, Any]:
-    """HttpOptions.async_client_args that keep `connections` idle connections open. The SDK's
-    httpx and httpx2 clients keep 20: with more calls in flight, every pause (a 429's delay)
-    closes the rest, and they reopen together, a TLS handshake each. The Limits come from the
-    client the SDK will pick (GOOGLE_GENAI_HTTP_CLIENT, else httpx2, else httpx: both are its
-    dependencies). aiohttp, which the SDK prefers when installed, keeps every one anyway."""
-    chosen = os.environ.get("GOOGLE_GENAI_HTTP_CLIENT", "").strip().lower()
-    for module_name in [chosen] if chosen in ("httpx", "httpx2") else ["httpx2", "httpx"]:
-        with contextlib.suppress(ImportError):
-            limits = importlib.import_module(module_name).Limits
-            return {"limits": limits(max_connections=None, max_keepalive_connections=connections)}
-    return {}
-
-
-def is_auth_error(exc: BaseException) -> bool:
-    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
-    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
-
-
-# --- Stage 1: the input enqueuer ------------------------------------------------------
 async def enqueue_inputs(
     input_queue: asyncio.Queue[Input | None], *, num_inputs: int = 100, max_delay_s: float = 0.3,
     skip: Collection[str] = frozenset(), stats: RunStats, shutdown: Shutdown,
@@ -794,99 +171,9 @@ async def read_corpus(
     await input_queue.put(None)
 
 
-def parse_line(
-    raw: bytes, line_id: str, name: str, *, jsonl: bool, seen: set[str]
-) -> tuple[Input, MalformedInput | None] | None:
-    """The Input of one line read (None: a blank line), and the error that fails it, if any (not
-    UTF-8, a bad row): then its id is line_id, "<file name>:<line number>"."""
-    try:
-        text = raw.decode().strip()
-    except UnicodeDecodeError as exc:
-        error = MalformedInput(f"undecodable UTF-8: {exc}")
-        return Input(line_id, raw.decode(errors="backslashreplace").strip()), error
-    if not text or (not text.isprintable() and is_blank(text)):
-        return None
-    if not jsonl:
-        return Input(line_id, text), None
-    try:
-        return parse_row(text, line_id, name, seen), None
-    except (ValueError, RecursionError) as exc:
-        return Input(line_id, text), MalformedInput(f"bad JSONL row: {exc}")
+# --- Stage 2: the batcher ---
 
 
-def parse_row(line: str, line_id: str, name: str, seen: set[str]) -> Input:
-    """A JSONL row, {"text": ..., "id"?: ..., "title"?: ..., ...}: every other field is its
-    metadata. With no "id", the id is line_id. An id in `seen` (the run's ids so far) is a
-    duplicate; a new one is added. An id "<name>:<number>" (this file's) belongs to that line, so
-    no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
-    row = STRICT_DECODER.decode(line)
-    if not isinstance(row, dict):
-        raise ValueError(f"not a JSON object: {shown(row)}")
-    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
-        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
-    text, row_id, title = row.pop("text", None), row.pop("id", line_id), row.pop("title", None)
-    if not isinstance(text, str) or is_blank(text):
-        raise ValueError('"text" must be a non-empty string')
-    if not isinstance(title, str | None):
-        raise ValueError(f'"title" must be a string, got {shown(title)}')
-    if not (isinstance(row_id, str) and row_id):
-        raise ValueError(f'"id" must be a non-empty string, got {shown(row_id)}')
-    if row_id in seen:
-        raise ValueError(f"duplicate id {shown(row_id)}: this row is not embedded")
-    row_name, _, row_number = row_id.rpartition(":")
-    if row_id != line_id and row_name == name and row_number.isdigit():
-        raise ValueError(f"id {shown(row_id)} is the id of line {row_number}: give this row another id")
-    seen.add(row_id)
-    return Input(row_id, text.strip(), title, row or None)
-
-
-def nested_deeper(value: Any, limit: int) -> bool:
-    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        if children and level > limit:
-            return True
-        stack.extend((child, level + 1) for child in children)
-    return False
-
-
-def refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN, Infinity: not JSON
-
-
-async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
-    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
-    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
-    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
-    tail, first = b"", True
-    while chunk := await read(CHUNK_BYTES):
-        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
-        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
-        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
-        tail += held
-        for line in lines:
-            yield line
-    if tail:
-        yield tail.removesuffix(b"\r")
-
-
-def newlines(data: bytes) -> bytes:
-    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
-
-
-def is_blank(text: str) -> bool:
-    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
-    ...), which str.strip keeps: nothing to embed."""
-    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
-
-
-# --- Stage 2: the batcher -------------------------------------------------------------
 class Batcher(Generic[T]):
     """Groups items from an input queue into batches on a batch queue.
 
@@ -1020,7 +307,9 @@ class Batcher(Generic[T]):
         return deadline
 
 
-# --- Stage 3: the embedding generator -------------------------------------------------
+# --- Stage 3: the embedding generator ---
+
+
 async def embed_content(
     client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Output | None], *,
     settings: EmbedSettings, retrier: Retrier, shutdown: Shutdown, concurrency: int = 4,
@@ -1063,6 +352,390 @@ async def embed_content(
     await output_queue.put(None)
 
 
+async def embed_batch(
+    client: Client, texts: list[str], *, settings: EmbedSettings, retrier: Retrier,
+    titles: list[str | None] | None = None,
+) -> list[types.ContentEmbedding | Exception]:  # fmt: skip
+    """Embeds texts (with their titles, if any); returns an embedding or an error per text, in
+    order. One call, or one per title where the model takes a title per call (EmbedSettings)."""
+    titles = titles or [None] * len(texts)
+    calls: dict[str | None, list[int]] = {}  # the texts' places, by the title their call carries
+    for i, title in enumerate(titles):
+        calls.setdefault(title if settings.titles_per_call else None, []).append(i)
+    results: list[types.ContentEmbedding | Exception] = [MalformedReply("not embedded")] * len(texts)
+    for title, places in calls.items():
+        sent = [settings.sent_text(texts[i], titles[i]) for i in places]
+        for i, result in zip(places, await embed_call(client, sent, settings, title, retrier), strict=True):
+            results[i] = result
+    return results
+
+
+async def embed_call(
+    client: Client, texts: list[str], settings: EmbedSettings, title: str | None, retrier: Retrier
+) -> list[types.ContentEmbedding | Exception]:
+    """Embeds texts, as sent, in one call; with settings.normalize each vector is scaled to unit
+    length (see unit_vector).
+
+    A permanent error on the content (400, 413, 422) is bisected, so only the bad texts
+    fail: one bad text in 100 costs at most 2*ceil(log2(100)) more calls. Bisection stops
+    when both halves fail alike (the error does not depend on the texts), and never starts
+    for an error about the request as a whole (the key, the model).
+    """
+    config = settings.config(title)
+
+    async def request(part: list[str]) -> list[types.ContentEmbedding]:
+        # Each text its own Content: for every model but gemini-embedding-001, the SDK merges a
+        # list of strings into one multi-part input, and N texts come back as one vector.
+        contents = [types.Content(parts=[types.Part(text=text)]) for text in part]
+        try:
+            response = await client.aio.models.embed_content(model=settings.model, contents=contents, config=config)
+        except ValueError as exc:
+            if not is_unparsable_reply(exc):
+                raise  # raised before sending ("model is required."): a fault of the call, not the reply
+            raise MalformedReply(f"unreadable reply: {exc}") from exc
+        if len(embeddings := response.embeddings or []) != len(part):
+            raise MalformedReply(f"{len(embeddings)} embeddings returned for {len(part)} texts")
+        if settings.normalize:
+            for embedding in embeddings:
+                embedding.values = unit_vector(embedding.values or [])
+        return embeddings
+
+    async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
+        """One call, retried: the embeddings, or the error that ended it."""
+        try:
+            return list(await retrier.call(lambda: request(part), tokens=estimated_tokens(part)))
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                raise  # a bug, not a fault of this batch: let it surface
+            return exc
+
+    async def bisect(part: list[str], error: Exception) -> list[types.ContentEmbedding | Exception]:
+        """Splits `part`, which failed with `error`, while a split can tell which texts cause it."""
+        if len(part) == 1 or not isinstance(error, errors.APIError) or error.code not in BISECT_CODES:
+            return [error] * len(part)
+        if is_request_wide(error):  # a 400 for a bad key: no text causes it
+            return [error] * len(part)
+        halves = [part[: len(part) // 2], part[len(part) // 2 :]]
+        outcomes = [await attempt(half) for half in halves]
+        if all(isinstance(o, errors.APIError) and (o.code, o.message) == (error.code, error.message) for o in outcomes):
+            return [error] * len(part)  # both halves fail alike: the error does not depend on the texts
+        results: list[types.ContentEmbedding | Exception] = []
+        for half, outcome in zip(halves, outcomes, strict=True):
+            results += outcome if isinstance(outcome, list) else await bisect(half, outcome)
+        return results
+
+    outcome = await attempt(texts)
+    return outcome if isinstance(outcome, list) else await bisect(texts, outcome)
+
+
+# --- Stage 4: the output logger (or, for a corpus, the output writer) ---
+
+
+async def log_outputs(
+    output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False, output: Any = None
+) -> None:
+    """Until the sentinel: prints one line per item, as in the document, and records outcome
+    and latency. With `output` (an open aiofiles file) the embeddings are appended to it as
+    JSONL records instead, whatever is waiting in one write and one flush, and only failures
+    are printed. A failed item is never written, so a re-run tries it again."""
+    loop = asyncio.get_running_loop()
+    ended = False
+    while not ended:
+        taken = [await output_queue.get()]
+        while not output_queue.empty():  # and whatever else is waiting: one write for them all
+            taken.append(output_queue.get_nowait())
+        ended = taken[-1] is None  # embed_content puts the sentinel after every output
+        lines = []
+        for item, result in filter(None, taken):
+            if (arrived := stats.arrived_at.pop(item.id, None)) is not None:
+                stats.latencies_s.append(loop.time() - arrived)
+            if isinstance(result, Exception):
+                stats.failed += 1
+                if not quiet:
+                    clear = CLEAR_LINE if sys.stdout.isatty() else ""  # the progress line may be there
+                    print(f"{clear}Failed: {item.id} -> {describe(result)}", flush=True)
+            elif output is not None:
+                lines.append(record_line(item, result.values or []))
+            else:
+                stats.succeeded += 1
+                if not quiet:
+                    print(f"Content: {item.text} -> Embedding: {result.values}")
+        if lines:
+            await append(output, lines)
+            stats.succeeded += len(lines)
+
+
+# --- main: wires the stages ---
+
+
+async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
+    """Runs the four stages; returns the exit status: 0 all embedded, 1 some failed, 2 an
+    error about every request (a bad key or model), 130 or 143 interrupted. Raises
+    UsageError on bad input, or when another run holds the output file."""
+    check_paths(config)
+    if isinstance(client, SimulatedClient):
+        notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
+        print(f"batcher: {notice}", file=sys.stderr)
+    batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
+    retrier = Retrier(
+        max_attempts=config.max_attempts,
+        request_timeout_s=config.request_timeout_s,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        shutdown=shutdown,
+    )
+    stats, tty = RunStats(), sys.stderr.isatty()
+    input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+    batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
+    output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+    file_errors: list[BaseException] = []  # a disk or file error: what was written stays valid
+
+    async def keep_file_error(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        """Closing the output on a full disk fails too: one line for it, after the summary."""
+        if isinstance(exc, OSError) and exc.filename not in {getattr(e, "filename", 0) for e in file_errors}:
+            file_errors.append(exc)
+        return isinstance(exc, OSError)
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(keep_file_error)  # first in, so last out: after the output's close
+        output, resume, size = None, Resume(), 0
+        if config.output is not None:
+            try:
+                output = await stack.enter_async_context(open_file(config.output, "ab"))
+            except OSError as exc:  # a read-only file system, a dangling symlink, no permission
+                raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
+            lock_output(output, config.output)  # before reading it: another run may be writing
+            resume = await resume_output(config.output, config)
+            size = os.fstat(output.fileno()).st_size
+            if resume.done:
+                log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
+            jobs = JobBook(config.output)
+            if jobs.live and not config.batch_api:
+                raise UsageError(
+                    f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
+                    f"texts for {config.output}: run with --batch-api to collect them"
+                )
+            resume.queued = await asyncio.to_thread(queued_texts, jobs.live)
+        if config.input is None:  # the document's demo
+            source = enqueue_inputs(
+                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
+                stats=stats, shutdown=shutdown,
+            )  # fmt: skip
+        else:
+            path = None if config.input == STDIN else config.input
+            source = read_corpus(
+                path, input_queue, output_queue, jsonl=config.jsonl, resume=resume, stats=stats, shutdown=shutdown
+            )
+        stages = [source]
+        if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
+            stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
+                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown))  # fmt: skip
+        else:
+            stages.append(batcher.batch(input_queue, batch_queue))
+            stages.append(embed_content(
+                client, batch_queue, output_queue, settings=config.embedding, retrier=retrier, shutdown=shutdown,
+                concurrency=config.concurrency,
+            ))  # fmt: skip
+        # The demo prints a line per item (the document's output); with --output only failures are
+        # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
+        per_item_lines = config.input is None and output is None
+        quiet = config.quiet or (output is None and not per_item_lines)
+        stages.append(log_outputs(output_queue, stats=stats, quiet=quiet, output=output))
+        progress = None
+        if not config.quiet and (not per_item_lines or not tty):
+            progress = asyncio.create_task(show_progress(stats, tty=tty))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for stage in stages:
+                    tg.create_task(stage)
+        except* OSError as group:
+            file_errors += leaf_exceptions(group)
+        finally:
+            if progress is not None:
+                progress.cancel()
+        if resume.changed:
+            await refuse_changed_input(output, config.output or STDIN, resume, size)
+        if config.batch_api and not file_errors:  # the records of collected jobs are written
+            await jobs.drop_collected()
+    print(summary(batcher, retrier, stats, stopped=shutdown.requested or bool(file_errors), batch_api=config.batch_api))
+    for fault in file_errors:  # one line each, naming the file
+        print(f"batcher.py: error: {fault}", file=sys.stderr)
+    if file_errors:
+        return 1
+    if shutdown.failure is not None:
+        print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
+        return 2
+    if config.batch_api and jobs.live:
+        print(f"batcher.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
+              "again to collect them", file=sys.stderr)  # fmt: skip
+    if shutdown.signal is not None:
+        return 128 + shutdown.signal
+    return 1 if stats.failed else 0
+
+
+@dataclass
+class RunStats:
+    """What the logger saw, and when each input arrived (for latency)."""
+
+    arrived_at: dict[str, float] = field(default_factory=dict)  # by id
+    latencies_s: list[float] = field(default_factory=list)
+    enqueued: int = 0
+    skipped: int = 0  # already in the output file
+    succeeded: int = 0
+    failed: int = 0
+    batch_jobs: int = 0  # Batch API jobs created (--batch-api)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def summary(
+    batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopped: bool, batch_api: bool = False
+) -> str:
+    """What the run did. Latency is measured in the demo, where inputs arrive over time; a corpus
+    is read as fast as the queues take it, so its summary has none. A stopped run (a bad key, a
+    spent quota, Ctrl-C) says what it leaves for the next run."""
+    lat, wall_s, counts = stats.latencies_s, time.perf_counter() - stats.started, batcher.counts
+    mean_batch = batcher.items / counts.total() if counts else 0.0
+    skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
+    latency = ""
+    if lat:
+        latency = f"item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s; "
+    lines = [
+        f"Summary: {plural(batcher.items, 'item')} in {plural(counts.total(), 'batch', 'batches')} ({counts['full']} "
+        f"full, {counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}",
+    ]
+    if batch_api:  # Google's Batch API made the batches
+        lines = [
+            f"Summary: {plural(stats.batch_jobs, 'Batch API job')} created, billed at the batch price (half the "
+            f"interactive one){skipped}",
+            f"  {stats.succeeded} embedded, {plural(stats.failed, 'failed item')}",
+        ]
+    else:
+        lines.append(
+            f"  mean batch size {mean_batch:.2f}, {plural(retrier.calls, 'API call')}, "
+            f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
+            f"{plural(stats.failed, 'failed item')}"
+        )
+    lines.append(f"  {latency}wall time {wall_s:.2f}s")
+    if stopped:
+        left = stats.enqueued - stats.succeeded - stats.failed
+        lines.append(f"  left for the next run: {plural(left, 'item')} read but not done, and those not read")
+    return "\n".join(lines)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (0..100) of values (not empty)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def check_paths(config: Config) -> None:
+    """Raises UsageError, naming the path, for an input or output that cannot work."""
+    source, output = config.input, config.output
+    if config.batch_api and (source is None or output is None):
+        raise UsageError("--batch-api embeds a corpus: give --input and --output")
+    if source is not None and source != STDIN:
+        if not source.exists():
+            raise UsageError(f"input file not found: {source}")
+        if not source.is_file():
+            raise UsageError(f"input is not a file: {source}")
+    if output is not None:
+        if not output.parent.is_dir():
+            raise UsageError(f"output folder not found: {output.parent}")
+        if output.is_dir():
+            raise UsageError(f"output is a folder, not a file: {output}")
+        if source is not None and source != STDIN and output.exists() and output.samefile(source):
+            raise UsageError(f"output is the input file: {output}")
+
+
+async def show_progress(stats: RunStats, *, tty: bool) -> None:
+    """Until cancelled: on a terminal, one line redrawn 4 times a second; elsewhere (nohup,
+    containers, CI logs) a plain line every PROGRESS_EVERY_S, so a stall shows as counts
+    that stop moving."""
+    try:
+        while True:
+            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
+            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
+            line = f"{done} done, {stats.failed} failed, {stats.enqueued - done} in flight, {done / elapsed:.0f}/s"
+            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
+    finally:
+        if tty:
+            print(file=sys.stderr)
+
+
+def estimated_tokens(texts: list[str]) -> int:
+    """A call's tokens for --tpm: characters / 4 (the Developer API reports no usage for embeddings)."""
+    return math.ceil(sum(map(len, texts)) / 4)
+
+
+def unit_vector(values: list[float]) -> list[float]:
+    """values scaled to length 1, so a dot product is the cosine. Google's embeddings guide says
+    to normalize gemini-embedding-001's vectors below 3072 dimensions (768, 1536) yourself: only
+    the full size comes normalized. A unit vector stays as it is; a zero vector too."""
+    norm = math.hypot(*values)
+    return [value / norm for value in values] if norm else values
+
+
+# The task types of Google's embeddings guide. gemini-embedding-001 takes one as the task_type
+# field; gemini-embedding-2 rejects that field and takes the task in the text, in these forms
+# (the guide's): "task: <name> | query: <text>", and "title: <title> | text: <text>" for documents.
+TASK_NAMES = {
+    "RETRIEVAL_QUERY": "search result",
+    "RETRIEVAL_DOCUMENT": None,  # a document: "title: ... | text: ..."
+    "QUESTION_ANSWERING": "question answering",
+    "FACT_VERIFICATION": "fact checking",
+    "CODE_RETRIEVAL_QUERY": "code retrieval",
+    "SEMANTIC_SIMILARITY": "sentence similarity",
+    "CLASSIFICATION": "classification",
+    "CLUSTERING": "clustering",
+}
+FIELD_TASK_MODELS = ("gemini-embedding-001", "gemini-embedding-exp", "text-embedding-")  # task_type as a field
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What shapes each vector; the output's manifest records them, so a resumed run keeps them.
+
+    task_type is one of TASK_NAMES, or None (the model's default). gemini-embedding-001 gets it
+    as the task_type field, and with RETRIEVAL_DOCUMENT a text's title as the title field, which
+    holds for a whole call: texts of different titles go in different calls. Newer models
+    (gemini-embedding-2) take task and title in the text sent instead (see sent_text); the
+    record's text stays the text as given. normalize: unit vectors (see unit_vector)."""
+
+    model: str = "gemini-embedding-001"
+    dimensions: int | None = None  # output_dimensionality; None: the model's full size
+    normalize: bool = True
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model must be a model name, got ''")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be >= 1, got {self.dimensions}")
+        if self.task_type is not None and self.task_type not in TASK_NAMES:
+            raise ValueError(f"task_type must be one of {', '.join(TASK_NAMES)}, got {self.task_type!r}")
+
+    @property
+    def task_in_text(self) -> bool:
+        return not self.model.rsplit("/", 1)[-1].startswith(FIELD_TASK_MODELS)
+
+    @property
+    def titles_per_call(self) -> bool:
+        """Whether a title goes in the call's config (one title per call) rather than the text."""
+        return self.task_type == "RETRIEVAL_DOCUMENT" and not self.task_in_text
+
+    def sent_text(self, text: str, title: str | None) -> str:
+        if not self.task_in_text or self.task_type is None:
+            return text
+        if (task := TASK_NAMES[self.task_type]) is None:
+            return f"title: {title or 'none'} | text: {text}"
+        return f"task: {task} | query: {text}"
+
+    def config(self, title: str | None) -> types.EmbedContentConfig:
+        field_task = None if self.task_in_text else self.task_type
+        title = title if self.titles_per_call else None
+        return types.EmbedContentConfig(output_dimensionality=self.dimensions, task_type=field_task, title=title)
+
+
 class FailingAlike:
     """Stops a run whose calls all fail alike: a setting the model rejects fails every batch with
     one same 400, so reporting each text as failed would only have to be undone. Until a batch
@@ -1095,7 +768,32 @@ class FailingAlike:
         return held if len(self._errors) < self._limit else []
 
 
-# --- Stages 2 and 3 with --batch-api: submit, wait, collect ---------------------------
+def record_line(item: Input, embedding: list[float]) -> str:
+    """The output record of an item: {"id", "text", "title"?, "metadata"?, "embedding"}, in that
+    order (a resume reads the id, text and title alone), as one line of JSON."""
+    record: dict[str, Any] = {"id": item.id, "text": item.text}
+    if item.title is not None:
+        record["title"] = item.title
+    if item.metadata:
+        record["metadata"] = item.metadata
+    record["embedding"] = embedding
+    return json.dumps(record) + "\n"
+
+
+# === Modes: the Batch API stage, and BatchedEmbedder ===
+# --batch-api: each live job's texts wait beside the output, in <output>.batch/, until collected.
+BATCH_SUFFIX = ".batch"
+JOB_RE = re.compile(r"job_(\d+)")
+JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size), and bytes of requests:
+JOB_BYTES = 256 << 20  # far under Google's 2 GB per input file; one job's texts are in memory at collection
+WRITE_EVERY = 1000  # texts held before a job's files are appended to
+POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
+
+
 @dataclass
 class Job:
     """A Batch API job, as the output's manifest records it: the API's name, the file beside the
@@ -1329,97 +1027,131 @@ async def batch_embed(
     await output_queue.put(None)
 
 
-# --- Stage 4: the output logger (or, for a corpus, the output writer) -----------------
-async def log_outputs(
-    output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False, output: Any = None
-) -> None:
-    """Until the sentinel: prints one line per item, as in the document, and records outcome
-    and latency. With `output` (an open aiofiles file) the embeddings are appended to it as
-    JSONL records instead, whatever is waiting in one write and one flush, and only failures
-    are printed. A failed item is never written, so a re-run tries it again."""
-    loop = asyncio.get_running_loop()
-    ended = False
-    while not ended:
-        taken = [await output_queue.get()]
-        while not output_queue.empty():  # and whatever else is waiting: one write for them all
-            taken.append(output_queue.get_nowait())
-        ended = taken[-1] is None  # embed_content puts the sentinel after every output
-        lines = []
-        for item, result in filter(None, taken):
-            if (arrived := stats.arrived_at.pop(item.id, None)) is not None:
-                stats.latencies_s.append(loop.time() - arrived)
-            if isinstance(result, Exception):
-                stats.failed += 1
-                if not quiet:
-                    clear = CLEAR_LINE if sys.stdout.isatty() else ""  # the progress line may be there
-                    print(f"{clear}Failed: {item.id} -> {describe(result)}", flush=True)
-            elif output is not None:
-                lines.append(record_line(item, result.values or []))
-            else:
-                stats.succeeded += 1
-                if not quiet:
-                    print(f"Content: {item.text} -> Embedding: {result.values}")
-        if lines:
-            await append(output, lines)
-            stats.succeeded += len(lines)
+class EmbeddingFailed(Exception):
+    """One caller's text could not be embedded. `error` is the API's error (an
+    errors.APIError, say), shared by the batch; each caller gets its own EmbeddingFailed."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(describe(error))
+        self.error = error
+        self.__cause__ = error
 
 
-def record_line(item: Input, embedding: list[float]) -> str:
-    """The output record of an item: {"id", "text", "title"?, "metadata"?, "embedding"}, in that
-    order (a resume reads the id, text and title alone), as one line of JSON."""
-    record: dict[str, Any] = {"id": item.id, "text": item.text}
-    if item.title is not None:
-        record["title"] = item.title
-    if item.metadata:
-        record["metadata"] = item.metadata
-    record["embedding"] = embedding
-    return json.dumps(record) + "\n"
+_Request: TypeAlias = tuple[str, asyncio.Future[types.ContentEmbedding]]  # a caller's text, and its answer
 
 
-async def append(f: Any, lines: list[str]) -> None:
-    """Writes whole lines and flushes them: they reach the file before they count as done. A
-    disk error names the file (the OS's error for a write does not)."""
-    try:
-        await f.write("".join(lines).encode())
-        await f.flush()
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
+class BatchedEmbedder:
+    """Await one embedding per call; calls are batched underneath.
 
+        async with BatchedEmbedder(client, batch_size=32, timeout=timedelta(milliseconds=20)) as e:
+            embedding = await e.embed("some text")
 
-# --- Files: aiofiles, safely ----------------------------------------------------------
-@contextlib.asynccontextmanager
-async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
-    """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
-    a task cancelled while it waits loses the file: it never receives it, or its close, still
-    queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
-    the close always run to the end, and a cancellation that came meanwhile is raised after."""
-    opening = asyncio.ensure_future(aiofiles.open(path, mode))
-    if await waited_out(opening):  # cancelled: close what was opened, then stop
-        if opening.exception() is None:
-            await waited_out(asyncio.ensure_future(opening.result().close()))
-        raise asyncio.CancelledError
-    f = opening.result()
-    try:
-        yield f
-    finally:
-        closing = asyncio.ensure_future(f.close())
-        if await waited_out(closing):
-            raise asyncio.CancelledError from closing.exception()
-        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        closing.result()
+    A caller whose text failed gets EmbeddingFailed (its .error is the API's error); the others
+    in its batch still get their embeddings. A cancelled caller's text is dropped from its batch
+    if the batch has not been sent. Leaving the block flushes the last batch. If the block ends
+    with an error or a cancellation, or a worker fails, every caller still waiting gets
+    EmbeddingFailed at once. embed() outside the block raises RuntimeError.
+    """
 
+    def __init__(
+        self, client: Client, *, batch_size: int = 8, timeout: timedelta = timedelta(milliseconds=50),
+        concurrency: int = 4, model: str = "gemini-embedding-001", dimensions: int | None = None,
+        task_type: str | None = None, normalize: bool = True, adaptive: bool = False, max_attempts: int = 5,
+        request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None, tpm: float | None = None,
+    ) -> None:  # fmt: skip
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self._client = client
+        self._settings = EmbedSettings(model, dimensions, normalize, task_type)
+        self._batcher: Batcher[_Request] = Batcher(batch_size, timeout, adaptive=adaptive)
+        self._concurrency = concurrency
+        self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm, tpm=tpm)
+        self._requests: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
+        self._tasks = asyncio.TaskGroup()
+        self._open = False
+        self._waiting: set[asyncio.Future[types.ContentEmbedding]] = set()  # callers still in embed()
 
-async def waited_out(task: asyncio.Future[Any]) -> bool:
-    """Waits for task to end even through cancellations (a worker thread cannot be stopped);
-    returns whether we were cancelled meanwhile."""
-    cancelled = False
-    while not task.done():
+    async def __aenter__(self) -> BatchedEmbedder:
+        await self._tasks.__aenter__()
+        self._tasks.create_task(self._batcher.batch(self._requests, self._batches))
+        for _ in range(self._concurrency):
+            self._tasks.create_task(self._serve())
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._open = False  # from here on, embed() raises at once
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
+            if exc_type is None:
+                await self._requests.put(None)  # the batcher flushes, then the workers finish
+        except BaseException as stop:  # cancelled while flushing: a worker failed, or our owner was cancelled
+            exc_type, exc, tb = type(stop), stop, stop.__traceback__
+        try:
+            await self._tasks.__aexit__(exc_type, exc, tb)  # on an error, this cancels our tasks first
+        finally:
+            await self._fail_waiting()
+
+    async def embed(self, text: str) -> types.ContentEmbedding:
+        if not self._open:
+            raise RuntimeError("BatchedEmbedder.embed() called outside its `async with` block")
+        future: asyncio.Future[types.ContentEmbedding] = asyncio.get_running_loop().create_future()
+        self._waiting.add(future)
+        try:
+            await self._requests.put((text, future))
+            return await future  # a cancelled caller cancels its future too
+        finally:
+            self._waiting.discard(future)
+
+    async def _serve(self) -> None:
+        while (batch := await self._batches.get()) is not None:
+            if not (live := [(text, future) for text, future in batch if not future.done()]):
+                continue  # every caller of this batch was cancelled
+            texts = [text for text, _ in live]
+            results = await embed_batch(self._client, texts, settings=self._settings, retrier=self.retrier)
+            for (_, future), result in zip(live, results, strict=True):
+                if future.done():  # cancelled while in flight
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(EmbeddingFailed(result))
+                else:
+                    future.set_result(result)
+        self._batches.put_nowait(None)
+
+    async def _fail_waiting(self) -> None:
+        """Our tasks are gone: answer every caller still waiting, and make room for those
+        blocked on the full request queue (their futures have already failed) until all left."""
+        stopped = RuntimeError("BatchedEmbedder stopped before this text was embedded")
+        for future in self._waiting:
+            if not future.done():
+                future.set_exception(EmbeddingFailed(stopped))
+        while self._waiting:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._requests.get_nowait()
+            await asyncio.sleep(0)
+
+
+# === Safe re-runs: the ledger of the output, and the input formats ===
+ID_PREFIX = b'{"id": '  # how every output record starts, so a resume reads the id alone
+TEXT_AFTER_ID = ', "text": '  # and what follows the id: then the text, read without the embedding
+TITLE_AFTER_TEXT = ', "title": '  # and then, in a record of a JSONL row with a title, the title
+MANIFEST_SUFFIX = ".manifest.json"  # beside --output: the settings that shaped its records
+ID_DECODER = json.JSONDecoder()
+
+
+@dataclass
+class Resume:
+    """What an earlier run left in --output: each id with a record, and a hash of its text, so
+    that an id is done only for the same text. changed counts the ids whose text is not that
+    text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    queued: set[str] = field(default_factory=set)  # ids in a live Batch API job: passed over
+    manifest_created: bool = False  # by this run (so a refused run removes it)
+    changed: int = 0
+    first_changed: Input | None = None
 
 
 def lock_output(output: Any, path: Path) -> None:
@@ -1542,12 +1274,6 @@ async def resume_output(path: Path, config: Config) -> Resume:
     return Resume(done, manifest_created=manifest is None)
 
 
-def shown(value: Any, width: int = 60) -> str:
-    """A setting or a text in a message: JSON, cut to width characters."""
-    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def embedded_input(path: Path, item_id: str) -> Input:
     """The record of item_id in the output file (for a message: it reads the file)."""
     with path.open("rb") as f:
@@ -1575,114 +1301,663 @@ async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: in
     )
 
 
-# --- The per-caller API ---------------------------------------------------------------
-class EmbeddingFailed(Exception):
-    """One caller's text could not be embedded. `error` is the API's error (an
-    errors.APIError, say), shared by the batch; each caller gets its own EmbeddingFailed."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(describe(error))
-        self.error = error
-        self.__cause__ = error
+CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
+STDIN = Path("-")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # an --input with one of these (any case) holds JSONL rows
 
 
-_Request: TypeAlias = tuple[str, asyncio.Future[types.ContentEmbedding]]  # a caller's text, and its answer
+def parse_line(
+    raw: bytes, line_id: str, name: str, *, jsonl: bool, seen: set[str]
+) -> tuple[Input, ItemFailed | None] | None:
+    """The Input of one line read (None: a blank line), and the error that fails it, if any (not
+    UTF-8, a bad row): then its id is line_id, "<file name>:<line number>"."""
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError as exc:
+        error = ItemFailed(f"undecodable UTF-8: {exc}")
+        return Input(line_id, raw.decode(errors="backslashreplace").strip()), error
+    if not text or (not text.isprintable() and is_blank(text)):
+        return None
+    if not jsonl:
+        return Input(line_id, text), None
+    try:
+        return parse_row(text, line_id, name, seen), None
+    except (ValueError, RecursionError) as exc:
+        return Input(line_id, text), ItemFailed(f"bad JSONL row: {exc}")
 
 
-class BatchedEmbedder:
-    """Await one embedding per call; calls are batched underneath.
+def parse_row(line: str, line_id: str, name: str, seen: set[str]) -> Input:
+    """A JSONL row, {"text": ..., "id"?: ..., "title"?: ..., ...}: every other field is its
+    metadata. With no "id", the id is line_id. An id in `seen` (the run's ids so far) is a
+    duplicate; a new one is added. An id "<name>:<number>" (this file's) belongs to that line, so
+    no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
+    row = STRICT_DECODER.decode(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {shown(row)}")
+    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    text, row_id, title = row.pop("text", None), row.pop("id", line_id), row.pop("title", None)
+    if not isinstance(text, str) or is_blank(text):
+        raise ValueError('"text" must be a non-empty string')
+    if not isinstance(title, str | None):
+        raise ValueError(f'"title" must be a string, got {shown(title)}')
+    if not (isinstance(row_id, str) and row_id):
+        raise ValueError(f'"id" must be a non-empty string, got {shown(row_id)}')
+    if row_id in seen:
+        raise ValueError(f"duplicate id {shown(row_id)}: this row is not embedded")
+    row_name, _, row_number = row_id.rpartition(":")
+    if row_id != line_id and row_name == name and row_number.isdigit():
+        raise ValueError(f"id {shown(row_id)} is the id of line {row_number}: give this row another id")
+    seen.add(row_id)
+    return Input(row_id, text.strip(), title, row or None)
 
-        async with BatchedEmbedder(client, batch_size=32, timeout=timedelta(milliseconds=20)) as e:
-            embedding = await e.embed("some text")
 
-    A caller whose text failed gets EmbeddingFailed (its .error is the API's error); the others
-    in its batch still get their embeddings. A cancelled caller's text is dropped from its batch
-    if the batch has not been sent. Leaving the block flushes the last batch. If the block ends
-    with an error or a cancellation, or a worker fails, every caller still waiting gets
-    EmbeddingFailed at once. embed() outside the block raises RuntimeError.
+async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
+    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
+    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
+    tail, first = b"", True
+    while chunk := await read(CHUNK_BYTES):
+        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
+        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
+        tail += held
+        for line in lines:
+            yield line
+    if tail:
+        yield tail.removesuffix(b"\r")
+
+
+# ======================================================================================================================
+# Runtime shared by both scripts. batcher.py and pipeline.py hold this section byte for byte (a test
+# compares them), as the two clients of an HTTP library mirror each other: what differs stays outside.
+# Each script names itself in PROG, above.
+# ======================================================================================================================
+TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
+MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
+PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
+GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
+MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
+
+
+class UsageError(Exception):
+    """Bad flags or bad input: reported in one line, exit status 2."""
+
+
+class Said(Exception):
+    """An error of ours whose message says it all: describe() shows it without its type."""
+
+
+class MalformedReply(Said):
+    """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
+
+
+class ItemFailed(Said):
+    """One item that no retry can help (a blocked answer, a bad input line): it fails alone."""
+
+
+class Stopped(Said):
+    """An attempt not made because the run is stopping: its items are left for the next run."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
+    worth another try."""
+    if isinstance(exc, errors.APIError):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
+        return True
+    # httpx / httpx2 / aiohttp connection errors, matched by name so no transport is imported.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
+
+
+async def bounded(call: Awaitable[T], timeout_s: float) -> T:
+    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
+    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
+            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
+        raise
+
+
+def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
+    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
+
+
+def is_request_wide(exc: BaseException) -> bool:
+    """An error about the request as a whole (a bad key, no access, an unknown model), not
+    about one item: every other call would fail alike, so the run stops."""
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code in (401, 403, 404):
+        return True
+    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
+    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
+
+
+def daily_quota(exc: BaseException) -> str | None:
+    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
+    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    for detail in error_details(exc):
+        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
+        for violation in violations if isinstance(violations, list) else []:
+            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
+            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
+                return quota_id or "a quota of 0"
+    return None
+
+
+def stop_reason(exc: BaseException, model: str) -> str | None:
+    """Why exc stops the whole run (every other call would fail alike), or None."""
+    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
+        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
+    if (quota := daily_quota(exc)) is not None:
+        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
+    if is_request_wide(exc):
+        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
+    return None
+
+
+def server_retry_delay_s(exc: BaseException) -> float | None:
+    """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
+    if not isinstance(exc, errors.APIError):
+        return None
+    for detail in error_details(exc):
+        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
+        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
+            return float(match.group(1))
+    headers = getattr(exc.response, "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
+        return None
+
+
+def is_unparsable_reply(exc: ValueError) -> bool:
+    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
+    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
+    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an error: the API's code, status and message, or the type."""
+    if isinstance(exc, errors.APIError):
+        return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+    if isinstance(exc, (TimeoutError, Said)) and str(exc):
+        return str(exc)  # "timed out after 60 s", "blocked: SAFETY", "response is not valid JSON"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Gate:
+    """Where every call waits before it starts. A delay named by the server pauses all
+    calls, not just the one told. With rpm, call starts are at least 60/rpm seconds apart
+    across all calls; with tpm, a call starts only once the tokens of those before it are paid
+    for at tpm, and then its own estimate is owed. No burst at the start, and no start is booked
+    ahead: a waiting worker looks again whenever settle() corrects an estimate with the tokens the
+    API reported, so a smaller answer than guessed lets the next call start at once.
+    """
+
+    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self._call_gap_s = 60.0 / rpm if rpm else 0.0
+        self._token_gap_s = 60.0 / tpm if tpm else 0.0
+        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
+        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
+        self._paused_until = 0.0
+        self._moved = asyncio.Event()  # set (and replaced) when settle() moves _tokens_paid_at
+
+    def pause(self, delay_s: float) -> None:
+        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
+
+    async def wait_turn(self, tokens: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        # A loop, not one sleep: another worker may start first, pause everyone, or settle.
+        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(start):
+                    await moved.wait()
+        now = loop.time()
+        self._next_call_at = now + self._call_gap_s
+        self._tokens_paid_at = now + tokens * self._token_gap_s
+
+    def settle(self, estimated: float, used: float) -> None:
+        """Corrects what is owed by the tokens a call used beyond its estimate (or fewer), and
+        wakes the waiting workers to look again. What is owed never reaches into the past: no
+        unused budget is saved up for a burst."""
+        if self._token_gap_s and used != estimated:
+            now = asyncio.get_running_loop().time()
+            self._tokens_paid_at = max(now, self._tokens_paid_at) + (used - estimated) * self._token_gap_s
+            self._tokens_paid_at = max(now, self._tokens_paid_at)
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+
+class Retrier:
+    """Runs API calls with retries, and counts calls and retries.
+
+    Each attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy, a
+    fake), and a timed-out attempt is transient. Transient errors are retried with exponential
+    backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
+    attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
+    corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
+    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
+    instead).
     """
 
     def __init__(
-        self, client: Client, *, batch_size: int = 8, timeout: timedelta = timedelta(milliseconds=50),
-        concurrency: int = 4, model: str = "gemini-embedding-001", dimensions: int | None = None,
-        task_type: str | None = None, normalize: bool = True, adaptive: bool = False, max_attempts: int = 5,
-        request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None, tpm: float | None = None,
+        self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
+        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
     ) -> None:  # fmt: skip
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self._client = client
-        self._settings = EmbedSettings(model, dimensions, normalize, task_type)
-        self._batcher: Batcher[_Request] = Batcher(batch_size, timeout, adaptive=adaptive)
-        self._concurrency = concurrency
-        self.retrier = Retrier(max_attempts=max_attempts, request_timeout_s=request_timeout_s, rpm=rpm, tpm=tpm)
-        self._requests: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-        self._batches: asyncio.Queue[list[_Request] | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
-        self._tasks = asyncio.TaskGroup()
-        self._open = False
-        self._waiting: set[asyncio.Future[types.ContentEmbedding]] = set()  # callers still in embed()
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if not (request_timeout_s > 0 and math.isfinite(request_timeout_s)):
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.max_attempts = max_attempts
+        self.request_timeout_s = request_timeout_s
+        self.base_delay_s = base_delay_s
+        self.calls = self.retries = 0
+        self.gate = Gate(rpm=rpm, tpm=tpm)
+        self._shutdown = shutdown
 
-    async def __aenter__(self) -> BatchedEmbedder:
-        await self._tasks.__aenter__()
-        self._tasks.create_task(self._batcher.batch(self._requests, self._batches))
-        for _ in range(self._concurrency):
-            self._tasks.create_task(self._serve())
-        self._open = True
-        return self
+    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
+        for attempt in range(1, self.max_attempts + 1):
+            await self.gate.wait_turn(tokens)
+            if self._shutdown is not None and self._shutdown.requested:
+                raise Stopped("not sent: the run is stopping")
+            self.calls += 1
+            try:
+                return await bounded(fn(), self.request_timeout_s)
+            except Exception as exc:
+                if daily_quota(exc) is not None:
+                    raise  # spent for today: neither a retry nor a pause can help
+                if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
+                    self.gate.pause(delay_s)  # after a last attempt
+                if not is_transient(exc) or attempt == self.max_attempts:
+                    raise
+                backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
+                log.info("retrying after %s (attempt %d)", describe(exc), attempt)
+                self.retries += 1
+                await asyncio.sleep(random.uniform(0, backoff_s))
+        raise AssertionError("unreachable")
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._open = False  # from here on, embed() raises at once
+
+class Shutdown:
+    """The first Ctrl-C or SIGTERM: readers stop, workers take no new prompt, and calls still
+    in flight get grace_s to finish before they are abandoned (the next run redoes them).
+    Everything completed is still written; the exit status is 128 + the signal (130, 143).
+    A second signal of either kind exits at once. fail() stops the run the same way for an
+    error that concerns every call (a bad key): the exit status is then 2."""
+
+    def __init__(self, *, grace_s: float = GRACE_S) -> None:
+        self.signal: int | None = None
+        self.failure: str | None = None
+        self.requested = False  # either: an attribute, not a property, as the reader reads it per line
+        self._grace_s = grace_s
+        self._in_flight: set[asyncio.Timeout] = set()
+        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        if self.signal is not None:
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        print(f"{PROG}: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        self.signal, self.requested = signum, True
+        self._stopping.set()
+        self._end_in_flight()
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure, self.requested = message, True
+            self._stopping.set()
+            self._end_in_flight()
+
+    async def waited(self, timeout_s: float) -> bool:
+        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._stopping.wait()
+        return self.requested
+
+    def _end_in_flight(self) -> None:
+        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
+        deadline = asyncio.get_running_loop().time() + self._grace_s
+        for timeout in self._in_flight:
+            timeout.reschedule(min(deadline, timeout.when() or math.inf))
+
+    @contextlib.asynccontextmanager
+    async def abandonable(self) -> AsyncIterator[None]:
+        async with asyncio.timeout(None) as timeout:
+            self._in_flight.add(timeout)
+            try:
+                yield
+            finally:
+                self._in_flight.discard(timeout)
+
+
+@contextlib.contextmanager
+def signals_handled(shutdown: Shutdown) -> Iterator[None]:
+    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
+    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    loop = asyncio.get_running_loop()
+    for signum in signums:
+        loop.add_signal_handler(signum, shutdown.request, signum)
+    try:
+        yield
+    finally:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """ "1 item", "2 items"; "1 retry", "0 retries"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A setting or a text in a message: JSON, cut to width characters."""
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@contextlib.asynccontextmanager
+async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
+    """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
+    a task cancelled while it waits loses the file: it never receives it, or its close, still
+    queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
+    the close always run to the end, and a cancellation that came meanwhile is raised after."""
+    opening = asyncio.ensure_future(aiofiles.open(path, mode))
+    if await waited_out(opening):  # cancelled: close what was opened, then stop
+        if opening.exception() is None:
+            await waited_out(asyncio.ensure_future(opening.result().close()))
+        raise asyncio.CancelledError
+    f = opening.result()
+    try:
+        yield f
+    finally:
+        closing = asyncio.ensure_future(f.close())
+        if await waited_out(closing):
+            raise asyncio.CancelledError from closing.exception()
+        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        closing.result()
+
+
+async def waited_out(task: asyncio.Future[Any]) -> bool:
+    """Waits for task to end even through cancellations (a worker thread cannot be stopped);
+    returns whether we were cancelled meanwhile."""
+    cancelled = False
+    while not task.done():
         try:
-            if exc_type is None:
-                await self._requests.put(None)  # the batcher flushes, then the workers finish
-        except BaseException as stop:  # cancelled while flushing: a worker failed, or our owner was cancelled
-            exc_type, exc, tb = type(stop), stop, stop.__traceback__
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
+async def append(f: Any, lines: list[str]) -> None:
+    """Writes whole lines and flushes them: they reach the file before they count as done. A
+    disk error names the file (the OS's error for a write does not)."""
+    try:
+        await f.write("".join(lines).encode())
+        await f.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
+
+
+def newlines(data: bytes) -> bytes:
+    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+
+
+def is_blank(text: str) -> bool:
+    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
+    ...), which str.strip keeps: nothing to send."""
+    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN, Infinity: not JSON
+
+
+def make_client(
+    *, offline: bool, fake_latency_s: float, fake_failure_rate: float = 0.0,
+    request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20,
+) -> Client:  # fmt: skip
+    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
+    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
+    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
+    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
+    not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
+    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
+    has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
+    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
+    if offline or not (has_key or vertex):
+        return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
+    timeout_ms = math.ceil(request_timeout_s * 1000)
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
+    )
+    try:
+        return genai.Client(http_options=options)
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
+            raise
+        raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+def keep_alive(connections: int) -> dict[str, Any]:
+    """HttpOptions.async_client_args that keep `connections` idle connections open. The SDK's
+    httpx and httpx2 clients keep 20: with more calls in flight, every pause (a 429's delay)
+    closes the rest, and they reopen together, a TLS handshake each. The Limits come from the
+    client the SDK will pick (GOOGLE_GENAI_HTTP_CLIENT, else httpx2, else httpx: both are its
+    dependencies). aiohttp, which the SDK prefers when installed, keeps every one anyway."""
+    chosen = os.environ.get("GOOGLE_GENAI_HTTP_CLIENT", "").strip().lower()
+    for module_name in [chosen] if chosen in ("httpx", "httpx2") else ["httpx2", "httpx"]:
+        with contextlib.suppress(ImportError):
+            limits = importlib.import_module(module_name).Limits
+            return {"limits": limits(max_connections=None, max_keepalive_connections=connections)}
+    return {}
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
+    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
+
+
+def model_name(text: str) -> str:
+    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model name is required, got ''")
+    return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default after its help ("none": not set)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "(default: " in (action.help or ""):
+            return action.help or ""
+        return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr. On a terminal, each first clears the progress line (redrawn within
+    0.25 s), so a log line and the progress line never share a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream.isatty():
+            self.stream.write(CLEAR_LINE)
+        super().emit(record)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
+    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
+
+    def parse(text: str) -> Any:
         try:
-            await self._tasks.__aexit__(exc_type, exc, tb)  # on an error, this cancels our tasks first
-        finally:
-            await self._fail_waiting()
+            value = kind(text)
+        except ValueError:
+            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
+            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
 
-    async def embed(self, text: str) -> types.ContentEmbedding:
-        if not self._open:
-            raise RuntimeError("BatchedEmbedder.embed() called outside its `async with` block")
-        future: asyncio.Future[types.ContentEmbedding] = asyncio.get_running_loop().create_future()
-        self._waiting.add(future)
-        try:
-            await self._requests.put((text, future))
-            return await future  # a cancelled caller cancels its future too
-        finally:
-            self._waiting.discard(future)
-
-    async def _serve(self) -> None:
-        while (batch := await self._batches.get()) is not None:
-            if not (live := [(text, future) for text, future in batch if not future.done()]):
-                continue  # every caller of this batch was cancelled
-            texts = [text for text, _ in live]
-            results = await embed_batch(self._client, texts, settings=self._settings, retrier=self.retrier)
-            for (_, future), result in zip(live, results, strict=True):
-                if future.done():  # cancelled while in flight
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(EmbeddingFailed(result))
-                else:
-                    future.set_result(result)
-        self._batches.put_nowait(None)
-
-    async def _fail_waiting(self) -> None:
-        """Our tasks are gone: answer every caller still waiting, and make room for those
-        blocked on the full request queue (their futures have already failed) until all left."""
-        stopped = RuntimeError("BatchedEmbedder stopped before this text was embedded")
-        for future in self._waiting:
-            if not future.done():
-                future.set_exception(EmbeddingFailed(stopped))
-        while self._waiting:
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._requests.get_nowait()
-            await asyncio.sleep(0)
+    return parse
 
 
-# --- main -----------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions in a (nested) exception group, or [exc]."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
+    return [exc]
+
+
+# === End of the shared runtime ===
+
+# === The offline simulation ===
+SIMULATED_POLL_INTERVAL_S = 0.5
+SIMULATED_JOB_S = 2.0
+
+
+class SimulatedClient:
+    """Stands in for genai.Client offline: client.aio.models.embed_content returns a
+    real types.EmbedContentResponse with deterministic vectors after latency_s. With
+    failure_rate, that share of calls fails with a transient 503."""
+
+    def __init__(self, *, latency_s: float = 0.0, failure_rate: float = 0.0) -> None:
+        self.latency_s, self.failure_rate = latency_s, failure_rate
+        self.aio = self.models = self  # so client.aio.models.embed_content works as on genai.Client
+        self.files = self.batches = SimulatedBatchAPI()  # client.aio.files.upload, .batches.create_embeddings, ...
+
+    async def embed_content(
+        self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
+    ) -> types.EmbedContentResponse:
+        if len(contents) > MAX_BATCH_SIZE:
+            message = f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_SIZE} requests can be in one batch"
+            raise errors.ClientError(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
+        await asyncio.sleep(self.latency_s)
+        if self.failure_rate and random.random() < self.failure_rate:
+            raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
+        dimensions = (config.output_dimensionality if config else None) or 3
+        vectors = [fake_vector(text_of(content), dimensions) for content in contents]
+        return types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=vector) for vector in vectors])
+
+
+class SimulatedBatchAPI:
+    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
+    the requests in a folder of the system's temp dir, and a job, named after its creation time and
+    that copy, succeeds SIMULATED_JOB_S later, so a re-run in another process finds it."""
+
+    def __init__(self) -> None:
+        self._store = Path(tempfile.gettempdir()) / "batcher-simulated-batch-api"
+
+    async def upload(self, *, file: Path, config: Any = None) -> types.File:
+        return await asyncio.to_thread(self._keep, Path(file))
+
+    def _keep(self, path: Path) -> types.File:
+        self._store.mkdir(exist_ok=True)
+        for old in self._store.iterdir():  # those older than 48 hours go, as Google's do
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - old.stat().st_mtime > 48 * 3600:
+                    old.unlink()
+        with path.open("rb") as f:
+            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        shutil.copyfile(path, self._store / name)
+        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=path.stat().st_size)
+
+    async def create_embeddings(self, *, model: str, src: dict[str, str], config: Any = None) -> types.BatchJob:
+        name = f"batches/{time.time_ns()}-{src['file_name'].removeprefix('files/')}"
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_PENDING)
+
+    async def get(self, *, name: str) -> types.BatchJob:
+        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
+        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
+            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
+        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
+
+    async def download(self, *, file: str, destination: Any) -> None:
+        """Writes the results a chunk at a time, as the SDK does: the simulated vector of each text."""
+        lines = []
+        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
+            row = json.loads(line)
+            request = row["request"]
+            vector = fake_vector(request["content"]["parts"][0]["text"], request.get("outputDimensionality") or 3)
+            lines.append(json.dumps({"key": row["key"], "response": {"embedding": {"values": vector}}}) + "\n")
+            if len(lines) == WRITE_EVERY:
+                await destination.write("".join(lines).encode())
+                lines = []
+        await destination.write("".join(lines).encode())
+
+
+_FAKE_RNG = random.Random(0)  # its own, so --seed and the vectors do not interact
+_FAKE_VALUES = [round(_FAKE_RNG.uniform(-1, 1), 6) for _ in range(8192)]
+
+
+def text_of(content: types.Content) -> str:
+    """The text of a one-part Content, as embed_batch sends each text."""
+    return "".join(part.text or "" for part in content.parts or [])
+
+
+def fake_vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic vector in [-1, 1] for a text: the same text, the same vector, every run.
+    A slice of one fixed random sequence at an offset hashed from the text: cheap at any
+    dimension, so benchmarks measure the batcher, not the fake."""
+    start = zlib.crc32(text.encode()) % 4096
+    values = _FAKE_VALUES[start : start + dimensions]
+    while len(values) < dimensions:  # beyond 4096 dimensions: wrap around
+        values += _FAKE_VALUES[: dimensions - len(values)]
+    return values
+
+
+# === The command line ===
+
+
 @dataclass(frozen=True)
 class Config:
     """The batcher's settings: one per command-line flag, checked when made."""
@@ -1730,219 +2005,6 @@ class Config:
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         self.embedding  # noqa: B018 (checks model, dimensions and task_type)
-
-
-def check_paths(config: Config) -> None:
-    """Raises UsageError, naming the path, for an input or output that cannot work."""
-    source, output = config.input, config.output
-    if config.batch_api and (source is None or output is None):
-        raise UsageError("--batch-api embeds a corpus: give --input and --output")
-    if source is not None and source != STDIN:
-        if not source.exists():
-            raise UsageError(f"input file not found: {source}")
-        if not source.is_file():
-            raise UsageError(f"input is not a file: {source}")
-    if output is not None:
-        if not output.parent.is_dir():
-            raise UsageError(f"output folder not found: {output.parent}")
-        if output.is_dir():
-            raise UsageError(f"output is a folder, not a file: {output}")
-        if source is not None and source != STDIN and output.exists() and output.samefile(source):
-            raise UsageError(f"output is the input file: {output}")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile (0..100) of values (not empty)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def summary(
-    batcher: Batcher[Input], retrier: Retrier, stats: RunStats, *, stopped: bool, batch_api: bool = False
-) -> str:
-    """What the run did. Latency is measured in the demo, where inputs arrive over time; a corpus
-    is read as fast as the queues take it, so its summary has none. A stopped run (a bad key, a
-    spent quota, Ctrl-C) says what it leaves for the next run."""
-    lat, wall_s, counts = stats.latencies_s, time.perf_counter() - stats.started, batcher.counts
-    mean_batch = batcher.items / counts.total() if counts else 0.0
-    skipped = f", {stats.skipped} skipped (already in the output)" if stats.skipped else ""
-    latency = ""
-    if lat:
-        latency = f"item latency p50 {percentile(lat, 50):.3f}s, p99 {percentile(lat, 99):.3f}s, max {max(lat):.3f}s; "
-    lines = [
-        f"Summary: {plural(batcher.items, 'item')} in {plural(counts.total(), 'batch', 'batches')} ({counts['full']} "
-        f"full, {counts['timed out']} timed out, {counts['flushed at end']} flushed at end){skipped}",
-    ]
-    if batch_api:  # Google's Batch API made the batches
-        lines = [
-            f"Summary: {plural(stats.batch_jobs, 'Batch API job')} created, billed at the batch price (half the "
-            f"interactive one){skipped}",
-            f"  {stats.succeeded} embedded, {plural(stats.failed, 'failed item')}",
-        ]
-    else:
-        lines.append(
-            f"  mean batch size {mean_batch:.2f}, {plural(retrier.calls, 'API call')}, "
-            f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
-            f"{plural(stats.failed, 'failed item')}"
-        )
-    lines.append(f"  {latency}wall time {wall_s:.2f}s")
-    if stopped:
-        left = stats.enqueued - stats.succeeded - stats.failed
-        lines.append(f"  left for the next run: {plural(left, 'item')} read but not done, and those not read")
-    return "\n".join(lines)
-
-
-def plural(count: int, noun: str, nouns: str = "") -> str:
-    """ "1 item", "2 items"; "1 retry", "0 retries"."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
-
-
-async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
-    """Runs the four stages; returns the exit status: 0 all embedded, 1 some failed, 2 an
-    error about every request (a bad key or model), 130 or 143 interrupted. Raises
-    UsageError on bad input, or when another run holds the output file."""
-    check_paths(config)
-    if isinstance(client, SimulatedClient):
-        notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
-        print(f"batcher: {notice}", file=sys.stderr)
-    batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
-    retrier = Retrier(
-        max_attempts=config.max_attempts,
-        request_timeout_s=config.request_timeout_s,
-        rpm=config.rpm,
-        tpm=config.tpm,
-        shutdown=shutdown,
-    )
-    stats, tty = RunStats(), sys.stderr.isatty()
-    input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-    batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
-    output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-    file_errors: list[BaseException] = []  # a disk or file error: what was written stays valid
-
-    async def keep_file_error(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        """Closing the output on a full disk fails too: one line for it, after the summary."""
-        if isinstance(exc, OSError) and exc.filename not in {getattr(e, "filename", 0) for e in file_errors}:
-            file_errors.append(exc)
-        return isinstance(exc, OSError)
-
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_exit(keep_file_error)  # first in, so last out: after the output's close
-        output, resume, size = None, Resume(), 0
-        if config.output is not None:
-            try:
-                output = await stack.enter_async_context(open_file(config.output, "ab"))
-            except OSError as exc:  # a read-only file system, a dangling symlink, no permission
-                raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
-            lock_output(output, config.output)  # before reading it: another run may be writing
-            resume = await resume_output(config.output, config)
-            size = os.fstat(output.fileno()).st_size
-            if resume.done:
-                log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
-            jobs = JobBook(config.output)
-            if jobs.live and not config.batch_api:
-                raise UsageError(
-                    f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
-                    f"texts for {config.output}: run with --batch-api to collect them"
-                )
-            resume.queued = await asyncio.to_thread(queued_texts, jobs.live)
-        if config.input is None:  # the document's demo
-            source = enqueue_inputs(
-                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
-                stats=stats, shutdown=shutdown,
-            )  # fmt: skip
-        else:
-            path = None if config.input == STDIN else config.input
-            source = read_corpus(
-                path, input_queue, output_queue, jsonl=config.jsonl, resume=resume, stats=stats, shutdown=shutdown
-            )
-        stages = [source]
-        if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
-            stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
-                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown))  # fmt: skip
-        else:
-            stages.append(batcher.batch(input_queue, batch_queue))
-            stages.append(embed_content(
-                client, batch_queue, output_queue, settings=config.embedding, retrier=retrier, shutdown=shutdown,
-                concurrency=config.concurrency,
-            ))  # fmt: skip
-        # The demo prints a line per item (the document's output); with --output only failures are
-        # printed; a corpus with neither is a dry run. Without a line per item, a progress line shows.
-        per_item_lines = config.input is None and output is None
-        quiet = config.quiet or (output is None and not per_item_lines)
-        stages.append(log_outputs(output_queue, stats=stats, quiet=quiet, output=output))
-        progress = None
-        if not config.quiet and (not per_item_lines or not tty):
-            progress = asyncio.create_task(show_progress(stats, tty=tty))
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for stage in stages:
-                    tg.create_task(stage)
-        except* OSError as group:
-            file_errors += leaf_exceptions(group)
-        finally:
-            if progress is not None:
-                progress.cancel()
-        if resume.changed:
-            await refuse_changed_input(output, config.output or STDIN, resume, size)
-        if config.batch_api and not file_errors:  # the records of collected jobs are written
-            await jobs.drop_collected()
-    print(summary(batcher, retrier, stats, stopped=shutdown.requested or bool(file_errors), batch_api=config.batch_api))
-    for fault in file_errors:  # one line each, naming the file
-        print(f"batcher.py: error: {fault}", file=sys.stderr)
-    if file_errors:
-        return 1
-    if shutdown.failure is not None:
-        print(f"batcher.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
-        return 2
-    if config.batch_api and jobs.live:
-        print(f"batcher.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
-              "again to collect them", file=sys.stderr)  # fmt: skip
-    if shutdown.signal is not None:
-        return 128 + shutdown.signal
-    return 1 if stats.failed else 0
-
-
-# --- CLI ------------------------------------------------------------------------------
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and each flag's default after its help ("none": not set)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.nargs == 0 or action.default is argparse.SUPPRESS:  # a flag: on or off, said in its help
-            return action.help or ""
-        return f"{action.help} (default: {'none' if action.default is None else '%(default)s'})"
-
-
-class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Log lines on stderr. On a terminal, each first clears the progress line (redrawn within
-    0.25 s), so a log line and the progress line never share a line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.stream.isatty():
-            self.stream.write(CLEAR_LINE)
-        super().emit(record)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line naming the problem, exit status 2 (argparse's default adds the usage)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
-    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
-            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    return parse
 
 
 def task_type(text: str) -> str:
@@ -2003,10 +2065,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return make_parser().parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
@@ -2045,13 +2103,6 @@ def run_cli(argv: list[str] | None = None) -> int:
         for fault in faults:  # a disk or file error: say which, in one line
             print(f"batcher.py: error: {fault}", file=sys.stderr)
         return 1
-
-
-def leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    """The exceptions in a (nested) exception group, or [exc]."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
-    return [exc]
 
 
 if __name__ == "__main__":

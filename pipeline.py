@@ -58,11 +58,12 @@ import aiofiles
 from google import genai
 from google.genai import errors, types
 
-log = logging.getLogger("pipeline")
-
-CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
+PROG = "pipeline"  # in messages; the shared runtime (below) names the script by it
+log = logging.getLogger(PROG)
 MAX_WRITE_BATCH = 1000  # records a writer takes from its queue for one write + flush
-GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+# Records per shard by default. The document's demo uses 5; a real job of 100k prompts would then
+# make 20,000 files (and fill a small disk's inodes), so thousands it is: --shard-size 5 shows it.
+SHARD_SIZE = 2000
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run. A long
 # answer with thinking can take a few minutes: 300 s leaves room for that and still ends a hang.
 REQUEST_TIMEOUT_S = 300.0
@@ -70,73 +71,15 @@ REQUEST_TIMEOUT_S = 300.0
 # minutes, so its default is longer (a 503 when Google sheds the load is retried as ever).
 FLEX_REQUEST_TIMEOUT_S = 900.0
 SERVICE_TIERS = ("flex", "standard", "priority")  # types.ServiceTier, as the SDK has them
-MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
-CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
-PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 # --tpm's guess of an answer's tokens before any is seen: small, so no worker is held back for an
 # answer nobody has seen yet (a 500-token guess spread 16 workers' first starts over 200 s at tpm
 # 2400); the reported usage corrects it at once, and then the mean of the answers seen is used.
 OUTPUT_TOKENS_GUESS = 20
-INPUT_SUFFIXES = (".txt", ".jsonl", ".ndjson")  # in any case: UPPER.TXT too
-BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
-BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
-# The ASCII characters that str.strip keeps but no one can see: a block without them (and all
-# ASCII) needs no per-line check for lines of only invisible characters.
-INVISIBLE = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
-MAX_NESTING = 100  # a JSONL row nested deeper fails alone (990 levels: a RecursionError on 3.11)
-# Records per shard by default. The document's demo uses 5; a real job of 100k prompts would then
-# make 20,000 files (and fill a small disk's inodes), so thousands it is: --shard-size 5 shows it.
-SHARD_SIZE = 2000
-SHARD_NAME = "shard_{:05d}.jsonl"
-SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
-ERRORS_NAME = "errors.jsonl"
-MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Resume)
-LOCK_NAME = ".lock"
-# --batch-api: each live job's prompts wait in outputs/batch/ until its results are written.
-BATCH_DIR = "batch"
-JOB_RE = re.compile(r"job_(\d+)")
-# A job holds up to this many prompts (--batch-job-size) and this many bytes of requests: far
-# under Google's 2 GB per input file, and small enough that one job's prompts fit in memory as
-# its results are matched to them, and that a failed job costs little to resubmit.
-JOB_PROMPTS = 20_000
-JOB_BYTES = 256 << 20
-WRITE_EVERY = 1000  # prompts held before a job's files are appended to
-POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
-SIMULATED_POLL_INTERVAL_S = 0.5
-SIMULATED_JOB_S = 2.0  # how long a simulated job takes
-JOB_ENDED = frozenset(
-    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
-     "JOB_STATE_EXPIRED"}
-)  # fmt: skip
-# The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
-RECORDED_SETTINGS = (
-    "model", "system_instruction", "json_schema", "temperature", "max_output_tokens", "thinking_level",
-    "thinking_budget", "service_tier",
-)  # fmt: skip
-THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
-TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
-VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
-# Finish reasons of an answer that was withheld, not merely cut short.
-BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
 
 T = TypeVar("T")
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.generate_content
 
 
-class UsageError(Exception):
-    """Bad flags or bad input: reported in one line, exit status 2."""
-
-
-class MalformedReply(Exception):
-    """A reply we cannot use (not JSON, the wrong shape, no answer): retried like a 503."""
-
-
-class Blocked(Exception):
-    """The model gave no answer for this prompt (a safety block, say): not retried."""
-
-
-# --- Records --------------------------------------------------------------------------
 # (id, text, metadata). The id is the JSONL line's "id", else "<file name>:<line number>",
 # stable across runs. A plain tuple: the reader makes a million a second.
 Prompt: TypeAlias = tuple[str, str, dict[str, Any] | None]
@@ -172,698 +115,9 @@ class Result:
         return json_line(record)
 
 
-def json_line(record: dict[str, Any]) -> str:
-    """One JSONL line of strict JSON: no NaN or Infinity (other parsers reject them), and the
-    characters that line-splitting readers (JavaScript, str.splitlines) take for line ends escaped."""
-    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+# === The document: the three stages, in its order, and main() ===
 
-
-def strict_json(text: str | bytes) -> Any:
-    """json.loads, refusing NaN, Infinity and -Infinity, which are not JSON. (One decoder made
-    once: json.loads with any option makes a new one per call, 10% of the --json-schema run.)"""
-    return STRICT_DECODER.decode(text if isinstance(text, str) else text.decode())
-
-
-def refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)
-
-
-@dataclass
-class Stats:
-    """Counts shared by every stage; the summary and the progress line read them."""
-
-    read: int = 0  # prompts the readers read (non-blank lines), skipped ones included
-    skipped: int = 0  # already done in an earlier run
-    succeeded: int = 0
-    failed: int = 0
-    retries: int = 0
-    in_flight: int = 0  # prompts in a worker's hands
-    calls: int = 0  # calls made, answered or not
-    input_tokens: int = 0  # of every answered call, retries included: what is billed
-    output_tokens: int = 0
-    thinking_tokens: int = 0
-    answers: int = 0  # answered calls
-    batch_jobs: int = 0  # Batch API jobs created (--batch-api): their tokens are billed at half price
-    batch_api: bool = False
-    started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
-
-    def summary(self, errors_held: int, *, stopped: bool) -> str:
-        wall_s = time.perf_counter() - self.started
-        done = self.succeeded + self.failed
-        thinking = f", {self.thinking_tokens} thinking" if self.thinking_tokens else ""
-        lines = [
-            f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped "
-            f"({'already done, or in a recorded batch job' if self.batch_api else 'already done'}), "
-            f"{self.succeeded} succeeded, {self.failed} failed, {plural(self.retries, 'retry', 'retries')}",
-            f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking}; "
-            + (
-                f"{plural(self.batch_jobs, 'Batch API job')} created, {self.answers} answers, billed at the batch "
-                "price (half the interactive one)"
-                if self.batch_api
-                else f"{plural(self.calls, 'call')}, {self.answers} answered"
-            ),
-            f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
-            f"{plural(errors_held, 'failed prompt')} in {ERRORS_NAME}",
-        ]
-        if stopped:  # a bad key, a spent quota, Ctrl-C
-            left = self.read - self.skipped - done
-            lines.append(f"  left for the next run: {plural(left, 'prompt')} read but not done, and those not read")
-        return "\n".join(lines)
-
-
-def plural(count: int, noun: str, nouns: str = "") -> str:
-    """ "1 prompt", "2 prompts"; "1 retry", "0 retries"."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
-
-
-@dataclass(frozen=True)
-class Config:
-    """The pipeline's settings: one per command-line flag, checked when made."""
-
-    inputs: Path = Path("inputs")
-    outputs: Path = Path("outputs")
-    workers: int = 5
-    readers: int = 1
-    writers: int = 1
-    queue_size: int = 5
-    shard_size: int = SHARD_SIZE
-    max_attempts: int = 5
-    request_timeout_s: float = REQUEST_TIMEOUT_S
-    base_delay_s: float = 0.5
-    rpm: float | None = None
-    tpm: float | None = None
-    model: str = "gemini-flash-latest"
-    system_instruction: str | None = None
-    temperature: float | None = None
-    max_output_tokens: int | None = None
-    thinking_level: str | None = None
-    thinking_budget: int | None = None
-    json_schema: dict[str, Any] | None = None
-    service_tier: str | None = None  # None: the API's default (standard)
-    retry_errors: bool = False
-    word_count: bool = False
-    batch_api: bool = False  # stage 2 through Google's Batch API: see batch_generate
-    batch_job_size: int = JOB_PROMPTS
-    poll_interval_s: float = POLL_INTERVAL_S
-    batch_cancel: bool = False
-    quiet: bool = False  # no per-item lines, and no progress line
-
-    def __post_init__(self) -> None:
-        counts = ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens",
-                  "batch_job_size")  # fmt: skip
-        for name in counts:
-            if (value := getattr(self, name)) is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("request_timeout_s", "rpm", "tpm", "poll_interval_s"):
-            if (value := getattr(self, name)) is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise ValueError(f"temperature must be 0..2, got {self.temperature}")
-        if self.thinking_budget is not None and self.thinking_budget < -1:
-            raise ValueError(f"thinking_budget must be >= -1 (-1: the model decides), got {self.thinking_budget}")
-        if self.thinking_level not in (None, *THINKING_LEVELS):
-            raise ValueError(f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, got {self.thinking_level!r}")
-        if self.thinking_level is not None and self.thinking_budget is not None:  # the API rejects both at once
-            raise ValueError("thinking_level and thinking_budget cannot both be set: choose one")
-        if self.batch_api and (self.service_tier is not None or self.word_count):
-            raise ValueError("batch_api takes neither service_tier (it is a price of its own) nor word_count")
-
-    def generation(self) -> types.GenerateContentConfig | None:
-        """The one GenerateContentConfig every call shares, or None for the model's defaults."""
-        thinking = None
-        if self.thinking_level is not None or self.thinking_budget is not None:
-            level = None if self.thinking_level is None else types.ThinkingLevel(self.thinking_level.upper())
-            thinking = types.ThinkingConfig(thinking_level=level, thinking_budget=self.thinking_budget)
-        settings: dict[str, Any] = {
-            "system_instruction": self.system_instruction, "temperature": self.temperature,
-            "max_output_tokens": self.max_output_tokens, "thinking_config": thinking,
-            "response_mime_type": None if self.json_schema is None else "application/json",
-            "response_json_schema": self.json_schema, "service_tier": self.service_tier,
-        }  # fmt: skip
-        settings = {name: value for name, value in settings.items() if value is not None}
-        return types.GenerateContentConfig(**settings) if settings else None
-
-    def recorded(self) -> dict[str, Any]:
-        """The settings that shape the records, kept in the manifest: a resumed run must use the
-        same ones. Settings that only shape the run (workers, rpm, shard size, ...) are not here."""
-        return {name: getattr(self, name) for name in RECORDED_SETTINGS}
-
-
-# --- Faults, pacing and shutdown ------------------------------------------------------
-def is_transient(exc: BaseException) -> bool:
-    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
-    worth another try."""
-    if isinstance(exc, errors.APIError):
-        return exc.code in TRANSIENT_CODES
-    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
-        return True
-    names = {cls.__name__ for cls in type(exc).__mro__}  # httpx, httpx2, aiohttp, unimported
-    return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
-
-
-def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
-    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
-    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    details = body.get("details") if isinstance(body, dict) else None
-    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
-
-
-def is_request_wide(exc: BaseException) -> bool:
-    """An error about the request as a whole (a bad key, no access, an unknown model), not
-    about one prompt: every other call would fail alike, so the run stops."""
-    if not isinstance(exc, errors.APIError):
-        return False
-    if exc.code in (401, 403, 404):
-        return True
-    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
-    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
-
-
-def daily_quota(exc: BaseException) -> str | None:
-    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
-    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
-    if not isinstance(exc, errors.APIError) or exc.code != 429:
-        return None
-    for detail in error_details(exc):
-        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
-        for violation in violations if isinstance(violations, list) else []:
-            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
-            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
-                return quota_id or "a quota of 0"
-    return None
-
-
-def stop_reason(exc: BaseException, model: str) -> str | None:
-    """Why exc stops the whole run (every other call would fail alike), or None."""
-    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
-        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
-    if (quota := daily_quota(exc)) is not None:
-        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
-    if is_request_wide(exc):
-        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
-    return None
-
-
-def server_retry_delay_s(exc: BaseException) -> float | None:
-    """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
-    if not isinstance(exc, errors.APIError):
-        return None
-    for detail in error_details(exc):
-        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
-        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
-            return float(match.group(1))
-    headers = getattr(exc.response, "headers", None)
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
-        return None
-
-
-def is_unparsable_reply(exc: ValueError) -> bool:
-    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
-    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
-    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
-
-
-def model_name(text: str) -> str:
-    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("a model name is required, got ''")
-    return text
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an error: the API's code, status and message, or the type."""
-    if isinstance(exc, errors.APIError):
-        return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
-    if isinstance(exc, (TimeoutError, Blocked, MalformedReply)) and str(exc):
-        return str(exc)  # "timed out after 300 s", "blocked: SAFETY", "response is not valid JSON"
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def bounded(call: Awaitable[T], timeout_s: float) -> T:
-    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
-    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await call
-    except Exception as exc:
-        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
-            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
-        raise
-
-
-class Gate:
-    """Where every worker waits before each call. A delay named by the server pauses all
-    workers, not just the one told. With rpm, call starts are at least 60/rpm seconds apart
-    across all workers; with tpm, a call starts only once the tokens of those before it are paid
-    for at tpm, and then its own estimate is owed. No burst at the start, and no start is booked
-    ahead: a waiting worker looks again whenever settle() corrects an estimate with the tokens the
-    API reported, so a smaller answer than guessed lets the next call start at once.
-    """
-
-    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
-        self._call_gap_s = 60.0 / rpm if rpm else 0.0
-        self._token_gap_s = 60.0 / tpm if tpm else 0.0
-        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
-        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
-        self._paused_until = 0.0
-        self._moved = asyncio.Event()  # set (and replaced) when settle() moves _tokens_paid_at
-
-    def pause(self, delay_s: float) -> None:
-        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
-
-    async def wait_turn(self, tokens: float = 0.0) -> None:
-        loop = asyncio.get_running_loop()
-        # A loop, not one sleep: another worker may start first, pause everyone, or settle.
-        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():
-            moved = self._moved
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(start):
-                    await moved.wait()
-        now = loop.time()
-        self._next_call_at = now + self._call_gap_s
-        self._tokens_paid_at = now + tokens * self._token_gap_s
-
-    def settle(self, estimated: float, used: float) -> None:
-        """Corrects what is owed by the tokens a call used beyond its estimate (or fewer), and
-        wakes the waiting workers to look again. What is owed never reaches into the past: no
-        unused budget is saved up for a burst."""
-        if self._token_gap_s and used != estimated:
-            now = asyncio.get_running_loop().time()
-            self._tokens_paid_at = max(now, self._tokens_paid_at) + (used - estimated) * self._token_gap_s
-            self._tokens_paid_at = max(now, self._tokens_paid_at)
-            self._moved.set()
-            self._moved = asyncio.Event()
-
-
-class Shutdown:
-    """The first Ctrl-C or SIGTERM: readers stop, workers take no new prompt, and calls still
-    in flight get grace_s to finish before they are abandoned (the next run redoes them).
-    Everything completed is still written; the exit status is 128 + the signal (130, 143).
-    A second signal of either kind exits at once. fail() stops the run the same way for an
-    error that concerns every prompt (a bad key): the exit status is then 2."""
-
-    def __init__(self, *, grace_s: float = GRACE_S) -> None:
-        self.signal: int | None = None
-        self.failure: str | None = None
-        self.requested = False  # either: an attribute, not a property, as the reader reads it per line
-        self._grace_s = grace_s
-        self._in_flight: set[asyncio.Timeout] = set()
-        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
-
-    def request(self, signum: int = signal.SIGINT) -> None:
-        if self.signal is not None:
-            sys.stdout.flush()
-            os._exit(128 + signum)
-        name = signal.Signals(signum).name
-        print(f"pipeline: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
-        self.signal, self.requested = signum, True
-        self._stopping.set()
-        self._end_in_flight()
-
-    def fail(self, message: str) -> None:
-        if self.failure is None:
-            self.failure, self.requested = message, True
-            self._stopping.set()
-            self._end_in_flight()
-
-    async def waited(self, timeout_s: float) -> bool:
-        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._stopping.wait()
-        return self.requested
-
-    def _end_in_flight(self) -> None:
-        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
-        deadline = asyncio.get_running_loop().time() + self._grace_s
-        for timeout in self._in_flight:
-            timeout.reschedule(min(deadline, timeout.when() or math.inf))
-
-    @contextlib.asynccontextmanager
-    async def abandonable(self) -> AsyncIterator[None]:
-        async with asyncio.timeout(None) as timeout:
-            self._in_flight.add(timeout)
-            try:
-                yield
-            finally:
-                self._in_flight.discard(timeout)
-
-
-@contextlib.contextmanager
-def signals_handled(shutdown: Shutdown) -> Iterator[None]:
-    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
-    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    loop = asyncio.get_running_loop()
-    for signum in signums:
-        loop.add_signal_handler(signum, shutdown.request, signum)
-    try:
-        yield
-    finally:
-        for signum in signums:
-            loop.remove_signal_handler(signum)
-
-
-# --- The simulated client -------------------------------------------------------------
-class SimulatedClient:
-    """Stands in for genai.Client offline: client.aio.models.generate_content returns a real
-    types.GenerateContentResponse after latency_s, with usage (characters / 4 as tokens).
-    "What is two times N?" is answered 2N; with a JSON schema, a small instance of it.
-    With failure_rate, that share of calls fails with a transient 503."""
-
-    def __init__(self, *, latency_s: float = 0.0, failure_rate: float = 0.0) -> None:
-        self.latency_s = latency_s
-        self.failure_rate = failure_rate
-        self.aio = self.models = self  # so client.aio.models.generate_content works as on genai.Client
-        self.files = self.batches = SimulatedBatchAPI(self)  # client.aio.files.upload, .batches.create, ...
-        self._template: tuple[Any, str] | None = None  # (schema, its JSON answer with a placeholder)
-
-    async def generate_content(
-        self, *, model: str, contents: str, config: types.GenerateContentConfig | None = None
-    ) -> types.GenerateContentResponse:
-        await asyncio.sleep(self.latency_s)
-        if self.failure_rate and random.random() < self.failure_rate:
-            raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
-        json_output = config is not None and config.response_mime_type == "application/json"
-        text = self.answer(contents, config.response_json_schema if json_output and config else None, json_output)
-        system = str(config.system_instruction or "") if config is not None else ""
-        usage = {"prompt_token_count": -(-len(contents + system) // 4), "candidates_token_count": -(-len(text) // 4)}
-        # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
-        candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
-        return types.GenerateContentResponse.model_validate({"candidates": [candidate], "usage_metadata": usage})
-
-    def answer(self, contents: str, schema: Any, json_output: bool) -> str:
-        match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
-        text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
-        return self.json_answer(schema, text) if json_output else text
-
-    def json_answer(self, schema: Any, text: str) -> str:
-        """fake_instance(schema, text) as JSON, from a template made once per schema, so the
-        simulation's own cost stays out of the benchmarks."""
-        if self._template is None or self._template[0] is not schema:
-            self._template = (schema, json.dumps(fake_instance(schema, "\0")))
-        return self._template[1].replace('"\\u0000"', json.dumps(text))
-
-
-class SimulatedBatchAPI:
-    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
-    the requests in a folder of the system's temp dir, and a job, named after its creation time
-    and that copy, succeeds SIMULATED_JOB_S later. Nothing lives in memory, so a re-run in
-    another process finds the jobs of the first one. download answers each request as
-    generate_content would."""
-
-    def __init__(self, client: SimulatedClient) -> None:
-        self._client = client
-        self._store = Path(tempfile.gettempdir()) / "pipeline-simulated-batch-api"
-
-    async def upload(self, *, file: Path, config: Any = None) -> types.File:
-        name, size = await asyncio.to_thread(self._keep, Path(file))
-        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=size)
-
-    def _keep(self, path: Path) -> tuple[str, int]:
-        """Stores a copy of an upload under its hash; those older than 48 hours go, as Google's do."""
-        self._store.mkdir(exist_ok=True)
-        for old in self._store.iterdir():
-            with contextlib.suppress(FileNotFoundError):  # another run may remove it first
-                if time.time() - old.stat().st_mtime > 48 * 3600:
-                    old.unlink()
-        with path.open("rb") as f:
-            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
-        shutil.copyfile(path, self._store / name)
-        return name, path.stat().st_size
-
-    async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
-        return types.BatchJob(
-            name=f"batches/{time.time_ns()}-{src.removeprefix('files/')}", state=types.JobState.JOB_STATE_PENDING
-        )
-
-    async def get(self, *, name: str) -> types.BatchJob:
-        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
-        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
-            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
-        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
-        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
-
-    async def cancel(self, *, name: str) -> None:
-        pass
-
-    async def download(self, *, file: str, destination: Any) -> None:
-        """Writes the results a chunk at a time, as the SDK does."""
-        lines = []
-        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
-            row = json.loads(line)
-            request, schema = row["request"], row["request"].get("generationConfig", {}).get("responseJsonSchema")
-            contents = request["contents"][0]["parts"][0]["text"]
-            json_output = request.get("generationConfig", {}).get("responseMimeType") == "application/json"
-            text = self._client.answer(contents, schema, json_output)
-            system = request.get("systemInstruction", {}).get("parts", [{}])[0].get("text", "")
-            usage = {"promptTokenCount": -(-len(contents + system) // 4), "candidatesTokenCount": -(-len(text) // 4)}
-            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
-            response = {"candidates": [candidate], "usageMetadata": usage}
-            lines.append(json.dumps({"key": row["key"], "response": response}) + "\n")
-            if len(lines) == WRITE_EVERY:
-                await destination.write("".join(lines).encode())
-                lines = []
-        await destination.write("".join(lines).encode())
-
-
-def fake_instance(schema: Any, text: str) -> Any:
-    """A small value that matches a JSON schema: the answer text for strings, the first enum."""
-    schema = schema if isinstance(schema, dict) else {}
-    if "enum" in schema:
-        return schema["enum"][0]
-    kind = schema.get("type", "object" if "properties" in schema else "string")
-    if kind == "object":
-        return {name: fake_instance(sub, text) for name, sub in schema.get("properties", {"answer": {}}).items()}
-    if kind == "array":
-        return [fake_instance(schema.get("items"), text)]
-    return {"integer": 0, "number": 0.0, "boolean": False, "null": None}.get(kind, text)
-
-
-def make_client(
-    *, offline: bool, fake_latency_s: float, fake_failure_rate: float, request_timeout_s: float = REQUEST_TIMEOUT_S,
-    connections: int = 20,
-) -> Client:  # fmt: skip
-    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
-    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
-    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
-    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
-    not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
-    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
-    has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
-    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
-    if offline or not (has_key or vertex):
-        return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
-    timeout_ms = math.ceil(request_timeout_s * 1000)
-    options = types.HttpOptions(
-        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
-    )
-    try:
-        return genai.Client(http_options=options)
-    except Exception as exc:
-        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
-            raise
-        raise UsageError(f"cannot make the Gemini client: {exc}") from None
-
-
-def keep_alive(connections: int) -> dict[str, Any]:
-    """HttpOptions.async_client_args that keep `connections` idle connections open. The SDK's
-    httpx and httpx2 clients keep 20: with more calls in flight, every pause (a 429's delay)
-    closes the rest, and they reopen together, a TLS handshake each. The Limits come from the
-    client the SDK will pick (GOOGLE_GENAI_HTTP_CLIENT, else httpx2, else httpx: both are its
-    dependencies). aiohttp, which the SDK prefers when installed, keeps every one anyway."""
-    chosen = os.environ.get("GOOGLE_GENAI_HTTP_CLIENT", "").strip().lower()
-    for module_name in [chosen] if chosen in ("httpx", "httpx2") else ["httpx2", "httpx"]:
-        with contextlib.suppress(ImportError):
-            limits = importlib.import_module(module_name).Limits
-            return {"limits": limits(max_connections=None, max_keepalive_connections=connections)}
-    return {}
-
-
-def is_auth_error(exc: BaseException) -> bool:
-    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
-    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
-
-
-# --- Stage 1: the input readers -------------------------------------------------------
-def input_files(input_dir: Path) -> list[Path]:
-    """The .txt, .jsonl and .ndjson files of the input folder (any case), in name order. Hidden
-    files (".#notes.txt" from Emacs, "._notes.txt" from macOS) are left out, and counted in a line."""
-    paths = sorted(path for path in input_dir.iterdir() if path.suffix.lower() in INPUT_SUFFIXES and path.is_file())
-    if hidden := sum(path.name.startswith(".") for path in paths):
-        log.warning("skipping %d hidden file%s (names starting with '.')", hidden, "" if hidden == 1 else "s")
-    return [path for path in paths if not path.name.startswith(".")]
-
-
-def is_jsonl(path: Path) -> bool:
-    return path.suffix.lower() in (".jsonl", ".ndjson")
-
-
-@contextlib.asynccontextmanager
-async def open_file(path: Path, mode: Literal["rb", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
-    """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
-    a task cancelled while it waits loses the file: it never receives it, or its close, still
-    queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
-    the close always run to the end, and a cancellation that came meanwhile is raised after."""
-    opening = asyncio.ensure_future(aiofiles.open(path, mode))
-    if await waited_out(opening):  # cancelled: close what was opened, then stop
-        if opening.exception() is None:
-            await waited_out(asyncio.ensure_future(opening.result().close()))
-        raise asyncio.CancelledError
-    f = opening.result()
-    try:
-        yield f
-    finally:
-        closing = asyncio.ensure_future(f.close())
-        if await waited_out(closing):
-            raise asyncio.CancelledError from closing.exception()
-        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        closing.result()
-
-
-async def waited_out(task: asyncio.Future[Any]) -> bool:
-    """Waits for task to end even through cancellations (a worker thread cannot be stopped);
-    returns whether we were cancelled meanwhile."""
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
-
-
-async def read_blocks(path: Path) -> AsyncIterator[bytes]:
-    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last line end,
-    through aiofiles: one thread hop per chunk, not per line. A line ends with "\n", "\r\n" or a
-    lone "\r" (old Mac files); each becomes "\n". A leading UTF-8 BOM (Windows editors, Excel
-    exports) is dropped."""
-    async with open_file(path, "rb") as f:
-        tail, first = b"", True
-        while chunk := await f.read(CHUNK_BYTES):
-            data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
-            end = len(data) - data.endswith(b"\r")  # a last "\r" may be half of "\r\n": keep it for later
-            cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1  # 0: a line longer than a chunk
-            if cut:
-                yield newlines(data[:cut])[:-1]  # without the last line end, "\n" now
-            tail = data[cut:]
-        if tail:
-            yield newlines(tail).removesuffix(b"\n")
-
-
-def newlines(data: bytes) -> bytes:
-    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
-
-
-def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, str]]:
-    """The block's lines, and by line number the errors of those that are not UTF-8."""
-    try:
-        return block.decode().split("\n"), {}  # the fast path: the whole block is UTF-8
-    except UnicodeDecodeError:
-        lines, bad = [], {}
-        for number, raw in enumerate(block.split(b"\n"), first_number):
-            try:
-                lines.append(raw.decode())
-            except UnicodeDecodeError as exc:
-                lines.append(raw.decode(errors="backslashreplace"))
-                bad[number] = f"undecodable UTF-8: {exc}"
-        return lines, bad
-
-
-def nested_deeper(value: Any, limit: int) -> bool:
-    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        if children and level > limit:
-            return True
-        stack.extend((child, level + 1) for child in children)
-    return False
-
-
-def is_blank(text: str) -> bool:
-    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
-    ...), which str.strip keeps: nothing a model could answer."""
-    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
-
-
-def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[str | None, str, dict[str, Any] | None]:
-    """A JSONL input line: its "id" (or None), its "prompt", and every other field as
-    metadata. An id in `seen` (the run's ids so far) is a duplicate; a new one is added. An id
-    "<name>:<number>" with a name in `reserved` (the input files) is the id of that file's line,
-    so no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
-    row = strict_json(line)
-    if not isinstance(row, dict):
-        raise ValueError(f"not a JSON object: {line[:60]!r}")
-    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
-        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
-    prompt, row_id = row.pop("prompt", None), row.pop("id", None)
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError('"prompt" must be a non-empty string')
-    if row_id is not None:
-        if not (isinstance(row_id, str) and row_id):
-            raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
-        if row_id in seen:
-            raise ValueError(f"duplicate id {row_id!r}: this line is not run")
-        name, _, number = row_id.rpartition(":")
-        if name in reserved and number.isdigit():
-            raise ValueError(f"id {row_id!r} is the id of line {number} of {name}: give this row another id")
-        seen.add(row_id)
-    return row_id, prompt, row or None
-
-
-PromptLine: TypeAlias = tuple[str, str, dict[str, Any] | None, str | None]  # id, text, metadata, error
-
-
-def parse_lines(
-    name: str, lines: list[str], first_number: int, bad: dict[int, str], *, jsonl: bool, seen: set[str],
-    reserved: Collection[str], invisible: bool = True,
-) -> Iterator[PromptLine]:  # fmt: skip
-    """The non-blank lines of a block as (id, text, metadata, error). The id is the JSONL row's
-    "id", else "<file name>:<line number>". A line that cannot be run (not UTF-8, a bad JSONL
-    row) keeps its "<file>:<line>" id and its text as read, and says why in error. A line of
-    only invisible characters is blank; invisible=False says the block has none (see INVISIBLE)."""
-    for number, text in enumerate(map(str.strip, lines), first_number):
-        if not text or (invisible and not text.isprintable() and is_blank(text)):
-            continue
-        prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
-        if jsonl and error is None:
-            try:
-                row_id, text, metadata = parse_jsonl(text, seen, reserved)
-                prompt_id = row_id or prompt_id
-            except (ValueError, RecursionError) as exc:
-                error = f"bad JSONL line: {exc}"
-        yield prompt_id, text, metadata, error
-
-
-async def read_prompts(path: Path, *, seen: set[str], reserved: Collection[str]) -> AsyncIterator[Iterator[PromptLine]]:
-    """The file's prompts (see parse_lines), one iterator per block of lines: the reader and the
-    resume check read the inputs alike. Take each iterator to its end before the next. A JSONL
-    file that is a JSON array is one bad line, not a bad line per element."""
-    name, number, jsonl = path.name, 0, is_jsonl(path)
-    async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
-        async for block in blocks:
-            # The whole block is decoded at once; a line at a time reads 18% slower (bench.py, reader).
-            lines, bad = decode_lines(block, number + 1)
-            if jsonl and not number and (first := next((line for line in lines if line.strip()), "")).startswith("["):
-                error = "the file is a JSON array; JSONL needs one JSON object per line (the file is not run)"
-                yield iter([(f"{name}:{lines.index(first) + 1}", first.strip(), None, error)])
-                return
-            # One pass a block, not a check a line (a regex search here took 2 ms per MiB; this 0.5).
-            invisible = not block.isascii() or len(block.translate(None, INVISIBLE)) < len(block)
-            yield parse_lines(
-                name, lines, number + 1, bad, jsonl=jsonl, seen=seen, reserved=reserved, invisible=invisible
-            )
-            number += len(lines)
+# --- Stage 1: the input readers ---
 
 
 async def read_inputs(
@@ -908,161 +162,41 @@ async def read_inputs(
         await input_queue.put(None)
 
 
-# --- Stage 2: the content generators --------------------------------------------------
-def count_usage(response: types.GenerateContentResponse, stats: Stats) -> dict[str, int] | None:
-    """The tokens one answered call used, added to the run's totals (retries are billed too)."""
-    meta = response.usage_metadata
-    if meta is None:
-        return None
-    return add_usage(meta.prompt_token_count, meta.candidates_token_count, meta.thoughts_token_count, stats)
+async def read_prompts(path: Path, *, seen: set[str], reserved: Collection[str]) -> AsyncIterator[Iterator[PromptLine]]:
+    """The file's prompts (see parse_lines), one iterator per block of lines: the reader and the
+    resume check read the inputs alike. Take each iterator to its end before the next. A JSONL
+    file that is a JSON array is one bad line, not a bad line per element."""
+    name, number, jsonl = path.name, 0, is_jsonl(path)
+    async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
+        async for block in blocks:
+            # The whole block is decoded at once; a line at a time reads 18% slower (bench.py, reader).
+            lines, bad = decode_lines(block, number + 1)
+            if jsonl and not number and (first := next((line for line in lines if line.strip()), "")).startswith("["):
+                error = "the file is a JSON array; JSONL needs one JSON object per line (the file is not run)"
+                yield iter([(f"{name}:{lines.index(first) + 1}", first.strip(), None, error)])
+                return
+            # One pass a block, not a check a line (a regex search here took 2 ms per MiB; this 0.5).
+            invisible = not block.isascii() or len(block.translate(None, INVISIBLE)) < len(block)
+            yield parse_lines(
+                name, lines, number + 1, bad, jsonl=jsonl, seen=seen, reserved=reserved, invisible=invisible
+            )
+            number += len(lines)
 
 
-def add_usage(
-    input_tokens: int | None, output_tokens: int | None, thinking: int | None, stats: Stats
-) -> dict[str, int]:
-    usage = {"input_tokens": input_tokens or 0, "output_tokens": output_tokens or 0}
-    if thinking:
-        usage["thinking_tokens"] = thinking
-    stats.input_tokens += usage["input_tokens"]
-    stats.output_tokens += usage["output_tokens"]
-    stats.thinking_tokens += usage.get("thinking_tokens", 0)
-    stats.answers += 1
-    return usage
+def input_files(input_dir: Path) -> list[Path]:
+    """The .txt, .jsonl and .ndjson files of the input folder (any case), in name order. Hidden
+    files (".#notes.txt" from Emacs, "._notes.txt" from macOS) are left out, and counted in a line."""
+    paths = sorted(path for path in input_dir.iterdir() if path.suffix.lower() in INPUT_SUFFIXES and path.is_file())
+    if hidden := sum(path.name.startswith(".") for path in paths):
+        log.warning("skipping %d hidden file%s (names starting with '.')", hidden, "" if hidden == 1 else "s")
+    return [path for path in paths if not path.name.startswith(".")]
 
 
-def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -> tuple[Any, str | None]:
-    """The answer (parsed JSON with json_output, else text) and its finish reason when that is
-    not STOP (MAX_TOKENS, say: the text is kept, cut short). Raises Blocked for a blocked
-    prompt or answer, MalformedReply for a reply with no usable answer."""
-    feedback = response.prompt_feedback
-    block = feedback.block_reason.name if feedback is not None and feedback.block_reason is not None else None
-    candidate = response.candidates[0] if response.candidates else None
-    reason = candidate.finish_reason.name if candidate is not None and candidate.finish_reason else None
-    return answer_of(block, reason, response.text if candidate is not None else None, json_output=json_output)
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".ndjson")
 
 
-def answer_of(
-    block: str | None, reason: str | None, answer: str | None, *, json_output: bool
-) -> tuple[Any, str | None]:
-    """read_answer's verdict on a reply's block reason, finish reason and text (see read_answer)."""
-    if block is not None:
-        raise Blocked(f"blocked: {block}")
-    if reason in BLOCKED_REASONS:
-        raise Blocked(f"blocked: {reason}")
-    if answer is None:
-        if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
-            raise Blocked(f"no answer: finish reason {reason}")  # e.g. MAX_TOKENS spent on thinking
-        raise MalformedReply("no answer in the reply")
-    if json_output:
-        try:
-            answer = strict_json(answer)
-        except (ValueError, RecursionError):
-            raise MalformedReply("response is not valid JSON") from None  # a new sample may parse
-    return answer, reason if reason not in (None, "STOP") else None
-
-
-async def generate_one(
-    client: Client, prompt: Prompt, *, config: Config, generation: types.GenerateContentConfig | None, gate: Gate,
-    stats: Stats, shutdown: Shutdown,
-) -> Result | None:  # fmt: skip
-    """Calls the model for one prompt, each attempt bounded by config.request_timeout_s,
-    retrying transient errors; failures come back as data. An error about the request as a
-    whole (a bad key or model) calls shutdown.fail and returns None: the prompt is left for
-    the next run."""
-    prompt_id, text, metadata = prompt
-    estimate = 0.0
-    if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
-        expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
-        expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
-        estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
-    for attempt in range(1, config.max_attempts + 1):
-        await gate.wait_turn(estimate)
-        stats.calls += 1
-        used = 0
-        try:
-            call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
-            try:
-                response = await bounded(call, config.request_timeout_s)
-            except ValueError as exc:
-                if not is_unparsable_reply(exc):
-                    raise  # raised before sending ("model is required."): a fault of the call, not the reply
-                raise MalformedReply(f"unreadable reply: {exc}") from exc
-            usage = count_usage(response, stats)
-            used = sum(usage.values()) if usage else 0
-            answer, reason = read_answer(response, json_output=config.json_schema is not None)
-            return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
-        except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, (errors.APIError, Blocked)) or is_auth_error(exc)):
-                raise  # a bug, not a fault of this prompt: let it surface
-            if (reason := stop_reason(exc, config.model)) is not None:
-                shutdown.fail(reason)
-                return None
-            if (delay_s := server_retry_delay_s(exc)) is not None:
-                gate.pause(delay_s)  # first: the delay holds every worker, even after a last attempt
-            if not is_transient(exc) or attempt == config.max_attempts:
-                refused = isinstance(exc, errors.APIError) and not is_transient(exc)
-                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, refused=refused)
-            stats.retries += 1
-            log.info("%s: retrying after %s", prompt_id, describe(exc))
-            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
-        finally:
-            gate.settle(estimate, used)
-    raise AssertionError("unreachable")
-
-
-class FailingAlike:
-    """Stops a run whose calls all fail alike: a setting the model rejects (a thinking budget on a
-    model without one, say) fails every prompt with one same 400, so recording each as failed
-    would only have to be undone. Until a call succeeds, failures are held back; when the first
-    `limit` answered calls all failed with one same API error, the run stops (shutdown.fail,
-    quoting it) and they are left for the next run. Any other outcome releases them as usual."""
-
-    def __init__(self, limit: int, *, shutdown: Shutdown) -> None:
-        self._limit = limit
-        self._shutdown = shutdown
-        self._held: list[Result] = []
-        self._deciding = True
-
-    def take(self, result: Result) -> list[Result]:
-        """The failures to record now, given one more outcome."""
-        if self._deciding and result.refused and all(held.error == result.error for held in self._held):
-            self._held.append(result)
-            if len(self._held) == self._limit:
-                self._shutdown.fail(f"the first {self._limit} calls all failed alike: {result.error}")
-            return []
-        failed = [result] if result.error is not None else []
-        return failed if not self._deciding else self.release() + failed
-
-    def release(self) -> list[Result]:
-        """What is held, unless the run stopped for it; from here on, failures are not held."""
-        self._deciding, held, self._held = False, self._held, []
-        return held if len(held) < self._limit else []
-
-
-def count_words(text: str) -> int:
-    """CPU work for the process pool (the document's Going Further)."""
-    return len(text.split())
-
-
-def ignore_interrupts() -> None:
-    """In each pool process: a terminal's Ctrl-C reaches the whole process group, but the
-    parent handles it (drain, summary); a worker killed by it would break the pool. The
-    process starts with them blocked (see count_words_in): any that came meanwhile are dropped."""
-    for signum in INTERRUPTS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
-
-
-async def count_words_in(pool: Executor, text: str) -> int:
-    """count_words(text) in the pool. A submit may start a pool process, which imports this
-    script (a second) before ignore_interrupts runs: SIGINT and SIGTERM are blocked while it is
-    started, so it inherits them blocked, and a Ctrl-C meanwhile cannot kill it."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-    try:
-        future = asyncio.get_running_loop().run_in_executor(pool, count_words, text)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile is handled now
-    return await future
+# --- Stage 2: the content generators ---
 
 
 async def generate_content(
@@ -1113,7 +247,461 @@ async def generate_content(
     await error_queue.put(None)
 
 
-# --- Stage 2 with --batch-api: submit, wait, collect ----------------------------------
+async def generate_one(
+    client: Client, prompt: Prompt, *, config: Config, generation: types.GenerateContentConfig | None, gate: Gate,
+    stats: Stats, shutdown: Shutdown,
+) -> Result | None:  # fmt: skip
+    """Calls the model for one prompt, each attempt bounded by config.request_timeout_s,
+    retrying transient errors; failures come back as data. An error about the request as a
+    whole (a bad key or model) calls shutdown.fail and returns None: the prompt is left for
+    the next run."""
+    prompt_id, text, metadata = prompt
+    estimate = 0.0
+    if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
+        expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
+        expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
+        estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
+    for attempt in range(1, config.max_attempts + 1):
+        await gate.wait_turn(estimate)
+        stats.calls += 1
+        used = 0
+        try:
+            call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
+            try:
+                response = await bounded(call, config.request_timeout_s)
+            except ValueError as exc:
+                if not is_unparsable_reply(exc):
+                    raise  # raised before sending ("model is required."): a fault of the call, not the reply
+                raise MalformedReply(f"unreadable reply: {exc}") from exc
+            usage = count_usage(response, stats)
+            used = sum(usage.values()) if usage else 0
+            answer, reason = read_answer(response, json_output=config.json_schema is not None)
+            return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, (errors.APIError, ItemFailed)) or is_auth_error(exc)):
+                raise  # a bug, not a fault of this prompt: let it surface
+            if (reason := stop_reason(exc, config.model)) is not None:
+                shutdown.fail(reason)
+                return None
+            if (delay_s := server_retry_delay_s(exc)) is not None:
+                gate.pause(delay_s)  # first: the delay holds every worker, even after a last attempt
+            if not is_transient(exc) or attempt == config.max_attempts:
+                refused = isinstance(exc, errors.APIError) and not is_transient(exc)
+                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, refused=refused)
+            stats.retries += 1
+            log.info("%s: retrying after %s", prompt_id, describe(exc))
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
+        finally:
+            gate.settle(estimate, used)
+    raise AssertionError("unreachable")
+
+
+# --- Stage 3: the output writers ---
+
+
+async def write_outputs(
+    output_dir: Path, output_queue: asyncio.Queue[Result | None], *, shard_size: int = SHARD_SIZE,
+    shard_numbers: Iterator[int], stats: Stats, quiet: bool = False,
+) -> None:  # fmt: skip
+    """One writer: appends records to shards of at most shard_size lines until its sentinel.
+
+    Each writer owns the shards it starts, numbered from the shared shard_numbers, and starts
+    one only for a record (no shard is empty) with "xb" (it never overwrites a file). A shard
+    stays open across batches: a batch costs one write and one flush, not an open and a close.
+    """
+    async with contextlib.AsyncExitStack() as shard:
+        f: Any = None
+        path, lines_in_shard = output_dir, shard_size
+        while True:
+            results, ended = await take_available(output_queue)
+            data: list[str] = []
+            for result in results:
+                if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
+                    if f is not None:
+                        await append(f, data)
+                        data = []
+                        await shard.aclose()
+                    path = output_dir / SHARD_NAME.format(next(shard_numbers))
+                    f, lines_in_shard = await shard.enter_async_context(open_file(path, "xb")), 0
+                data.append(result.json_line())
+                lines_in_shard += 1
+                if not quiet:
+                    log.info("wrote %s to %s", result.id, path.name)
+            if data:
+                try:
+                    await append(f, data)
+                except OSError:  # a full disk: a shard that got nothing is not left behind
+                    await asyncio.to_thread(remove_if_empty, path)
+                    raise
+            stats.succeeded += len(results)
+            if ended:
+                return
+
+
+async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats) -> None:
+    """The only task that writes errors.jsonl: appends one line per failed prompt."""
+    async with open_file(output_dir / ERRORS_NAME, "ab") as f:
+        while True:
+            results, ended = await take_available(error_queue)
+            if results:
+                await append(f, [result.json_line() for result in results])
+                stats.failed += len(results)
+                for result in results:
+                    log.info("failed: %s -> %s", result.id, result.error)
+            if ended:
+                return
+
+
+async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Result], bool]:
+    """Waits for one item, then takes what is already waiting (up to MAX_WRITE_BATCH).
+    Returns the items and whether the sentinel came."""
+    item = await queue.get()
+    items: list[Result] = []
+    while item is not None:
+        items.append(item)
+        if queue.empty() or len(items) == MAX_WRITE_BATCH:
+            return items, False
+        item = queue.get_nowait()
+    return items, True
+
+
+def remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
+
+
+# --- main: wires the stages ---
+
+
+async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
+    """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed, 2 an
+    error about every request (a bad key or model), 130 or 143 interrupted. Raises
+    UsageError on bad input, or when another run holds the output folder."""
+    stats = Stats(batch_api=config.batch_api)  # its clock starts here: the resume scan is part of the run
+    files = check_paths(config)
+    if isinstance(client, SimulatedClient):
+        notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
+        print(f"pipeline: {notice}", file=sys.stderr)
+    with locked(config.outputs):
+        # Every check comes before any change: a refused run leaves the folder as it was.
+        resume, manifest = await asyncio.to_thread(open_outputs, config)
+        jobs = JobBook(config.outputs, manifest)
+        if config.batch_cancel:
+            return await cancel_jobs(client, jobs)
+        if jobs.live and not config.batch_api:
+            raise UsageError(
+                f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
+                f"{config.outputs}: run with --batch-api to collect them, or --batch-cancel"
+            )
+        resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
+        await check_inputs(files, resume, config.outputs)
+        await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
+        if config.batch_api:
+            (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
+        if resume.done or resume.failed:
+            log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
+        gate = Gate(rpm=config.rpm, tpm=config.tpm)
+        input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
+        output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+        error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+        shard_numbers = itertools.count(resume.next_shard)
+        spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
+        pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
+        tty = sys.stderr.isatty()
+        progress = None
+        if not config.quiet:
+            progress = asyncio.create_task(
+                show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
+            )
+        if config.batch_api:  # the one stage that changes: submit, wait, collect
+            generator = batch_generate(
+                client,
+                input_queue,
+                output_queue,
+                error_queue=error_queue,
+                config=config,
+                jobs=jobs,
+                done=resume.done,
+                stats=stats,
+                shutdown=shutdown,
+            )
+        else:
+            generator = generate_content(
+                client,
+                input_queue,
+                output_queue,
+                error_queue=error_queue,
+                config=config,
+                gate=gate,
+                stats=stats,
+                shutdown=shutdown,
+                word_count_pool=pool,
+            )
+        stages = [
+            read_inputs(
+                files, input_queue, error_queue=error_queue, readers=config.readers,
+                consumers=1 if config.batch_api else config.workers, resume=resume, stats=stats, shutdown=shutdown,
+            ),
+            generator,
+            *(write_outputs(
+                config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
+                quiet=config.quiet,
+            ) for _ in range(config.writers)),
+            write_errors(config.outputs, error_queue, stats=stats),
+        ]  # fmt: skip
+        file_errors: list[BaseException] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for stage in stages:
+                    tg.create_task(stage)
+        except* OSError as group:  # a disk or file error stopped the run; what was written stays valid
+            file_errors = leaf_exceptions(group)
+        finally:
+            if progress is not None:
+                progress.cancel()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        if not file_errors:  # the results of collected jobs are written: the jobs leave the manifest
+            await jobs.drop_collected()
+        done: Collection[str] = resume.done
+        if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
+            done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
+        # Errors of ids no longer in the inputs go, once the readers have met every input.
+        gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
+        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
+    print(stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)))
+    for fault in file_errors:  # one line each, naming the file
+        print(f"pipeline.py: error: {fault}", file=sys.stderr)
+    if file_errors:
+        return 1
+    if shutdown.failure is not None:
+        print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
+        return 2
+    if jobs.live:
+        print(
+            f"pipeline.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
+            "again to collect them (or --batch-cancel to stop them)", file=sys.stderr,
+        )  # fmt: skip
+    if shutdown.signal is not None:
+        return 128 + shutdown.signal
+    return 1 if errors_held else 0
+
+
+@dataclass
+class Stats:
+    """Counts shared by every stage; the summary and the progress line read them."""
+
+    read: int = 0  # prompts the readers read (non-blank lines), skipped ones included
+    skipped: int = 0  # already done in an earlier run
+    succeeded: int = 0
+    failed: int = 0
+    retries: int = 0
+    in_flight: int = 0  # prompts in a worker's hands
+    calls: int = 0  # calls made, answered or not
+    input_tokens: int = 0  # of every answered call, retries included: what is billed
+    output_tokens: int = 0
+    thinking_tokens: int = 0
+    answers: int = 0  # answered calls
+    batch_jobs: int = 0  # Batch API jobs created (--batch-api): their tokens are billed at half price
+    batch_api: bool = False
+    started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
+
+    def summary(self, errors_held: int, *, stopped: bool) -> str:
+        wall_s = time.perf_counter() - self.started
+        done = self.succeeded + self.failed
+        thinking = f", {self.thinking_tokens} thinking" if self.thinking_tokens else ""
+        lines = [
+            f"Summary: {plural(self.read, 'prompt')} read, {self.skipped} skipped "
+            f"({'already done, or in a recorded batch job' if self.batch_api else 'already done'}), "
+            f"{self.succeeded} succeeded, {self.failed} failed, {plural(self.retries, 'retry', 'retries')}",
+            f"  tokens: {self.input_tokens} input, {self.output_tokens} output{thinking}; "
+            + (
+                f"{plural(self.batch_jobs, 'Batch API job')} created, {self.answers} answers, billed at the batch "
+                "price (half the interactive one)"
+                if self.batch_api
+                else f"{plural(self.calls, 'call')}, {self.answers} answered"
+            ),
+            f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
+            f"{plural(errors_held, 'failed prompt')} in {ERRORS_NAME}",
+        ]
+        if stopped:  # a bad key, a spent quota, Ctrl-C
+            left = self.read - self.skipped - done
+            lines.append(f"  left for the next run: {plural(left, 'prompt')} read but not done, and those not read")
+        return "\n".join(lines)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line of strict JSON: no NaN or Infinity (other parsers reject them), and the
+    characters that line-splitting readers (JavaScript, str.splitlines) take for line ends escaped."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+
+
+async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: JobBook | None = None) -> None:
+    """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
+    flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
+    PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence."""
+    total = await asyncio.to_thread(count_lines, files)
+    try:
+        while True:
+            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
+            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
+            eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
+            line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
+            if jobs is not None:  # --batch-api: the jobs' states instead
+                states = Counter(state.removeprefix("JOB_STATE_").lower() for state in jobs.states.values())
+                shown_states = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none yet"
+                line = f"batch jobs: {shown_states}; {elapsed:.0f}s elapsed; {done} done, {stats.failed} failed"
+            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
+    finally:
+        if tty:
+            print(file=sys.stderr)
+
+
+def count_lines(files: list[Path]) -> int:
+    """Lines in all the files (for the ETA), read a chunk at a time."""
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(CHUNK_BYTES), b""))
+    return total
+
+
+def check_paths(config: Config) -> list[Path]:
+    """The input files, after checking the input and output folders. Raises UsageError."""
+    if not config.inputs.is_dir():
+        problem = "is a file" if config.inputs.exists() else "not found"
+        raise UsageError(f"input folder {problem}: {config.inputs}")
+    if config.outputs.resolve().is_relative_to(config.inputs.resolve()):
+        raise UsageError(f"the output folder is inside the input folder: {config.outputs} (a re-run would read it)")
+    files = input_files(config.inputs)
+    if not files:
+        raise UsageError(f"no .txt, .jsonl or .ndjson files in the input folder: {config.inputs}")
+    try:
+        config.outputs.mkdir(parents=True, exist_ok=True)
+        probe = config.outputs / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output folder is not a writable folder: {config.outputs} ({exc.strerror})") from None
+    return files
+
+
+@contextlib.contextmanager
+def locked(output_dir: Path) -> Iterator[None]:
+    """An exclusive OS lock on the output folder for the whole run: a second run on it is
+    refused at once. The OS releases the lock however the process ends (kill -9 too)."""
+    with (output_dir / LOCK_NAME).open("ab") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another run is using the output folder {output_dir}") from None
+        yield
+
+
+def count_usage(response: types.GenerateContentResponse, stats: Stats) -> dict[str, int] | None:
+    """The tokens one answered call used, added to the run's totals (retries are billed too)."""
+    meta = response.usage_metadata
+    if meta is None:
+        return None
+    return add_usage(meta.prompt_token_count, meta.candidates_token_count, meta.thoughts_token_count, stats)
+
+
+def add_usage(
+    input_tokens: int | None, output_tokens: int | None, thinking: int | None, stats: Stats
+) -> dict[str, int]:
+    usage = {"input_tokens": input_tokens or 0, "output_tokens": output_tokens or 0}
+    if thinking:
+        usage["thinking_tokens"] = thinking
+    stats.input_tokens += usage["input_tokens"]
+    stats.output_tokens += usage["output_tokens"]
+    stats.thinking_tokens += usage.get("thinking_tokens", 0)
+    stats.answers += 1
+    return usage
+
+
+# Finish reasons of an answer that was withheld, not merely cut short.
+BLOCKED_REASONS = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+
+
+def read_answer(response: types.GenerateContentResponse, *, json_output: bool) -> tuple[Any, str | None]:
+    """The answer (parsed JSON with json_output, else text) and its finish reason when that is
+    not STOP (MAX_TOKENS, say: the text is kept, cut short). Raises ItemFailed for a blocked
+    prompt or answer, MalformedReply for a reply with no usable answer."""
+    feedback = response.prompt_feedback
+    block = feedback.block_reason.name if feedback is not None and feedback.block_reason is not None else None
+    candidate = response.candidates[0] if response.candidates else None
+    reason = candidate.finish_reason.name if candidate is not None and candidate.finish_reason else None
+    return answer_of(block, reason, response.text if candidate is not None else None, json_output=json_output)
+
+
+def answer_of(
+    block: str | None, reason: str | None, answer: str | None, *, json_output: bool
+) -> tuple[Any, str | None]:
+    """read_answer's verdict on a reply's block reason, finish reason and text (see read_answer)."""
+    if block is not None:
+        raise ItemFailed(f"blocked: {block}")
+    if reason in BLOCKED_REASONS:
+        raise ItemFailed(f"blocked: {reason}")
+    if answer is None:
+        if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
+            raise ItemFailed(f"no answer: finish reason {reason}")  # e.g. MAX_TOKENS spent on thinking
+        raise MalformedReply("no answer in the reply")
+    if json_output:
+        try:
+            answer = strict_json(answer)
+        except (ValueError, RecursionError):
+            raise MalformedReply("response is not valid JSON") from None  # a new sample may parse
+    return answer, reason if reason not in (None, "STOP") else None
+
+
+class FailingAlike:
+    """Stops a run whose calls all fail alike: a setting the model rejects (a thinking budget on a
+    model without one, say) fails every prompt with one same 400, so recording each as failed
+    would only have to be undone. Until a call succeeds, failures are held back; when the first
+    `limit` answered calls all failed with one same API error, the run stops (shutdown.fail,
+    quoting it) and they are left for the next run. Any other outcome releases them as usual."""
+
+    def __init__(self, limit: int, *, shutdown: Shutdown) -> None:
+        self._limit = limit
+        self._shutdown = shutdown
+        self._held: list[Result] = []
+        self._deciding = True
+
+    def take(self, result: Result) -> list[Result]:
+        """The failures to record now, given one more outcome."""
+        if self._deciding and result.refused and all(held.error == result.error for held in self._held):
+            self._held.append(result)
+            if len(self._held) == self._limit:
+                self._shutdown.fail(f"the first {self._limit} calls all failed alike: {result.error}")
+            return []
+        failed = [result] if result.error is not None else []
+        return failed if not self._deciding else self.release() + failed
+
+    def release(self) -> list[Result]:
+        """What is held, unless the run stopped for it; from here on, failures are not held."""
+        self._deciding, held, self._held = False, self._held, []
+        return held if len(held) < self._limit else []
+
+
+# === Modes: the Batch API stage, and the word-count pool ===
+# --batch-api: each live job's prompts wait in outputs/batch/ until its results are written.
+BATCH_DIR = "batch"
+JOB_RE = re.compile(r"job_(\d+)")
+# A job holds up to this many prompts (--batch-job-size) and this many bytes of requests: far
+# under Google's 2 GB per input file, and small enough that one job's prompts fit in memory as
+# its results are matched to them, and that a failed job costs little to resubmit.
+JOB_PROMPTS = 20_000
+JOB_BYTES = 256 << 20
+WRITE_EVERY = 1000  # prompts held before a job's files are appended to
+POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
+
+
 @dataclass
 class Job:
     """A Batch API job, as the manifest records it: the API's name, the file in the output
@@ -1256,7 +844,7 @@ def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats
         block = (response.get("promptFeedback") or {}).get("blockReason")
         answer, reason = answer_of(block, candidate.get("finishReason"), "".join(texts) if texts else None,
                                    json_output=json_output)  # fmt: skip
-    except (Blocked, MalformedReply) as exc:
+    except (ItemFailed, MalformedReply) as exc:
         return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, usage=usage)
     return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
 
@@ -1414,90 +1002,72 @@ async def batch_generate(
     await error_queue.put(None)
 
 
-# --- Stage 3: the output writers ------------------------------------------------------
-async def take_available(queue: asyncio.Queue[Result | None]) -> tuple[list[Result], bool]:
-    """Waits for one item, then takes what is already waiting (up to MAX_WRITE_BATCH).
-    Returns the items and whether the sentinel came."""
-    item = await queue.get()
-    items: list[Result] = []
-    while item is not None:
-        items.append(item)
-        if queue.empty() or len(items) == MAX_WRITE_BATCH:
-            return items, False
-        item = queue.get_nowait()
-    return items, True
+def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
+    """The ids of the prompts in live jobs, each with a hash of its prompt (see check_inputs)."""
+    queued: dict[str, int] = {}
+    for job in live:
+        with (output_dir / job.prompts).open("rb") as f:
+            for line in f:
+                row = strict_json(line)
+                queued[row["id"]] = hash(row["prompt"])
+    return queued
 
 
-async def write_outputs(
-    output_dir: Path, output_queue: asyncio.Queue[Result | None], *, shard_size: int = SHARD_SIZE,
-    shard_numbers: Iterator[int], stats: Stats, quiet: bool = False,
-) -> None:  # fmt: skip
-    """One writer: appends records to shards of at most shard_size lines until its sentinel.
-
-    Each writer owns the shards it starts, numbered from the shared shard_numbers, and starts
-    one only for a record (no shard is empty) with "xb" (it never overwrites a file). A shard
-    stays open across batches: a batch costs one write and one flush, not an open and a close.
-    """
-    async with contextlib.AsyncExitStack() as shard:
-        f: Any = None
-        path, lines_in_shard = output_dir, shard_size
-        while True:
-            results, ended = await take_available(output_queue)
-            data: list[str] = []
-            for result in results:
-                if lines_in_shard == shard_size:  # the shard is full, or none is started: start one
-                    if f is not None:
-                        await append(f, data)
-                        data = []
-                        await shard.aclose()
-                    path = output_dir / SHARD_NAME.format(next(shard_numbers))
-                    f, lines_in_shard = await shard.enter_async_context(open_file(path, "xb")), 0
-                data.append(result.json_line())
-                lines_in_shard += 1
-                if not quiet:
-                    log.info("wrote %s to %s", result.id, path.name)
-            if data:
-                try:
-                    await append(f, data)
-                except OSError:  # a full disk: a shard that got nothing is not left behind
-                    await asyncio.to_thread(remove_if_empty, path)
-                    raise
-            stats.succeeded += len(results)
-            if ended:
-                return
+async def cancel_jobs(client: Client, jobs: JobBook) -> int:
+    """--batch-cancel: cancels every recorded job and forgets it; its prompts go in the next run."""
+    for job in jobs.live:
+        try:
+            await client.aio.batches.cancel(name=job.name)
+            print(f"cancelled {job.name}")
+        except errors.APIError as exc:  # ended already, say: forgotten all the same
+            print(f"{job.name}: {describe(exc)}; forgotten")
+    jobs.collected = list(jobs.live)
+    await jobs.drop_collected()
+    return 0
 
 
-async def append(f: Any, lines: list[str]) -> None:
-    """Writes whole lines and flushes them: they reach the file before they count as done. A
-    disk error names the file (the OS's error for a write does not)."""
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
+
+
+def count_words(text: str) -> int:
+    """CPU work for the process pool (the document's Going Further)."""
+    return len(text.split())
+
+
+def ignore_interrupts() -> None:
+    """In each pool process: a terminal's Ctrl-C reaches the whole process group, but the
+    parent handles it (drain, summary); a worker killed by it would break the pool. The
+    process starts with them blocked (see count_words_in): any that came meanwhile are dropped."""
+    for signum in INTERRUPTS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
+async def count_words_in(pool: Executor, text: str) -> int:
+    """count_words(text) in the pool. A submit may start a pool process, which imports this
+    script (a second) before ignore_interrupts runs: SIGINT and SIGTERM are blocked while it is
+    started, so it inherits them blocked, and a Ctrl-C meanwhile cannot kill it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
-        await f.write("".join(lines).encode())
-        await f.flush()
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
+        future = asyncio.get_running_loop().run_in_executor(pool, count_words, text)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile is handled now
+    return await future
 
 
-def remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.stat().st_size == 0:
-            path.unlink()
+# === Safe re-runs: the ledger of the output folder, and the input formats ===
+SHARD_NAME = "shard_{:05d}.jsonl"
+SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
+ERRORS_NAME = "errors.jsonl"
+MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Resume)
+LOCK_NAME = ".lock"
+# The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
+RECORDED_SETTINGS = (
+    "model", "system_instruction", "json_schema", "temperature", "max_output_tokens", "thinking_level",
+    "thinking_budget", "service_tier",
+)  # fmt: skip
 
 
-async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats) -> None:
-    """The only task that writes errors.jsonl: appends one line per failed prompt."""
-    async with open_file(output_dir / ERRORS_NAME, "ab") as f:
-        while True:
-            results, ended = await take_available(error_queue)
-            if results:
-                await append(f, [result.json_line() for result in results])
-                stats.failed += len(results)
-                for result in results:
-                    log.info("failed: %s -> %s", result.id, result.error)
-            if ended:
-                return
-
-
-# --- Resume ---------------------------------------------------------------------------
 @dataclass
 class Resume:
     """What earlier runs left in the output folder. done and failed map each id to a hash of
@@ -1598,12 +1168,6 @@ def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def shown(value: Any, width: int = 60) -> str:
-    """A setting or a prompt in a message: JSON, cut to width characters."""
-    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
     """What the output folder holds, and the manifest this run will write. Refuses (UsageError)
     files that are not ours, and settings that differ from those of the records already there.
@@ -1689,208 +1253,537 @@ def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str
     return len(latest)
 
 
-# --- main -----------------------------------------------------------------------------
-def check_paths(config: Config) -> list[Path]:
-    """The input files, after checking the input and output folders. Raises UsageError."""
-    if not config.inputs.is_dir():
-        problem = "is a file" if config.inputs.exists() else "not found"
-        raise UsageError(f"input folder {problem}: {config.inputs}")
-    if config.outputs.resolve().is_relative_to(config.inputs.resolve()):
-        raise UsageError(f"the output folder is inside the input folder: {config.outputs} (a re-run would read it)")
-    files = input_files(config.inputs)
-    if not files:
-        raise UsageError(f"no .txt, .jsonl or .ndjson files in the input folder: {config.inputs}")
+def strict_json(text: str | bytes) -> Any:
+    """json.loads, refusing NaN, Infinity and -Infinity, which are not JSON. (One decoder made
+    once: json.loads with any option makes a new one per call, 10% of the --json-schema run.)"""
+    return STRICT_DECODER.decode(text if isinstance(text, str) else text.decode())
+
+
+CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
+INPUT_SUFFIXES = (".txt", ".jsonl", ".ndjson")  # in any case: UPPER.TXT too
+# The ASCII characters that str.strip keeps but no one can see: a block without them (and all
+# ASCII) needs no per-line check for lines of only invisible characters.
+INVISIBLE = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
+
+
+async def read_blocks(path: Path) -> AsyncIterator[bytes]:
+    """The file in blocks of whole lines, about CHUNK_BYTES each, without the last line end,
+    through aiofiles: one thread hop per chunk, not per line. A line ends with "\n", "\r\n" or a
+    lone "\r" (old Mac files); each becomes "\n". A leading UTF-8 BOM (Windows editors, Excel
+    exports) is dropped."""
+    async with open_file(path, "rb") as f:
+        tail, first = b"", True
+        while chunk := await f.read(CHUNK_BYTES):
+            data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+            end = len(data) - data.endswith(b"\r")  # a last "\r" may be half of "\r\n": keep it for later
+            cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1  # 0: a line longer than a chunk
+            if cut:
+                yield newlines(data[:cut])[:-1]  # without the last line end, "\n" now
+            tail = data[cut:]
+        if tail:
+            yield newlines(tail).removesuffix(b"\n")
+
+
+def decode_lines(block: bytes, first_number: int) -> tuple[list[str], dict[int, str]]:
+    """The block's lines, and by line number the errors of those that are not UTF-8."""
     try:
-        config.outputs.mkdir(parents=True, exist_ok=True)
-        probe = config.outputs / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"output folder is not a writable folder: {config.outputs} ({exc.strerror})") from None
-    return files
+        return block.decode().split("\n"), {}  # the fast path: the whole block is UTF-8
+    except UnicodeDecodeError:
+        lines, bad = [], {}
+        for number, raw in enumerate(block.split(b"\n"), first_number):
+            try:
+                lines.append(raw.decode())
+            except UnicodeDecodeError as exc:
+                lines.append(raw.decode(errors="backslashreplace"))
+                bad[number] = f"undecodable UTF-8: {exc}"
+        return lines, bad
+
+
+def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[str | None, str, dict[str, Any] | None]:
+    """A JSONL input line: its "id" (or None), its "prompt", and every other field as
+    metadata. An id in `seen` (the run's ids so far) is a duplicate; a new one is added. An id
+    "<name>:<number>" with a name in `reserved` (the input files) is the id of that file's line,
+    so no row may take it. Raises ValueError (RecursionError: nested too deep) naming what is wrong."""
+    row = strict_json(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {line[:60]!r}")
+    if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    prompt, row_id = row.pop("prompt", None), row.pop("id", None)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError('"prompt" must be a non-empty string')
+    if row_id is not None:
+        if not (isinstance(row_id, str) and row_id):
+            raise ValueError(f'"id" must be a non-empty string, got {row_id!r}')
+        if row_id in seen:
+            raise ValueError(f"duplicate id {row_id!r}: this line is not run")
+        name, _, number = row_id.rpartition(":")
+        if name in reserved and number.isdigit():
+            raise ValueError(f"id {row_id!r} is the id of line {number} of {name}: give this row another id")
+        seen.add(row_id)
+    return row_id, prompt, row or None
+
+
+PromptLine: TypeAlias = tuple[str, str, dict[str, Any] | None, str | None]  # id, text, metadata, error
+
+
+def parse_lines(
+    name: str, lines: list[str], first_number: int, bad: dict[int, str], *, jsonl: bool, seen: set[str],
+    reserved: Collection[str], invisible: bool = True,
+) -> Iterator[PromptLine]:  # fmt: skip
+    """The non-blank lines of a block as (id, text, metadata, error). The id is the JSONL row's
+    "id", else "<file name>:<line number>". A line that cannot be run (not UTF-8, a bad JSONL
+    row) keeps its "<file>:<line>" id and its text as read, and says why in error. A line of
+    only invisible characters is blank; invisible=False says the block has none (see INVISIBLE)."""
+    for number, text in enumerate(map(str.strip, lines), first_number):
+        if not text or (invisible and not text.isprintable() and is_blank(text)):
+            continue
+        prompt_id, metadata, error = f"{name}:{number}", None, bad.get(number) if bad else None
+        if jsonl and error is None:
+            try:
+                row_id, text, metadata = parse_jsonl(text, seen, reserved)
+                prompt_id = row_id or prompt_id
+            except (ValueError, RecursionError) as exc:
+                error = f"bad JSONL line: {exc}"
+        yield prompt_id, text, metadata, error
+
+
+# ======================================================================================================================
+# Runtime shared by both scripts. batcher.py and pipeline.py hold this section byte for byte (a test
+# compares them), as the two clients of an HTTP library mirror each other: what differs stays outside.
+# Each script names itself in PROG, above.
+# ======================================================================================================================
+TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+VERTEX_AI_SWITCHES = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE")  # the SDK's own
+MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
+PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
+GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
+MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
+
+
+class UsageError(Exception):
+    """Bad flags or bad input: reported in one line, exit status 2."""
+
+
+class Said(Exception):
+    """An error of ours whose message says it all: describe() shows it without its type."""
+
+
+class MalformedReply(Said):
+    """A reply we cannot use (not JSON, the wrong shape, the wrong count): retried like a 503."""
+
+
+class ItemFailed(Said):
+    """One item that no retry can help (a blocked answer, a bad input line): it fails alone."""
+
+
+class Stopped(Said):
+    """An attempt not made because the run is stopping: its items are left for the next run."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """429, 408 and 5xx API errors, timeouts, connection errors and malformed replies are
+    worth another try."""
+    if isinstance(exc, errors.APIError):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, (OSError, TimeoutError, MalformedReply)):
+        return True
+    # httpx / httpx2 / aiohttp connection errors, matched by name so no transport is imported.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"TransportError", "TimeoutException", "ClientConnectionError"})
+
+
+async def bounded(call: Awaitable[T], timeout_s: float) -> T:
+    """Awaits one API attempt for at most timeout_s, whatever stalls: the HTTP call, a proxy,
+    a fake. A timeout of ours or of the HTTP client's raises TimeoutError("timed out after N s")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) or "TimeoutException" in {cls.__name__ for cls in type(exc).__mro__}:
+            raise TimeoutError(f"timed out after {timeout_s:g} s") from exc
+        raise
+
+
+def error_details(exc: errors.APIError) -> list[dict[str, Any]]:
+    """The google.rpc details of an API error (RetryInfo, ErrorInfo, ...)."""
+    body = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    details = body.get("details") if isinstance(body, dict) else None
+    return [detail for detail in details if isinstance(detail, dict)] if isinstance(details, list) else []
+
+
+def is_request_wide(exc: BaseException) -> bool:
+    """An error about the request as a whole (a bad key, no access, an unknown model), not
+    about one item: every other call would fail alike, so the run stops."""
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code in (401, 403, 404):
+        return True
+    reasons = {str(detail.get("reason")) for detail in error_details(exc) if "ErrorInfo" in str(detail.get("@type"))}
+    return exc.code == 400 and bool(reasons & {"API_KEY_INVALID", "API_KEY_EXPIRED"})
+
+
+def daily_quota(exc: BaseException) -> str | None:
+    """The quota id of a 429 whose google.rpc.QuotaFailure names a per-day quota, or a quota of 0:
+    retrying cannot help before it resets (the RetryInfo delay only says when to ask again)."""
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    for detail in error_details(exc):
+        violations = detail.get("violations") if "QuotaFailure" in str(detail.get("@type")) else None
+        for violation in violations if isinstance(violations, list) else []:
+            quota_id = str(violation.get("quotaId", "")) if isinstance(violation, dict) else ""
+            if "PerDay" in quota_id or str(violation.get("quotaValue")) == "0":
+                return quota_id or "a quota of 0"
+    return None
+
+
+def stop_reason(exc: BaseException, model: str) -> str | None:
+    """Why exc stops the whole run (every other call would fail alike), or None."""
+    if is_auth_error(exc):  # Vertex AI: credentials missing or refused
+        return f"no usable credentials for Vertex AI ({type(exc).__name__}): {exc}"
+    if (quota := daily_quota(exc)) is not None:
+        return f"the daily quota for {model} is spent ({quota}): retrying cannot help before it resets"
+    if is_request_wide(exc):
+        return f"the API refused the request as a whole (key, access or model): {describe(exc)}"
+    return None
+
+
+def server_retry_delay_s(exc: BaseException) -> float | None:
+    """The delay the server asked for: google.rpc.RetryInfo in the body, or Retry-After."""
+    if not isinstance(exc, errors.APIError):
+        return None
+    for detail in error_details(exc):
+        match = re.fullmatch(r"\s*([0-9.]+)s\s*", str(detail.get("retryDelay", "")))
+        if str(detail.get("@type", "")).endswith("RetryInfo") and match:
+            return float(match.group(1))
+    headers = getattr(exc.response, "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: rare for this API; fall back to our own backoff
+        return None
+
+
+def is_unparsable_reply(exc: ValueError) -> bool:
+    """Whether the SDK raised exc parsing a reply: a body that is not JSON, or JSON that does not
+    fit the response type (pydantic's ValidationError, matched by name: no import needed)."""
+    return bool({cls.__name__ for cls in type(exc).__mro__} & {"JSONDecodeError", "ValidationError"})
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an error: the API's code, status and message, or the type."""
+    if isinstance(exc, errors.APIError):
+        return f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+    if isinstance(exc, (TimeoutError, Said)) and str(exc):
+        return str(exc)  # "timed out after 60 s", "blocked: SAFETY", "response is not valid JSON"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Gate:
+    """Where every call waits before it starts. A delay named by the server pauses all
+    calls, not just the one told. With rpm, call starts are at least 60/rpm seconds apart
+    across all calls; with tpm, a call starts only once the tokens of those before it are paid
+    for at tpm, and then its own estimate is owed. No burst at the start, and no start is booked
+    ahead: a waiting worker looks again whenever settle() corrects an estimate with the tokens the
+    API reported, so a smaller answer than guessed lets the next call start at once.
+    """
+
+    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self._call_gap_s = 60.0 / rpm if rpm else 0.0
+        self._token_gap_s = 60.0 / tpm if tpm else 0.0
+        self._next_call_at = 0.0  # loop time of the earliest next start, by rpm
+        self._tokens_paid_at = 0.0  # loop time when the tokens owed are paid for, by tpm
+        self._paused_until = 0.0
+        self._moved = asyncio.Event()  # set (and replaced) when settle() moves _tokens_paid_at
+
+    def pause(self, delay_s: float) -> None:
+        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + delay_s)
+
+    async def wait_turn(self, tokens: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        # A loop, not one sleep: another worker may start first, pause everyone, or settle.
+        while (start := max(self._paused_until, self._next_call_at, self._tokens_paid_at)) > loop.time():
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(start):
+                    await moved.wait()
+        now = loop.time()
+        self._next_call_at = now + self._call_gap_s
+        self._tokens_paid_at = now + tokens * self._token_gap_s
+
+    def settle(self, estimated: float, used: float) -> None:
+        """Corrects what is owed by the tokens a call used beyond its estimate (or fewer), and
+        wakes the waiting workers to look again. What is owed never reaches into the past: no
+        unused budget is saved up for a burst."""
+        if self._token_gap_s and used != estimated:
+            now = asyncio.get_running_loop().time()
+            self._tokens_paid_at = max(now, self._tokens_paid_at) + (used - estimated) * self._token_gap_s
+            self._tokens_paid_at = max(now, self._tokens_paid_at)
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+
+class Retrier:
+    """Runs API calls with retries, and counts calls and retries.
+
+    Each attempt is bounded by request_timeout_s, whatever stalls (the HTTP call, a proxy, a
+    fake), and a timed-out attempt is transient. Transient errors are retried with exponential
+    backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
+    attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
+    corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
+    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
+    instead).
+    """
+
+    def __init__(
+        self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
+        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
+    ) -> None:  # fmt: skip
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if not (request_timeout_s > 0 and math.isfinite(request_timeout_s)):
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.max_attempts = max_attempts
+        self.request_timeout_s = request_timeout_s
+        self.base_delay_s = base_delay_s
+        self.calls = self.retries = 0
+        self.gate = Gate(rpm=rpm, tpm=tpm)
+        self._shutdown = shutdown
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
+        for attempt in range(1, self.max_attempts + 1):
+            await self.gate.wait_turn(tokens)
+            if self._shutdown is not None and self._shutdown.requested:
+                raise Stopped("not sent: the run is stopping")
+            self.calls += 1
+            try:
+                return await bounded(fn(), self.request_timeout_s)
+            except Exception as exc:
+                if daily_quota(exc) is not None:
+                    raise  # spent for today: neither a retry nor a pause can help
+                if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
+                    self.gate.pause(delay_s)  # after a last attempt
+                if not is_transient(exc) or attempt == self.max_attempts:
+                    raise
+                backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
+                log.info("retrying after %s (attempt %d)", describe(exc), attempt)
+                self.retries += 1
+                await asyncio.sleep(random.uniform(0, backoff_s))
+        raise AssertionError("unreachable")
+
+
+class Shutdown:
+    """The first Ctrl-C or SIGTERM: readers stop, workers take no new prompt, and calls still
+    in flight get grace_s to finish before they are abandoned (the next run redoes them).
+    Everything completed is still written; the exit status is 128 + the signal (130, 143).
+    A second signal of either kind exits at once. fail() stops the run the same way for an
+    error that concerns every call (a bad key): the exit status is then 2."""
+
+    def __init__(self, *, grace_s: float = GRACE_S) -> None:
+        self.signal: int | None = None
+        self.failure: str | None = None
+        self.requested = False  # either: an attribute, not a property, as the reader reads it per line
+        self._grace_s = grace_s
+        self._in_flight: set[asyncio.Timeout] = set()
+        self._stopping = asyncio.Event()  # set with requested: a wait for a batch job ends at once
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        if self.signal is not None:
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        print(f"{PROG}: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        self.signal, self.requested = signum, True
+        self._stopping.set()
+        self._end_in_flight()
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure, self.requested = message, True
+            self._stopping.set()
+            self._end_in_flight()
+
+    async def waited(self, timeout_s: float) -> bool:
+        """Sleeps timeout_s, or less if the run stops meanwhile: returns whether it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._stopping.wait()
+        return self.requested
+
+    def _end_in_flight(self) -> None:
+        """What is in flight (a call, a backoff, a pause) gets grace_s, then is abandoned."""
+        deadline = asyncio.get_running_loop().time() + self._grace_s
+        for timeout in self._in_flight:
+            timeout.reschedule(min(deadline, timeout.when() or math.inf))
+
+    @contextlib.asynccontextmanager
+    async def abandonable(self) -> AsyncIterator[None]:
+        async with asyncio.timeout(None) as timeout:
+            self._in_flight.add(timeout)
+            try:
+                yield
+            finally:
+                self._in_flight.discard(timeout)
 
 
 @contextlib.contextmanager
-def locked(output_dir: Path) -> Iterator[None]:
-    """An exclusive OS lock on the output folder for the whole run: a second run on it is
-    refused at once. The OS releases the lock however the process ends (kill -9 too)."""
-    with (output_dir / LOCK_NAME).open("ab") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another run is using the output folder {output_dir}") from None
-        yield
-
-
-def count_lines(files: list[Path]) -> int:
-    """Lines in all the files (for the ETA), read a chunk at a time."""
-    total = 0
-    for path in files:
-        with path.open("rb") as f:
-            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(CHUNK_BYTES), b""))
-    return total
-
-
-async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: JobBook | None = None) -> None:
-    """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
-    flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
-    PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence."""
-    total = await asyncio.to_thread(count_lines, files)
+def signals_handled(shutdown: Shutdown) -> Iterator[None]:
+    """SIGINT and SIGTERM call shutdown.request while the block runs (main thread only)."""
+    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    loop = asyncio.get_running_loop()
+    for signum in signums:
+        loop.add_signal_handler(signum, shutdown.request, signum)
     try:
-        while True:
-            await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
-            done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
-            eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
-            line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
-            if jobs is not None:  # --batch-api: the jobs' states instead
-                states = Counter(state.removeprefix("JOB_STATE_").lower() for state in jobs.states.values())
-                shown_states = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none yet"
-                line = f"batch jobs: {shown_states}; {elapsed:.0f}s elapsed; {done} done, {stats.failed} failed"
-            print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
+        yield
     finally:
-        if tty:
-            print(file=sys.stderr)
+        for signum in signums:
+            loop.remove_signal_handler(signum)
 
 
-async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
-    """Runs the pipeline; returns the exit status: 0 all done, 1 some prompts failed, 2 an
-    error about every request (a bad key or model), 130 or 143 interrupted. Raises
-    UsageError on bad input, or when another run holds the output folder."""
-    stats = Stats(batch_api=config.batch_api)  # its clock starts here: the resume scan is part of the run
-    files = check_paths(config)
-    if isinstance(client, SimulatedClient):
-        notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
-        print(f"pipeline: {notice}", file=sys.stderr)
-    with locked(config.outputs):
-        # Every check comes before any change: a refused run leaves the folder as it was.
-        resume, manifest = await asyncio.to_thread(open_outputs, config)
-        jobs = JobBook(config.outputs, manifest)
-        if config.batch_cancel:
-            return await cancel_jobs(client, jobs)
-        if jobs.live and not config.batch_api:
-            raise UsageError(
-                f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
-                f"{config.outputs}: run with --batch-api to collect them, or --batch-cancel"
-            )
-        resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
-        await check_inputs(files, resume, config.outputs)
-        await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
-        if config.batch_api:
-            (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
-        if resume.done or resume.failed:
-            log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
-        gate = Gate(rpm=config.rpm, tpm=config.tpm)
-        input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
-        output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-        error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-        shard_numbers = itertools.count(resume.next_shard)
-        spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
-        pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
-        tty = sys.stderr.isatty()
-        progress = None
-        if not config.quiet:
-            progress = asyncio.create_task(
-                show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
-            )
-        if config.batch_api:  # the one stage that changes: submit, wait, collect
-            generator = batch_generate(
-                client,
-                input_queue,
-                output_queue,
-                error_queue=error_queue,
-                config=config,
-                jobs=jobs,
-                done=resume.done,
-                stats=stats,
-                shutdown=shutdown,
-            )
-        else:
-            generator = generate_content(
-                client,
-                input_queue,
-                output_queue,
-                error_queue=error_queue,
-                config=config,
-                gate=gate,
-                stats=stats,
-                shutdown=shutdown,
-                word_count_pool=pool,
-            )
-        stages = [
-            read_inputs(
-                files, input_queue, error_queue=error_queue, readers=config.readers,
-                consumers=1 if config.batch_api else config.workers, resume=resume, stats=stats, shutdown=shutdown,
-            ),
-            generator,
-            *(write_outputs(
-                config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
-                quiet=config.quiet,
-            ) for _ in range(config.writers)),
-            write_errors(config.outputs, error_queue, stats=stats),
-        ]  # fmt: skip
-        file_errors: list[BaseException] = []
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """ "1 item", "2 items"; "1 retry", "0 retries"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A setting or a text in a message: JSON, cut to width characters."""
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@contextlib.asynccontextmanager
+async def open_file(path: Path, mode: Literal["rb", "rb+", "ab", "xb", "wb"]) -> AsyncIterator[Any]:
+    """aiofiles.open, safe to cancel. aiofiles opens and closes the file in a worker thread, and
+    a task cancelled while it waits loses the file: it never receives it, or its close, still
+    queued for a thread, is dropped (a leaked descriptor, a ResourceWarning). So the open and
+    the close always run to the end, and a cancellation that came meanwhile is raised after."""
+    opening = asyncio.ensure_future(aiofiles.open(path, mode))
+    if await waited_out(opening):  # cancelled: close what was opened, then stop
+        if opening.exception() is None:
+            await waited_out(asyncio.ensure_future(opening.result().close()))
+        raise asyncio.CancelledError
+    f = opening.result()
+    try:
+        yield f
+    finally:
+        closing = asyncio.ensure_future(f.close())
+        if await waited_out(closing):
+            raise asyncio.CancelledError from closing.exception()
+        if isinstance(error := closing.exception(), OSError):  # a flush on a full disk, say: name the file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        closing.result()
+
+
+async def waited_out(task: asyncio.Future[Any]) -> bool:
+    """Waits for task to end even through cancellations (a worker thread cannot be stopped);
+    returns whether we were cancelled meanwhile."""
+    cancelled = False
+    while not task.done():
         try:
-            async with asyncio.TaskGroup() as tg:
-                for stage in stages:
-                    tg.create_task(stage)
-        except* OSError as group:  # a disk or file error stopped the run; what was written stays valid
-            file_errors = leaf_exceptions(group)
-        finally:
-            if progress is not None:
-                progress.cancel()
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-        if not file_errors:  # the results of collected jobs are written: the jobs leave the manifest
-            await jobs.drop_collected()
-        done: Collection[str] = resume.done
-        if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
-            done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
-        # Errors of ids no longer in the inputs go, once the readers have met every input.
-        gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
-        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
-    print(stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)))
-    for fault in file_errors:  # one line each, naming the file
-        print(f"pipeline.py: error: {fault}", file=sys.stderr)
-    if file_errors:
-        return 1
-    if shutdown.failure is not None:
-        print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
-        return 2
-    if jobs.live:
-        print(
-            f"pipeline.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
-            "again to collect them (or --batch-cancel to stop them)", file=sys.stderr,
-        )  # fmt: skip
-    if shutdown.signal is not None:
-        return 128 + shutdown.signal
-    return 1 if errors_held else 0
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
-def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
-    """The ids of the prompts in live jobs, each with a hash of its prompt (see check_inputs)."""
-    queued: dict[str, int] = {}
-    for job in live:
-        with (output_dir / job.prompts).open("rb") as f:
-            for line in f:
-                row = strict_json(line)
-                queued[row["id"]] = hash(row["prompt"])
-    return queued
+async def append(f: Any, lines: list[str]) -> None:
+    """Writes whole lines and flushes them: they reach the file before they count as done. A
+    disk error names the file (the OS's error for a write does not)."""
+    try:
+        await f.write("".join(lines).encode())
+        await f.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
 
 
-async def cancel_jobs(client: Client, jobs: JobBook) -> int:
-    """--batch-cancel: cancels every recorded job and forgets it; its prompts go in the next run."""
-    for job in jobs.live:
-        try:
-            await client.aio.batches.cancel(name=job.name)
-            print(f"cancelled {job.name}")
-        except errors.APIError as exc:  # ended already, say: forgotten all the same
-            print(f"{job.name}: {describe(exc)}; forgotten")
-    jobs.collected = list(jobs.live)
-    await jobs.drop_collected()
-    return 0
+def newlines(data: bytes) -> bytes:
+    """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
 
 
-# --- CLI ------------------------------------------------------------------------------
+def is_blank(text: str) -> bool:
+    """Whether text holds only spaces, line breaks, controls and format characters (U+200B, NUL,
+    ...), which str.strip keeps: nothing to send."""
+    return all(unicodedata.category(char) in BLANK_CATEGORIES for char in text)
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests deeper than limit levels (found without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN, Infinity: not JSON
+
+
+def make_client(
+    *, offline: bool, fake_latency_s: float, fake_failure_rate: float = 0.0,
+    request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20,
+) -> Client:  # fmt: skip
+    """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
+    (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
+    environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
+    delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
+    not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
+    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
+    has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
+    vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
+    if offline or not (has_key or vertex):
+        return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
+    timeout_ms = math.ceil(request_timeout_s * 1000)
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
+    )
+    try:
+        return genai.Client(http_options=options)
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or is_auth_error(exc)):
+            raise
+        raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+def keep_alive(connections: int) -> dict[str, Any]:
+    """HttpOptions.async_client_args that keep `connections` idle connections open. The SDK's
+    httpx and httpx2 clients keep 20: with more calls in flight, every pause (a 429's delay)
+    closes the rest, and they reopen together, a TLS handshake each. The Limits come from the
+    client the SDK will pick (GOOGLE_GENAI_HTTP_CLIENT, else httpx2, else httpx: both are its
+    dependencies). aiohttp, which the SDK prefers when installed, keeps every one anyway."""
+    chosen = os.environ.get("GOOGLE_GENAI_HTTP_CLIENT", "").strip().lower()
+    for module_name in [chosen] if chosen in ("httpx", "httpx2") else ["httpx2", "httpx"]:
+        with contextlib.suppress(ImportError):
+            limits = importlib.import_module(module_name).Limits
+            return {"limits": limits(max_connections=None, max_keepalive_connections=connections)}
+    return {}
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """google.auth's errors (no credentials found, a refresh refused), matched by name."""
+    return "GoogleAuthError" in {cls.__name__ for cls in type(exc).__mro__}
+
+
+def model_name(text: str) -> str:
+    """An argparse type: a model name, not empty (an unset $MODEL gives '')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model name is required, got ''")
+    return text
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring as written, and each flag's default after its help ("none": not set)."""
 
@@ -1931,6 +1824,216 @@ def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, ab
         return value
 
     return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions in a (nested) exception group, or [exc]."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
+    return [exc]
+
+
+# === End of the shared runtime ===
+
+# === The offline simulation ===
+SIMULATED_POLL_INTERVAL_S = 0.5
+SIMULATED_JOB_S = 2.0  # how long a simulated job takes
+
+
+class SimulatedClient:
+    """Stands in for genai.Client offline: client.aio.models.generate_content returns a real
+    types.GenerateContentResponse after latency_s, with usage (characters / 4 as tokens).
+    "What is two times N?" is answered 2N; with a JSON schema, a small instance of it.
+    With failure_rate, that share of calls fails with a transient 503."""
+
+    def __init__(self, *, latency_s: float = 0.0, failure_rate: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self.failure_rate = failure_rate
+        self.aio = self.models = self  # so client.aio.models.generate_content works as on genai.Client
+        self.files = self.batches = SimulatedBatchAPI(self)  # client.aio.files.upload, .batches.create, ...
+        self._template: tuple[Any, str] | None = None  # (schema, its JSON answer with a placeholder)
+
+    async def generate_content(
+        self, *, model: str, contents: str, config: types.GenerateContentConfig | None = None
+    ) -> types.GenerateContentResponse:
+        await asyncio.sleep(self.latency_s)
+        if self.failure_rate and random.random() < self.failure_rate:
+            raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
+        json_output = config is not None and config.response_mime_type == "application/json"
+        text = self.answer(contents, config.response_json_schema if json_output and config else None, json_output)
+        system = str(config.system_instruction or "") if config is not None else ""
+        usage = {"prompt_token_count": -(-len(contents + system) // 4), "candidates_token_count": -(-len(text) // 4)}
+        # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
+        candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
+        return types.GenerateContentResponse.model_validate({"candidates": [candidate], "usage_metadata": usage})
+
+    def answer(self, contents: str, schema: Any, json_output: bool) -> str:
+        match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
+        text = str(2 * int(match.group(1))) if match else f"A simulated answer to: {contents}"
+        return self.json_answer(schema, text) if json_output else text
+
+    def json_answer(self, schema: Any, text: str) -> str:
+        """fake_instance(schema, text) as JSON, from a template made once per schema, so the
+        simulation's own cost stays out of the benchmarks."""
+        if self._template is None or self._template[0] is not schema:
+            self._template = (schema, json.dumps(fake_instance(schema, "\0")))
+        return self._template[1].replace('"\\u0000"', json.dumps(text))
+
+
+class SimulatedBatchAPI:
+    """The Batch API offline, as client.aio.files and client.aio.batches: upload keeps a copy of
+    the requests in a folder of the system's temp dir, and a job, named after its creation time
+    and that copy, succeeds SIMULATED_JOB_S later. Nothing lives in memory, so a re-run in
+    another process finds the jobs of the first one. download answers each request as
+    generate_content would."""
+
+    def __init__(self, client: SimulatedClient) -> None:
+        self._client = client
+        self._store = Path(tempfile.gettempdir()) / "pipeline-simulated-batch-api"
+
+    async def upload(self, *, file: Path, config: Any = None) -> types.File:
+        name, size = await asyncio.to_thread(self._keep, Path(file))
+        return types.File(name=f"files/{name}", mime_type="jsonl", size_bytes=size)
+
+    def _keep(self, path: Path) -> tuple[str, int]:
+        """Stores a copy of an upload under its hash; those older than 48 hours go, as Google's do."""
+        self._store.mkdir(exist_ok=True)
+        for old in self._store.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another run may remove it first
+                if time.time() - old.stat().st_mtime > 48 * 3600:
+                    old.unlink()
+        with path.open("rb") as f:
+            name = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        shutil.copyfile(path, self._store / name)
+        return name, path.stat().st_size
+
+    async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
+        return types.BatchJob(
+            name=f"batches/{time.time_ns()}-{src.removeprefix('files/')}", state=types.JobState.JOB_STATE_PENDING
+        )
+
+    async def get(self, *, name: str) -> types.BatchJob:
+        created_ns, _, file_name = name.removeprefix("batches/").partition("-")
+        if time.time_ns() - int(created_ns) < SIMULATED_JOB_S * 1e9:
+            return types.BatchJob(name=name, state=types.JobState.JOB_STATE_RUNNING)
+        dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
+        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
+
+    async def cancel(self, *, name: str) -> None:
+        pass
+
+    async def download(self, *, file: str, destination: Any) -> None:
+        """Writes the results a chunk at a time, as the SDK does."""
+        lines = []
+        for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
+            row = json.loads(line)
+            request, schema = row["request"], row["request"].get("generationConfig", {}).get("responseJsonSchema")
+            contents = request["contents"][0]["parts"][0]["text"]
+            json_output = request.get("generationConfig", {}).get("responseMimeType") == "application/json"
+            text = self._client.answer(contents, schema, json_output)
+            system = request.get("systemInstruction", {}).get("parts", [{}])[0].get("text", "")
+            usage = {"promptTokenCount": -(-len(contents + system) // 4), "candidatesTokenCount": -(-len(text) // 4)}
+            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
+            response = {"candidates": [candidate], "usageMetadata": usage}
+            lines.append(json.dumps({"key": row["key"], "response": response}) + "\n")
+            if len(lines) == WRITE_EVERY:
+                await destination.write("".join(lines).encode())
+                lines = []
+        await destination.write("".join(lines).encode())
+
+
+def fake_instance(schema: Any, text: str) -> Any:
+    """A small value that matches a JSON schema: the answer text for strings, the first enum."""
+    schema = schema if isinstance(schema, dict) else {}
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if kind == "object":
+        return {name: fake_instance(sub, text) for name, sub in schema.get("properties", {"answer": {}}).items()}
+    if kind == "array":
+        return [fake_instance(schema.get("items"), text)]
+    return {"integer": 0, "number": 0.0, "boolean": False, "null": None}.get(kind, text)
+
+
+# === The command line ===
+THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The pipeline's settings: one per command-line flag, checked when made."""
+
+    inputs: Path = Path("inputs")
+    outputs: Path = Path("outputs")
+    workers: int = 5
+    readers: int = 1
+    writers: int = 1
+    queue_size: int = 5
+    shard_size: int = SHARD_SIZE
+    max_attempts: int = 5
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    base_delay_s: float = 0.5
+    rpm: float | None = None
+    tpm: float | None = None
+    model: str = "gemini-flash-latest"
+    system_instruction: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    thinking_level: str | None = None
+    thinking_budget: int | None = None
+    json_schema: dict[str, Any] | None = None
+    service_tier: str | None = None  # None: the API's default (standard)
+    retry_errors: bool = False
+    word_count: bool = False
+    batch_api: bool = False  # stage 2 through Google's Batch API: see batch_generate
+    batch_job_size: int = JOB_PROMPTS
+    poll_interval_s: float = POLL_INTERVAL_S
+    batch_cancel: bool = False
+    quiet: bool = False  # no per-item lines, and no progress line
+
+    def __post_init__(self) -> None:
+        counts = ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens",
+                  "batch_job_size")  # fmt: skip
+        for name in counts:
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("request_timeout_s", "rpm", "tpm", "poll_interval_s"):
+            if (value := getattr(self, name)) is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be 0..2, got {self.temperature}")
+        if self.thinking_budget is not None and self.thinking_budget < -1:
+            raise ValueError(f"thinking_budget must be >= -1 (-1: the model decides), got {self.thinking_budget}")
+        if self.thinking_level not in (None, *THINKING_LEVELS):
+            raise ValueError(f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, got {self.thinking_level!r}")
+        if self.thinking_level is not None and self.thinking_budget is not None:  # the API rejects both at once
+            raise ValueError("thinking_level and thinking_budget cannot both be set: choose one")
+        if self.batch_api and (self.service_tier is not None or self.word_count):
+            raise ValueError("batch_api takes neither service_tier (it is a price of its own) nor word_count")
+
+    def generation(self) -> types.GenerateContentConfig | None:
+        """The one GenerateContentConfig every call shares, or None for the model's defaults."""
+        thinking = None
+        if self.thinking_level is not None or self.thinking_budget is not None:
+            level = None if self.thinking_level is None else types.ThinkingLevel(self.thinking_level.upper())
+            thinking = types.ThinkingConfig(thinking_level=level, thinking_budget=self.thinking_budget)
+        settings: dict[str, Any] = {
+            "system_instruction": self.system_instruction, "temperature": self.temperature,
+            "max_output_tokens": self.max_output_tokens, "thinking_config": thinking,
+            "response_mime_type": None if self.json_schema is None else "application/json",
+            "response_json_schema": self.json_schema, "service_tier": self.service_tier,
+        }  # fmt: skip
+        settings = {name: value for name, value in settings.items() if value is not None}
+        return types.GenerateContentConfig(**settings) if settings else None
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings that shape the records, kept in the manifest: a resumed run must use the
+        same ones. Settings that only shape the run (workers, rpm, shard size, ...) are not here."""
+        return {name: getattr(self, name) for name in RECORDED_SETTINGS}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -1993,10 +2096,6 @@ def make_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, metavar="N", help="random seed, for repeatable runs")
     add("--quiet", action="store_true", help="only the summary and run-level problems on stderr")
     return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return make_parser().parse_args(argv)
 
 
 def read_setting_file(path: Path, flag: str) -> str:
@@ -2065,13 +2164,6 @@ def run_cli(argv: list[str] | None = None) -> int:
         for fault in faults:  # a disk or file error: say which, in one line
             print(f"pipeline.py: error: {fault}", file=sys.stderr)
         return 1
-
-
-def leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    """The exceptions in a (nested) exception group, or [exc]."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in leaf_exceptions(e)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -1169,7 +1169,7 @@ class JsonlCorpusTest(CorpusTestCase):
         self.assertEqual(status, 1)
         failed = sorted(line.split(" -> ")[0] for line in out.splitlines() if line.startswith("Failed:"))
         self.assertEqual(failed, [f"Failed: chunks.jsonl:{n}" for n in (3, 4, 5, 6, 7, 8, 9)])
-        self.assertIn('Failed: chunks.jsonl:4 -> MalformedInput: bad JSONL row: duplicate id "doc1#0"', out)
+        self.assertIn('Failed: chunks.jsonl:4 -> bad JSONL row: duplicate id "doc1#0"', out)
         self.assertIn('"text" must be a non-empty string', out)
         self.assertIn("NaN is not valid JSON", out)
         records = {r["id"]: r for r in self.written()}
@@ -1671,6 +1671,22 @@ class ResumeSafetyTest(CorpusTestCase):
         self.assertEqual((await self.run_main(client))[0], 0)
         self.assertEqual(sorted(t for call in client.calls for t in call), sorted(texts[1:]))
         self.assertTrue(batcher.manifest_path(self.output).exists())
+
+
+class SharedRuntimeTest(unittest.TestCase):
+    def test_the_runtime_section_is_the_same_in_both_scripts_and_each_names_itself(self) -> None:
+        here = Path(__file__).parent
+        sections = []
+        for name in ("batcher.py", "pipeline.py"):
+            text = (here / name).read_text()
+            start, end = text.index("# Runtime shared by both scripts"), text.index("# === End of the shared runtime")
+            self.assertGreater(end - start, 10_000, name)  # the whole runtime, not an empty section
+            sections.append(text[start:end])
+        self.assertEqual(sections[0], sections[1], "the shared runtime differs: copy one section over the other")
+        self.assertEqual(batcher.PROG, "batcher")
+        for name in ("Retrier", "Gate", "Shutdown", "open_file", "make_client", "describe", "stop_reason"):
+            self.assertIn(f"{name}", sections[0])
+            self.assertEqual(getattr(batcher, name).__module__, "batcher")
 
 
 class CommandLineTest(unittest.TestCase):
