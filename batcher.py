@@ -151,9 +151,8 @@ async def read_corpus(
             if (parsed := parse_line(raw, f"{name}:{number}", name, jsonl=jsonl, seen=seen)) is None:
                 continue  # blank
             item, error = parsed
-            if item.id in resume.queued:  # a live Batch API job embeds it
-                stats.skipped += 1
-            elif (digest := resume.done.get(item.id)) is not None:
+            queued = resume.queued.get(item.id)  # a live Batch API job embeds it
+            if (digest := input_hash(queued) if queued else resume.done.get(item.id)) is not None:
                 if digest == input_hash(item):
                     stats.skipped += 1
                 else:  # another text under a done id: refuse the run, and count the rest
@@ -515,7 +514,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                     f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
                     f"texts for {config.output}: run with --batch-api to collect them"
                 )
-            resume.queued = await asyncio.to_thread(queued_texts, jobs.live)
+            resume.queued = await asyncio.to_thread(queued_texts, jobs)
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
                 input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
@@ -529,7 +528,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         stages = [source]
         if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
             stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
-                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown))  # fmt: skip
+                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown,
+                                      done=resume.done))  # fmt: skip
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
             stages.append(embed_content(
@@ -783,15 +783,10 @@ def record_line(item: Input, embedding: list[float]) -> str:
 # === Modes: the Batch API stage, and BatchedEmbedder ===
 # --batch-api: each live job's texts wait beside the output, in <output>.batch/, until collected.
 BATCH_SUFFIX = ".batch"
-JOB_RE = re.compile(r"job_(\d+)")
 JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size), and bytes of requests:
 JOB_BYTES = 256 << 20  # far under Google's 2 GB per input file; one job's texts are in memory at collection
 WRITE_EVERY = 1000  # texts held before a job's files are appended to
 POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
-JOB_ENDED = frozenset(
-    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
-     "JOB_STATE_EXPIRED"}
-)  # fmt: skip
 
 
 @dataclass
@@ -800,7 +795,7 @@ class Job:
     output that holds its texts (id, text, title, metadata), and which attempt it is for them."""
 
     name: str
-    texts: str  # a path: <output>.batch/job_00001.jsonl
+    texts: str  # the file's name in <output>.batch/: job_00001.jsonl
     attempt: int = 1
 
 
@@ -808,7 +803,9 @@ class JobBook:
     """The output's live Batch API jobs, kept in its manifest. Creating a job is not idempotent and
     every job is billed, so a job is recorded (one atomic manifest write) as soon as create returns;
     a re-run waits on the recorded jobs and never submits their texts again. A job leaves the book
-    (and its file goes) once its records are written: drop_collected, at the end of the run."""
+    (and its file goes) once its records are written: drop_collected, at the end of the run. Its
+    files are named relative to the batch folder, so a re-run from any folder finds them; files
+    no recorded job names (a kill between writing and recording, say) are removed when it opens."""
 
     def __init__(self, output: Path) -> None:
         self.output, self.folder = output, output.with_name(output.name + BATCH_SUFFIX)
@@ -816,6 +813,9 @@ class JobBook:
         self.live = [Job(**job) for job in self.manifest.get("jobs", [])]
         self.states: dict[str, str] = {}
         self.collected: list[Job] = []
+        named = {self.path_of(job).name.split(".")[0] for job in self.live}
+        for orphan in (p for p in self.folder.glob("job_*") if p.name.split(".")[0] not in named):
+            orphan.unlink()
         numbers = [int(m.group(1)) for p in self.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
         self._lock = asyncio.Lock()
@@ -823,6 +823,10 @@ class JobBook:
     def new_path(self) -> Path:
         self.folder.mkdir(exist_ok=True)
         return self.folder / f"job_{next(self._numbers):05d}.jsonl"
+
+    def path_of(self, job: Job) -> Path:
+        """The file of a job's texts (recorded by name; by a path from the working folder before)."""
+        return self.folder / Path(job.texts).name
 
     async def record(self, job: Job, *, replacing: Job | None = None) -> None:
         """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
@@ -833,7 +837,7 @@ class JobBook:
         self.live = [job for job in self.live if job not in self.collected]
         await self._write()
         for job in self.collected:
-            await asyncio.to_thread(Path(job.texts).unlink, missing_ok=True)
+            await asyncio.to_thread(self.path_of(job).unlink, missing_ok=True)
         self.collected = []
         if not self.live:  # nothing waits any more: no empty folder left behind
             with contextlib.suppress(OSError):
@@ -845,12 +849,13 @@ class JobBook:
             await asyncio.to_thread(write_manifest, self.output, dict(self.manifest))
 
 
-def queued_texts(live: list[Job]) -> set[str]:
-    """The ids of the texts in live jobs: the readers pass over them."""
-    queued: set[str] = set()
-    for job in live:
-        with Path(job.texts).open("rb") as f:
-            queued.update(json.loads(line)["id"] for line in f)
+def queued_texts(jobs: JobBook) -> dict[str, Input]:
+    """The texts in live jobs, by id: the readers pass over them, if unchanged."""
+    queued: dict[str, Input] = {}
+    for job in jobs.live:
+        with jobs.path_of(job).open("rb") as f:
+            for row in map(json.loads, f):
+                queued[row["id"]] = Input(row["id"], row["text"], row["title"])
     return queued
 
 
@@ -894,13 +899,15 @@ class JobFiles:
                 await append(f, [line + "\n" for line in data])
 
 
-async def read_job_texts(path: Path) -> dict[str, Input]:
-    """A job's texts by id."""
+async def read_job_texts(path: Path, *, skip: Collection[str] = ()) -> dict[str, Input]:
+    """A job's texts by id, but those in `skip` (already in the output: a run killed after writing
+    a job's records, before it left the manifest, must not write them twice)."""
     async with open_file(path, "rb") as f:
         items = {}
         async for line in read_lines(f.read):
             row = json.loads(line)
-            items[row["id"]] = Input(row["id"], row["text"], row["title"], row["metadata"])
+            if row["id"] not in skip:
+                items[row["id"]] = Input(row["id"], row["text"], row["title"], row["metadata"])
         return items
 
 
@@ -918,6 +925,7 @@ def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedd
 async def batch_embed(
     client: Client, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
     settings: EmbedSettings, jobs: JobBook, config: Config, retrier: Retrier, stats: RunStats, shutdown: Shutdown,
+    done: Collection[str] = frozenset(),
 ) -> None:  # fmt: skip
     """Stages 2 and 3 with --batch-api: Google's Batch API batches and embeds, at half price.
     Submit: texts go out in jobs of up to config.batch_job_size; each job's texts are written as
@@ -930,7 +938,10 @@ async def batch_embed(
     request nothing is submitted and waiting stops at once. Ends output_queue with the sentinel."""
 
     async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
+        """Uploads and creates the job of `files`, and records it; None if the run stops first
+        (then its files go: nothing names them)."""
         await files.flush()
+        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
         try:  # retried as an embed call is (transient errors, a server's delay); Stopped: the run stops
             upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
             uploaded = await retrier.call(
@@ -938,38 +949,37 @@ async def batch_embed(
             )
             with warnings.catch_warnings():  # "batches.create_embeddings() is experimental": said in the README
                 warnings.simplefilter("ignore")
-                created = await retrier.call(
-                    lambda: client.aio.batches.create_embeddings(model=settings.model, src={"file_name": uploaded.name})
-                )
-        except Stopped:
-            return None
+                created = await create_job(retrier, client, lambda: client.aio.batches.create_embeddings(
+                    model=settings.model, src={"file_name": uploaded.name}, config={"display_name": display_name}
+                ), display_name)  # fmt: skip
         except Exception as exc:
+            files.path.unlink(missing_ok=True)
+            if isinstance(exc, Stopped):
+                return None
             if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
                 raise
             shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
             return None
         finally:
             files.requests_path.unlink(missing_ok=True)
-        job = Job(str(created.name), str(files.path), attempt)
+        job = Job(str(created.name), files.path.name, attempt)
         await jobs.record(job, replacing=replacing)  # before anything else: it is billed
         stats.batch_jobs += 1
         log.info("batch job %s created: %d texts (attempt %d)", job.name, files.count, attempt)
         return job
 
     async def look_at(job: Job) -> types.BatchJob | str | None:
-        try:
-            batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
-        except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
-                raise
-            return None if is_transient(exc) else f"UNKNOWN to the API ({describe(exc)})"
+        """The job once it has ended (or why the API does not know it); else None."""
+        if not isinstance(batch_job := await look_at_job(retrier, client, job.name, shutdown), types.BatchJob):
+            return batch_job
         jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
         return batch_job if state in JOB_ENDED else None
 
-    async def collect(job: Job, batch_job: types.BatchJob, items: dict[str, Input]) -> None:
-        path = Path(job.texts).with_suffix(".results.jsonl")
-        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
-            await client.aio.files.download(file=batch_job.dest.file_name if batch_job.dest else "", destination=f)
+    async def collect(job: Job, batch_job: types.BatchJob, items: dict[str, Input]) -> bool | str:
+        """The job's records and failures onto output_queue: True; or why not (see download_results)."""
+        path = jobs.path_of(job).with_suffix(".results.jsonl")
+        if (downloaded := await download_results(retrier, client, batch_job, path, shutdown)) is not True:
+            return downloaded
         async with open_file(path, "rb") as f:
             async for line in read_lines(f.read):
                 row = json.loads(line)
@@ -978,20 +988,27 @@ async def batch_embed(
         for item in items.values():
             await output_queue.put((item, MalformedReply(f"batch: no result for this text in {job.name}")))
         path.unlink()
+        return True
 
     async def wait_and_collect() -> None:
         while waiting or not submitted.is_set():
             for job in list(waiting):
                 if (ended := await look_at(job)) is None:
                     continue
-                waiting.remove(job)
-                items = await read_job_texts(Path(job.texts))
+                items = await read_job_texts(jobs.path_of(job), skip=done)
                 state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
                 if isinstance(ended, types.BatchJob) and state in (
                     "JOB_STATE_SUCCEEDED",
                     "JOB_STATE_PARTIALLY_SUCCEEDED",
                 ):
-                    await collect(job, ended, items)
+                    if (collected := await collect(job, ended, items)) is False:
+                        continue  # looked at again next time, or the run stops
+                    if collected is not True:  # its results are gone: as a job that ended undone
+                        log.warning("batch job %s: %s; its texts are sent again", job.name, collected)
+                        state = collected
+                waiting.remove(job)
+                if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
+                    pass
                 elif job.attempt < config.max_attempts and items:
                     files = JobFiles(jobs.new_path(), settings)
                     for item in items.values():
@@ -1148,7 +1165,7 @@ class Resume:
     text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
 
     done: dict[str, int] = field(default_factory=dict)
-    queued: set[str] = field(default_factory=set)  # ids in a live Batch API job: passed over
+    queued: dict[str, Input] = field(default_factory=dict)  # in a live Batch API job: passed over
     manifest_created: bool = False  # by this run (so a refused run removes it)
     changed: int = 0
     first_changed: Input | None = None
@@ -1259,7 +1276,7 @@ async def resume_output(path: Path, config: Config) -> Resume:
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
     async with open_file(path, "rb+") as f:
         done, cut = await scan_output(f, path, strict=manifest is None)  # no manifest: every line must be ours
-        if manifest is not None and done:  # records to keep: their settings stay
+        if manifest is not None and (done or manifest.get("jobs")):  # records or live jobs: their settings stay
             for name, value in settings.items():
                 if (old := recorded.get(name)) != value:
                     setting = "normalization (--no-normalize)" if name == "normalize" else f"--{name.replace('_', '-')}"
@@ -1292,7 +1309,7 @@ async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: in
     if resume.manifest_created:
         manifest_path(path).unlink()
     new = resume.first_changed
-    old = await asyncio.to_thread(embedded_input, path, new.id)
+    old = resume.queued[new.id] if new.id in resume.queued else await asyncio.to_thread(embedded_input, path, new.id)
     what = "title" if old.text == new.text else "text"
     more = f", and {resume.changed - 1} more" if resume.changed > 1 else ""
     raise UsageError(
@@ -1379,6 +1396,11 @@ MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+JOB_RE = re.compile(r"job_(\d+)")  # a --batch-api job's files: job_00001.jsonl, ...
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
@@ -1557,8 +1579,10 @@ class Retrier:
     backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
     attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
     corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
-    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
-    instead).
+    starts, and the one in flight (or waiting its turn) gets the shutdown's grace: call() raises
+    Stopped (None: never, as in BatchedEmbedder, whose owner cancels it instead). before_retry,
+    if given, runs before each retry; what it returns, if not None, is the call's outcome (a
+    create whose outcome was unknown may have made the job: see create_job).
     """
 
     def __init__(
@@ -1576,15 +1600,24 @@ class Retrier:
         self.gate = Gate(rpm=rpm, tpm=tpm)
         self._shutdown = shutdown
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0,
+        before_retry: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:  # fmt: skip
+        shutdown = self._shutdown
         for attempt in range(1, self.max_attempts + 1):
-            await self.gate.wait_turn(tokens)
-            if self._shutdown is not None and self._shutdown.requested:
-                raise Stopped("not sent: the run is stopping")
-            self.calls += 1
             try:
-                return await bounded(fn(), self.request_timeout_s)
+                async with shutdown.abandonable() if shutdown else contextlib.nullcontext():
+                    await self.gate.wait_turn(tokens)
+                    if shutdown is not None and shutdown.requested:
+                        raise Stopped("not sent: the run is stopping")
+                    self.calls += 1
+                    return await bounded(fn(), self.request_timeout_s)
+            except Stopped:
+                raise
             except Exception as exc:
+                if shutdown is not None and shutdown.requested:  # abandoned, or failed meanwhile: left as is
+                    raise Stopped("abandoned: the run is stopping") from exc
                 if daily_quota(exc) is not None:
                     raise  # spent for today: neither a retry nor a pause can help
                 if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
@@ -1594,7 +1627,12 @@ class Retrier:
                 backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
                 log.info("retrying after %s (attempt %d)", describe(exc), attempt)
                 self.retries += 1
-                await asyncio.sleep(random.uniform(0, backoff_s))
+                if shutdown is not None and await shutdown.waited(random.uniform(0, backoff_s)):
+                    raise Stopped("not retried: the run is stopping") from exc
+                if shutdown is None:
+                    await asyncio.sleep(random.uniform(0, backoff_s))
+                if before_retry is not None and (outcome := await before_retry()) is not None:
+                    return outcome
         raise AssertionError("unreachable")
 
 
@@ -1646,6 +1684,8 @@ class Shutdown:
     async def abandonable(self) -> AsyncIterator[None]:
         async with asyncio.timeout(None) as timeout:
             self._in_flight.add(timeout)
+            if self.requested:  # begun after the signal: the same grace, from now
+                timeout.reschedule(asyncio.get_running_loop().time() + self._grace_s)
             try:
                 yield
             finally:
@@ -1776,6 +1816,77 @@ def make_client(
         if not (isinstance(exc, ValueError) or is_auth_error(exc)):
             raise
         raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+async def create_job(
+    retrier: Retrier, client: Client, create: Callable[[], Awaitable[types.BatchJob]], display_name: str
+) -> types.BatchJob:
+    """A Batch API job made by `create` (which names it display_name, unique to this job), through
+    the retrier. A create is not idempotent and every job is billed: after an attempt whose outcome
+    is unknown (a timeout, a 5xx, a dropped connection) the job may exist, so before trying again
+    the jobs are listed and one of that name is adopted. The Developer API refuses a list filter
+    (the SDK raises ValueError): the names are matched here."""
+
+    async def find() -> types.BatchJob | None:
+        pager = await retrier.call(lambda: client.aio.batches.list(config={"page_size": 100}))
+        job: types.BatchJob
+        async for job in pager:
+            if job.display_name == display_name:
+                log.warning("batch job %s was created after all (its answer was lost): adopted", job.name)
+                return job
+        return None
+
+    return await retrier.call(create, before_retry=find)
+
+
+async def look_at_job(retrier: Retrier, client: Client, name: str, shutdown: Shutdown) -> types.BatchJob | str | None:
+    """The job `name` as the API has it now, or a reason if the API no longer knows it (404); None
+    when it cannot be looked at now (transient errors: the next poll looks again; the
+    run stopping). An error about the key, access or quota stops the run (shutdown.fail): the job
+    is not gone, it stays recorded, and a re-run collects it."""
+    try:
+        job: types.BatchJob = await retrier.call(lambda: client.aio.batches.get(name=name))
+    except Stopped:
+        return None
+    except Exception as exc:
+        if isinstance(exc, errors.APIError) and exc.code == 404:
+            return f"UNKNOWN to the API ({describe(exc)})"
+        if is_transient(exc):
+            log.info("batch job %s: looking again after %s", name, describe(exc))
+            return None
+        if not (isinstance(exc, errors.APIError) or is_auth_error(exc)):
+            raise
+        shutdown.fail(f"cannot look at batch job {name} ({describe(exc)}); it stays recorded for the next run")
+        return None
+    return job
+
+
+async def download_results(
+    retrier: Retrier, client: Client, job: types.BatchJob, path: Path, shutdown: Shutdown
+) -> bool | str:
+    """Downloads the results of an ended job into path (through aiofiles; each attempt from the
+    start), retried as any call: True once there. A results file gone for good (404) gives the
+    reason, for the caller to treat the job as ended undone; other failures leave no file behind,
+    and False (the job stays waiting; an error about the key stops the run, as in ended_job)."""
+    file_name = job.dest.file_name if job.dest and job.dest.file_name else ""
+
+    async def download() -> None:
+        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
+            await client.aio.files.download(file=file_name, destination=f)
+
+    try:
+        await retrier.call(download)
+        return True
+    except Exception as exc:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        if isinstance(exc, errors.APIError) and exc.code == 404:
+            return f"its results file is gone ({describe(exc)})"
+        if isinstance(exc, Stopped) or is_transient(exc):
+            return False
+        if not (isinstance(exc, errors.APIError) or is_auth_error(exc)):
+            raise
+        shutdown.fail(f"cannot download the results of batch job {job.name} ({describe(exc)}); it stays recorded")
+        return False
 
 
 def keep_alive(connections: int) -> dict[str, Any]:

@@ -688,7 +688,6 @@ class FailingAlike:
 # === Modes: the Batch API stage, and the word-count pool ===
 # --batch-api: each live job's prompts wait in outputs/batch/ until its results are written.
 BATCH_DIR = "batch"
-JOB_RE = re.compile(r"job_(\d+)")
 # A job holds up to this many prompts (--batch-job-size) and this many bytes of requests: far
 # under Google's 2 GB per input file, and small enough that one job's prompts fit in memory as
 # its results are matched to them, and that a failed job costs little to resubmit.
@@ -696,10 +695,6 @@ JOB_PROMPTS = 20_000
 JOB_BYTES = 256 << 20
 WRITE_EVERY = 1000  # prompts held before a job's files are appended to
 POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
-JOB_ENDED = frozenset(
-    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
-     "JOB_STATE_EXPIRED"}
-)  # fmt: skip
 
 
 @dataclass
@@ -1359,6 +1354,11 @@ MAX_BACKOFF_S = 30.0  # the longest sleep between two attempts, before jitter
 CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the progress line was
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
+JOB_RE = re.compile(r"job_(\d+)")  # a --batch-api job's files: job_00001.jsonl, ...
+JOB_ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+     "JOB_STATE_EXPIRED"}
+)  # fmt: skip
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
@@ -1537,8 +1537,10 @@ class Retrier:
     backoff and full jitter, up to max_attempts calls in all; others are raised at once. Every
     attempt first waits its turn at the Gate (rpm, tpm, and a delay named by the server), so a
     corpus job runs at its quota, not against it. Once `shutdown` is requested, no new attempt
-    starts: call() raises Stopped (None: never, as in BatchedEmbedder, whose owner cancels it
-    instead).
+    starts, and the one in flight (or waiting its turn) gets the shutdown's grace: call() raises
+    Stopped (None: never, as in BatchedEmbedder, whose owner cancels it instead). before_retry,
+    if given, runs before each retry; what it returns, if not None, is the call's outcome (a
+    create whose outcome was unknown may have made the job: see create_job).
     """
 
     def __init__(
@@ -1556,15 +1558,24 @@ class Retrier:
         self.gate = Gate(rpm=rpm, tpm=tpm)
         self._shutdown = shutdown
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0) -> T:
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0,
+        before_retry: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:  # fmt: skip
+        shutdown = self._shutdown
         for attempt in range(1, self.max_attempts + 1):
-            await self.gate.wait_turn(tokens)
-            if self._shutdown is not None and self._shutdown.requested:
-                raise Stopped("not sent: the run is stopping")
-            self.calls += 1
             try:
-                return await bounded(fn(), self.request_timeout_s)
+                async with shutdown.abandonable() if shutdown else contextlib.nullcontext():
+                    await self.gate.wait_turn(tokens)
+                    if shutdown is not None and shutdown.requested:
+                        raise Stopped("not sent: the run is stopping")
+                    self.calls += 1
+                    return await bounded(fn(), self.request_timeout_s)
+            except Stopped:
+                raise
             except Exception as exc:
+                if shutdown is not None and shutdown.requested:  # abandoned, or failed meanwhile: left as is
+                    raise Stopped("abandoned: the run is stopping") from exc
                 if daily_quota(exc) is not None:
                     raise  # spent for today: neither a retry nor a pause can help
                 if (delay_s := server_retry_delay_s(exc)) is not None:  # first: it holds every call, even
@@ -1574,7 +1585,12 @@ class Retrier:
                 backoff_s = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** (attempt - 1))
                 log.info("retrying after %s (attempt %d)", describe(exc), attempt)
                 self.retries += 1
-                await asyncio.sleep(random.uniform(0, backoff_s))
+                if shutdown is not None and await shutdown.waited(random.uniform(0, backoff_s)):
+                    raise Stopped("not retried: the run is stopping") from exc
+                if shutdown is None:
+                    await asyncio.sleep(random.uniform(0, backoff_s))
+                if before_retry is not None and (outcome := await before_retry()) is not None:
+                    return outcome
         raise AssertionError("unreachable")
 
 
@@ -1626,6 +1642,8 @@ class Shutdown:
     async def abandonable(self) -> AsyncIterator[None]:
         async with asyncio.timeout(None) as timeout:
             self._in_flight.add(timeout)
+            if self.requested:  # begun after the signal: the same grace, from now
+                timeout.reschedule(asyncio.get_running_loop().time() + self._grace_s)
             try:
                 yield
             finally:
@@ -1756,6 +1774,77 @@ def make_client(
         if not (isinstance(exc, ValueError) or is_auth_error(exc)):
             raise
         raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+async def create_job(
+    retrier: Retrier, client: Client, create: Callable[[], Awaitable[types.BatchJob]], display_name: str
+) -> types.BatchJob:
+    """A Batch API job made by `create` (which names it display_name, unique to this job), through
+    the retrier. A create is not idempotent and every job is billed: after an attempt whose outcome
+    is unknown (a timeout, a 5xx, a dropped connection) the job may exist, so before trying again
+    the jobs are listed and one of that name is adopted. The Developer API refuses a list filter
+    (the SDK raises ValueError): the names are matched here."""
+
+    async def find() -> types.BatchJob | None:
+        pager = await retrier.call(lambda: client.aio.batches.list(config={"page_size": 100}))
+        job: types.BatchJob
+        async for job in pager:
+            if job.display_name == display_name:
+                log.warning("batch job %s was created after all (its answer was lost): adopted", job.name)
+                return job
+        return None
+
+    return await retrier.call(create, before_retry=find)
+
+
+async def look_at_job(retrier: Retrier, client: Client, name: str, shutdown: Shutdown) -> types.BatchJob | str | None:
+    """The job `name` as the API has it now, or a reason if the API no longer knows it (404); None
+    when it cannot be looked at now (transient errors: the next poll looks again; the
+    run stopping). An error about the key, access or quota stops the run (shutdown.fail): the job
+    is not gone, it stays recorded, and a re-run collects it."""
+    try:
+        job: types.BatchJob = await retrier.call(lambda: client.aio.batches.get(name=name))
+    except Stopped:
+        return None
+    except Exception as exc:
+        if isinstance(exc, errors.APIError) and exc.code == 404:
+            return f"UNKNOWN to the API ({describe(exc)})"
+        if is_transient(exc):
+            log.info("batch job %s: looking again after %s", name, describe(exc))
+            return None
+        if not (isinstance(exc, errors.APIError) or is_auth_error(exc)):
+            raise
+        shutdown.fail(f"cannot look at batch job {name} ({describe(exc)}); it stays recorded for the next run")
+        return None
+    return job
+
+
+async def download_results(
+    retrier: Retrier, client: Client, job: types.BatchJob, path: Path, shutdown: Shutdown
+) -> bool | str:
+    """Downloads the results of an ended job into path (through aiofiles; each attempt from the
+    start), retried as any call: True once there. A results file gone for good (404) gives the
+    reason, for the caller to treat the job as ended undone; other failures leave no file behind,
+    and False (the job stays waiting; an error about the key stops the run, as in ended_job)."""
+    file_name = job.dest.file_name if job.dest and job.dest.file_name else ""
+
+    async def download() -> None:
+        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
+            await client.aio.files.download(file=file_name, destination=f)
+
+    try:
+        await retrier.call(download)
+        return True
+    except Exception as exc:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        if isinstance(exc, errors.APIError) and exc.code == 404:
+            return f"its results file is gone ({describe(exc)})"
+        if isinstance(exc, Stopped) or is_transient(exc):
+            return False
+        if not (isinstance(exc, errors.APIError) or is_auth_error(exc)):
+            raise
+        shutdown.fail(f"cannot download the results of batch job {job.name} ({describe(exc)}); it stays recorded")
+        return False
 
 
 def keep_alive(connections: int) -> dict[str, Any]:
