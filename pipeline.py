@@ -425,7 +425,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 done=resume.done,
                 stats=stats,
                 shutdown=shutdown,
-            )
+                retrier=Retrier(
+                    max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s,
+                    base_delay_s=config.base_delay_s, shutdown=shutdown,
+                ),
+            )  # fmt: skip
         else:
             generator = generate_content(
                 client,
@@ -719,6 +723,9 @@ class JobBook:
         self.live = [Job(**job) for job in manifest.get("jobs", [])]
         self.states: dict[str, str] = {}
         self.collected: list[Job] = []
+        named = {Path(job.prompts).name.split(".")[0] for job in self.live}
+        for orphan in (p for p in (output_dir / BATCH_DIR).glob("job_*") if p.name.split(".")[0] not in named):
+            orphan.unlink()  # a kill between writing a job's files and recording the job: nothing names it
         numbers = [int(m.group(1)) for p in (output_dir / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
         self._lock = asyncio.Lock()  # one manifest write at a time
@@ -847,7 +854,7 @@ def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats
 async def batch_generate(
     client: Client, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None], *,
     error_queue: asyncio.Queue[Result | None], config: Config, jobs: JobBook, done: Collection[str], stats: Stats,
-    shutdown: Shutdown,
+    shutdown: Shutdown, retrier: Retrier,
 ) -> None:  # fmt: skip
     """Stage 2 with --batch-api: the same Results, from Google's Batch API at half price.
 
@@ -864,60 +871,37 @@ async def batch_generate(
     settings = batch_request(config)
 
     async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
-        """Uploads and creates the job of `files`, and records it; None if the run stops first."""
+        """Uploads and creates the job of `files`, and records it; None if the run stops first
+        (then its files go: nothing names them)."""
         await files.flush()
         path, requests_path = files.path, files.requests_path
-        try:
-            uploaded = await batch_call(
-                lambda: client.aio.files.upload(
-                    file=requests_path, config=types.UploadFileConfig(mime_type="jsonl", display_name=path.name)
-                )
-            )
-            if shutdown.requested or uploaded is None:
-                path.unlink()
+        display_name = f"{PROG}.py {config.outputs.name} {path.stem} {time.time_ns()}"  # unique: see create_job
+        try:  # retried as a call is (transient errors, a server's delay); Stopped: the run stops
+            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=path.name)
+            uploaded = await retrier.call(lambda: client.aio.files.upload(file=requests_path, config=upload_config))
+            created = await create_job(retrier, client, lambda: client.aio.batches.create(
+                model=config.model, src=uploaded.name, config={"display_name": display_name}
+            ), display_name)  # fmt: skip
+        except Exception as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, Stopped):
                 return None
-            display_name = f"pipeline.py {config.outputs.name} {path.stem}"
-            created = await batch_call(
-                lambda: client.aio.batches.create(
-                    model=config.model, src=uploaded.name, config={"display_name": display_name}
-                )
-            )
-        finally:
-            requests_path.unlink()  # uploaded, or not needed: the prompts file is what stays
-        if created is None or created.name is None:
-            path.unlink()
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                raise
+            shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
             return None
-        job = Job(created.name, str(path.relative_to(config.outputs)), attempt)
+        finally:
+            requests_path.unlink(missing_ok=True)  # uploaded, or not needed: the prompts file is what stays
+        job = Job(str(created.name), str(path.relative_to(config.outputs)), attempt)
         await jobs.record(job, replacing=replacing)  # before anything else: it is billed
         stats.batch_jobs += 1
         log.info("batch job %s created: %d prompts (attempt %d)", job.name, files.count, attempt)
         return job
 
-    async def batch_call(fn: Callable[[], Awaitable[T]]) -> T | None:
-        """An upload or create, retried like a call; an error that ends it stops the run (None)."""
-        for attempt in range(1, config.max_attempts + 1):
-            try:
-                return await bounded(fn(), config.request_timeout_s)
-            except Exception as exc:
-                if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
-                    raise
-                if not is_transient(exc) or attempt == config.max_attempts:
-                    shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
-                    return None
-                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
-        return None
-
     async def look_at(job: Job) -> types.BatchJob | str | None:
-        """The job, once it has ended (or its state, if the API does not know it); else None."""
-        try:
-            batch_job = await bounded(client.aio.batches.get(name=job.name), config.request_timeout_s)
-        except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, errors.APIError)):
-                raise
-            if not is_transient(exc):  # a 404: the job is gone
-                return f"UNKNOWN to the API ({describe(exc)})"
-            log.info("batch job %s: looking again after %s", job.name, describe(exc))
-            return None
+        """The job once it has ended (or why the API does not know it); else None."""
+        if not isinstance(batch_job := await look_at_job(retrier, client, job.name, shutdown), types.BatchJob):
+            return batch_job
         jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
         return batch_job if state in JOB_ENDED else None
 
@@ -929,14 +913,20 @@ async def batch_generate(
             for job in list(waiting):
                 if (ended := await look_at(job)) is None:
                     continue
-                waiting.remove(job)
                 prompts = await read_job_prompts(config.outputs / job.prompts, done)
                 state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
                 if isinstance(ended, types.BatchJob) and state in (
                     "JOB_STATE_SUCCEEDED",
                     "JOB_STATE_PARTIALLY_SUCCEEDED",
                 ):
-                    await collect(job, ended, prompts)
+                    if (collected := await collect(job, ended, prompts)) is False:
+                        continue  # looked at again next time, or the run stops
+                    if collected is not True:  # its results are gone: as a job that ended undone
+                        log.warning("batch job %s: %s; its prompts are sent again", job.name, collected)
+                        state = collected
+                waiting.remove(job)
+                if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
+                    pass
                 elif job.attempt < config.max_attempts and prompts:
                     files = JobFiles(jobs.new_path(), settings)
                     for prompt in prompts.values():
@@ -953,10 +943,11 @@ async def batch_generate(
             if await shutdown.waited(config.poll_interval_s if waiting else 0.05):
                 return  # the jobs go on at Google: the next run collects them
 
-    async def collect(job: Job, batch_job: types.BatchJob, prompts: dict[str, Prompt]) -> None:
+    async def collect(job: Job, batch_job: types.BatchJob, prompts: dict[str, Prompt]) -> bool | str:
+        """The job's results onto the queues: True; or why not (see download_results)."""
         path = (config.outputs / job.prompts).with_suffix(".results.jsonl")
-        async with open_file(path, "wb") as f:  # the SDK writes each downloaded chunk through f.write
-            await client.aio.files.download(file=batch_job.dest.file_name if batch_job.dest else "", destination=f)
+        if (downloaded := await download_results(retrier, client, batch_job, path, shutdown)) is not True:
+            return downloaded
         async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
             async for block in blocks:
                 for line in filter(None, block.decode().split("\n")):
@@ -969,6 +960,7 @@ async def batch_generate(
             reason = f"no result for this prompt in batch job {job.name}"
             await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
         path.unlink()
+        return True
 
     async def submit_new(files: JobFiles) -> None:
         if shutdown.requested:
