@@ -1353,6 +1353,8 @@ def parse_row(line: str, line_id: str, name: str, seen: set[str]) -> Input:
         raise ValueError(f"not a JSON object: {shown(row)}")
     if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
         raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    if LONE_SURROGATE.search(line) and not encodable(row):  # "\ud800": valid JSON, but no character
+        raise ValueError("a lone surrogate escape (\\ud800 to \\udfff alone is no character): not UTF-8")
     text, row_id, title = row.pop("text", None), row.pop("id", line_id), row.pop("title", None)
     if not isinstance(text, str) or is_blank(text):
         raise ValueError('"text" must be a non-empty string')
@@ -1783,6 +1785,18 @@ def nested_deeper(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, level + 1) for child in children)
     return False
+
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # the escape that may be one half of a pair, or alone
+
+
+def encodable(row: dict[str, Any]) -> bool:
+    """Whether the row can be written as UTF-8 (json.loads takes escaped lone surrogates)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refuse_constant(name: str) -> NoReturn:

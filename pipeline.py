@@ -1071,11 +1071,12 @@ class Resume:
     def skips(self, prompt_id: str, text: str) -> bool:
         """Whether the readers pass over this prompt. A failed prompt runs again if its text
         changed (the error was about another prompt). check_inputs has refused changed done ones."""
+        if (digest := self.failed.get(prompt_id)) is not None:
+            self.met.add(prompt_id)  # first: a failed id queued in a live job is still in the inputs
         if prompt_id in self.done or prompt_id in self.queued:
             return True
-        if (digest := self.failed.get(prompt_id)) is None:
+        if digest is None:
             return False
-        self.met.add(prompt_id)
         return not self.retry_failed and digest == hash(text)
 
 
@@ -1162,7 +1163,7 @@ def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
     manifest = read_manifest(config.outputs)
     resume = scan_outputs(config.outputs, strict=manifest is None)  # no manifest: every line must be ours
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
-    if manifest is not None and resume.done:  # records to keep: their settings stay
+    if manifest is not None and (resume.done or manifest.get("jobs")):  # records or live jobs: their settings stay
         for name, value in settings.items():
             if (old := recorded.get(name)) != value:
                 raise UsageError(
@@ -1296,6 +1297,8 @@ def parse_jsonl(line: str, seen: set[str], reserved: Collection[str]) -> tuple[s
         raise ValueError(f"not a JSON object: {line[:60]!r}")
     if nested_deeper(row, MAX_NESTING):  # it could not be written back (json.dumps recurses)
         raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    if LONE_SURROGATE.search(line) and not encodable(row):  # "\ud800": valid JSON, but no character
+        raise ValueError("a lone surrogate escape (\\ud800 to \\udfff alone is no character): not UTF-8")
     prompt, row_id = row.pop("prompt", None), row.pop("id", None)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError('"prompt" must be a non-empty string')
@@ -1733,6 +1736,18 @@ def nested_deeper(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, level + 1) for child in children)
     return False
+
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # the escape that may be one half of a pair, or alone
+
+
+def encodable(row: dict[str, Any]) -> bool:
+    """Whether the row can be written as UTF-8 (json.loads takes escaped lone surrogates)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refuse_constant(name: str) -> NoReturn:
