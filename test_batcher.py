@@ -1254,6 +1254,10 @@ class BatchStub:
         self.end_states: list[str] = []
         self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
         self.port = 0
+        # Faults: statuses to answer, in turn, per call ("create" makes the job first: a late answer).
+        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": []}
+        self.hold_uploads = threading.Event()  # set: an upload start hangs until released
+        self.released = threading.Event()
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
         with self.changed:
@@ -1267,8 +1271,26 @@ class BatchStub:
         with self.changed:
             assert self.changed.wait_for(predicate, timeout_s), "the stub waited in vain"
 
+    def fault(self, call: str) -> tuple[int, dict[str, str], bytes] | None:
+        if not self.faults[call]:
+            return None
+        code = self.faults[call].pop(0)
+        status = {403: "PERMISSION_DENIED", 404: "NOT_FOUND", 503: "UNAVAILABLE"}.get(code, "UNKNOWN")
+        return code, {}, json.dumps({"error": {"code": code, "message": f"{call} fault", "status": status}}).encode()
+
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method == "GET" and re.fullmatch(r"/v1(beta)?/batches(\?.*)?", path):
+            if "filter=" in path:  # the Developer API refuses a list filter
+                return 400, {}, b'{"error": {"code": 400, "message": "filter", "status": "INVALID_ARGUMENT"}}'
+            return 200, {}, json.dumps({"operations": [self.operation(name) for name in reversed(self.jobs)]}).encode()
         if method == "POST" and re.fullmatch(r"/upload/v1(beta)?/files", path):
+            if self.hold_uploads.is_set():
+                self.changed.notify_all()  # the upload is under way
+                self.changed.release()  # others may be served meanwhile
+                try:
+                    self.released.wait(30)
+                finally:
+                    self.changed.acquire()
             assert headers["X-Goog-Upload-Protocol"] == "resumable" and headers["X-Goog-Upload-Command"] == "start"
             session = str(len(self.sessions) + 1)
             self.sessions[session] = bytearray()
@@ -1288,9 +1310,13 @@ class BatchStub:
             batch = json.loads(body)["batch"]
             name = f"batches/{len(self.jobs) + 1}"
             self.jobs[name] = {"file": batch["inputConfig"]["file_name"], "model": m.group(2), "polls": 0,
-                               "state": "BATCH_STATE_PENDING"}  # fmt: skip
+                               "display_name": batch.get("displayName"), "state": "BATCH_STATE_PENDING"}  # fmt: skip
+            if (late := self.fault("create")) is not None:
+                return late  # made, but the answer says otherwise
             return 200, {}, json.dumps(self.operation(name)).encode()
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+)", path)):
+            if (fault := self.fault("get")) is not None:
+                return fault
             job = self.jobs[m.group(2)]
             job["polls"] += 1
             if job["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"):
@@ -1301,12 +1327,15 @@ class BatchStub:
                     self.files[f"files/results-{number}"] = self.answer(self.files[job["file"]])
             return 200, {}, json.dumps(self.operation(m.group(2))).encode()
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
+            if (fault := self.fault("download")) is not None:
+                return fault
             return 200, {"Content-Type": "application/octet-stream"}, self.files[f"files/{m.group(2)}"]
         raise AssertionError(f"the stub does not know {method} {path}")
 
     def operation(self, name: str) -> dict[str, Any]:
         job = self.jobs[name]
-        metadata: dict[str, Any] = {"model": f"models/{job['model']}", "state": job["state"]}
+        metadata: dict[str, Any] = {"model": f"models/{job['model']}", "state": job["state"],
+                                    "displayName": job["display_name"]}  # fmt: skip
         if job["state"] == "BATCH_STATE_SUCCEEDED":
             metadata["output"] = {"responsesFile": f"files/results-{name.split('/')[1]}"}
         return {"name": name, "metadata": metadata}
@@ -1461,6 +1490,158 @@ class BatchApiTest(CorpusTestCase):
             stub.polls_to_end = 0
             self.assertEqual((await self.run_batch(url))[0], 0)
             self.assertEqual(stub.created(), 3)  # the expired job again, once; no new job for the other
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+
+class BatchSeamTest(CorpusTestCase):
+    """The seams between --batch-api, resume and faults, through the real client and the stub."""
+
+    async def run_batch(self, url: str, shutdown: batcher.Shutdown | None = None, **changes: Any) -> tuple[int, str]:
+        client = real_client(url)
+        settings = {"input": self.corpus, "output": self.output, "batch_api": True, "poll_interval_s": 0.01,
+                    "batch_job_size": 4, "max_attempts": 3, "request_timeout_s": 2}  # fmt: skip
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                async with asyncio.timeout(30):
+                    config = batcher.Config(**(settings | changes))
+                    status = await batcher.main(config, client, shutdown=shutdown or batcher.Shutdown())
+        finally:
+            await client.aio.aclose()
+        return status, out.getvalue() + err.getvalue()
+
+    def manifest(self) -> dict[str, Any]:
+        return dict(json.loads(batcher.manifest_path(self.output).read_text()))
+
+    def batch_folder(self) -> Path:
+        return self.output.with_name(self.output.name + ".batch")
+
+    async def leave_a_live_job(self, url: str, stub: BatchStub) -> None:
+        """Runs until a job is recorded, then stops as Ctrl-C does: the job stays live at the stub."""
+        stub.polls_to_end = 10**9
+        shutdown = batcher.Shutdown()
+
+        async def interrupt() -> None:
+            await asyncio.to_thread(stub.wait_until, lambda: any(m == "GET" for m, _, _ in stub.requests))
+            shutdown.request(signal.SIGINT)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(interrupt())
+            self.assertEqual((await self.run_batch(url, shutdown=shutdown))[0], 130)
+        stub.polls_to_end = 0
+
+    async def test_records_of_a_collected_job_still_in_the_manifest_are_not_written_again(self) -> None:
+        texts = self.write_corpus(8)
+        with batch_server() as (url, stub):
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            kept = self.manifest()
+            stub.jobs = {}  # as if run 1 was killed after writing: the jobs still recorded, and the stub knows them
+            self.assertEqual((await self.run_batch(url))[0], 0)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        # Recorded again, as kill -9 after the writes leaves them: a re-run writes nothing twice.
+        with batch_server() as (url, stub):
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            jobs = [{"name": f"batches/{i + 1}", "texts": f"job_{i + 1:05d}.jsonl", "attempt": 1} for i in range(2)]
+            self.batch_folder().mkdir()
+            for i, job in enumerate(jobs):
+                rows = [{"id": r["id"], "text": r["text"], "title": None, "metadata": None}
+                        for r in self.written()[4 * i : 4 * i + 4]]  # fmt: skip
+                (self.batch_folder() / job["texts"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+                stub.jobs[job["name"]] = {"file": "files/none", "model": "m", "polls": 0, "display_name": None,
+                                          "state": "BATCH_STATE_SUCCEEDED"}  # fmt: skip
+                stub.files[f"files/results-{i + 1}"] = stub.answer(
+                    "".join(json.dumps({"key": r["id"], "request": {"content": {"parts": [{"text": r["text"]}]}}})
+                            + "\n" for r in rows).encode()
+                )  # fmt: skip
+            batcher.write_manifest(self.output, kept | {"jobs": jobs})
+            status, out = await self.run_batch(url)
+            self.assertEqual(status, 0, out)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        self.assertEqual(self.manifest()["jobs"], [])
+
+    async def test_a_live_job_keeps_its_settings_and_its_texts(self) -> None:
+        self.write_corpus(6)
+        with batch_server() as (url, stub):
+            await self.leave_a_live_job(url, stub)
+            self.assertEqual(self.written(), [])
+            created = stub.created()
+            with self.assertRaisesRegex(batcher.UsageError, "--dimensions was 3 .* now 5"):
+                await self.run_batch(url, dimensions=5)
+            self.corpus.write_text(self.corpus.read_text().replace("text number 1", "text number one"))
+            with self.assertRaisesRegex(batcher.UsageError, "the input of corpus.txt:2 changed"):
+                await self.run_batch(url)
+            self.assertEqual(stub.created(), created)  # no new job for either
+
+    async def test_a_403_on_get_stops_the_run_and_keeps_the_job_for_the_next_run(self) -> None:
+        texts = self.write_corpus(4)
+        with batch_server() as (url, stub):
+            stub.faults["get"] = [403]
+            status, out = await self.run_batch(url)
+            self.assertEqual(status, 2)
+            self.assertIn("cannot look at batch job batches/1 (403 PERMISSION_DENIED", out)
+            self.assertEqual([job["name"] for job in self.manifest()["jobs"]], ["batches/1"])
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            self.assertEqual(stub.created(), 1)  # never paid twice
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_a_create_answered_with_an_error_after_making_the_job_adopts_it(self) -> None:
+        texts = self.write_corpus(4)
+        with batch_server() as (url, stub):
+            stub.faults["create"] = [503]
+            status, out = await self.run_batch(url, max_attempts=3)
+            self.assertEqual(status, 0, out)
+            self.assertEqual(stub.created(), 1)
+            listed = [p for m, p, _ in stub.requests if m == "GET" and p.endswith("/batches?pageSize=100")]
+            self.assertEqual(len(listed), 1, stub.requests)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_a_failing_download_is_retried_and_a_gone_results_file_resends_the_texts(self) -> None:
+        texts = self.write_corpus(4)
+        with batch_server() as (url, stub):
+            stub.faults["download"] = [503, 404]
+            status, out = await self.run_batch(url, max_attempts=3)
+            self.assertEqual(status, 0, out)
+            self.assertEqual(stub.created(), 2)  # the first job's results gone for good: sent again, once
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        self.assertFalse(self.batch_folder().exists())  # no empty results file left behind
+
+    async def test_ctrl_c_during_a_hung_upload_exits_130_within_the_grace_and_leaves_no_file(self) -> None:
+        self.write_corpus(4)
+        with batch_server() as (url, stub):
+            stub.hold_uploads.set()
+            self.addCleanup(stub.released.set)
+            shutdown = batcher.Shutdown(grace_s=0.5)
+
+            async def interrupt() -> None:
+                await asyncio.to_thread(stub.wait_until, lambda: bool(stub.requests))
+                shutdown.request(signal.SIGINT)
+
+            started = time.monotonic()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                status, _ = await self.run_batch(url, shutdown=shutdown, request_timeout_s=60)
+            self.assertEqual(status, 130)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertEqual(stub.created(), 0)
+        self.assertEqual(list(self.batch_folder().glob("*")) if self.batch_folder().exists() else [], [])
+
+    async def test_job_files_are_found_from_any_folder_and_orphans_are_removed(self) -> None:
+        texts = self.write_corpus(6)
+        with batch_server() as (url, stub):
+            await self.leave_a_live_job(url, stub)
+            self.assertTrue(all("/" not in job["texts"] for job in self.manifest()["jobs"]))
+            orphan = self.batch_folder() / "job_00042.jsonl"  # written, never recorded (a kill -9 between)
+            orphan.write_text("{}\n")
+            elsewhere = self.tmp / "elsewhere"
+            elsewhere.mkdir()
+            cwd = os.getcwd()
+            os.chdir(elsewhere)
+            try:
+                self.assertEqual((await self.run_batch(url))[0], 0)
+            finally:
+                os.chdir(cwd)
+            self.assertFalse(orphan.exists())
+            self.assertEqual(stub.created(), 2)
         self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
 
 

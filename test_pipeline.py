@@ -1044,6 +1044,10 @@ class BatchStub:
         self.end_states: list[str] = []
         self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
         self.port = 0
+        # Faults: statuses to answer, in turn, per call ("create" makes the job first: a late answer).
+        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": []}
+        self.hold_uploads = threading.Event()  # set: an upload start hangs until released
+        self.released = threading.Event()
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
         with self.changed:
@@ -1061,8 +1065,26 @@ class BatchStub:
     def polled(self) -> bool:
         return any(method == "GET" and "/batches/" in path for method, path in self.requests)
 
+    def fault(self, call: str) -> tuple[int, dict[str, str], bytes] | None:
+        if not self.faults[call]:
+            return None
+        code = self.faults[call].pop(0)
+        status = {403: "PERMISSION_DENIED", 404: "NOT_FOUND", 503: "UNAVAILABLE"}.get(code, "UNKNOWN")
+        return code, {}, json.dumps({"error": {"code": code, "message": f"{call} fault", "status": status}}).encode()
+
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method == "GET" and re.fullmatch(r"/v1(beta)?/batches(\?.*)?", path):
+            if "filter=" in path:  # the Developer API refuses a list filter
+                return 400, {}, b'{"error": {"code": 400, "message": "filter", "status": "INVALID_ARGUMENT"}}'
+            return 200, {}, json.dumps({"operations": [self.operation(name) for name in reversed(self.jobs)]}).encode()
         if method == "POST" and re.fullmatch(r"/upload/v1(beta)?/files", path):
+            if self.hold_uploads.is_set():
+                self.changed.notify_all()  # the upload is under way
+                self.changed.release()  # others may be served meanwhile
+                try:
+                    self.released.wait(30)
+                finally:
+                    self.changed.acquire()
             assert headers["X-Goog-Upload-Protocol"] == "resumable" and headers["X-Goog-Upload-Command"] == "start"
             session = str(len(self.sessions) + 1)
             self.sessions[session] = bytearray()
@@ -1083,8 +1105,12 @@ class BatchStub:
             name = f"batches/{len(self.jobs) + 1}"
             self.jobs[name] = {"file": batch["inputConfig"]["fileName"], "model": m.group(2), "polls": 0,
                                "display_name": batch.get("displayName"), "state": "BATCH_STATE_PENDING"}  # fmt: skip
+            if (late := self.fault("create")) is not None:
+                return late  # made, but the answer says otherwise
             return 200, {}, json.dumps(self.operation(name)).encode()
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+)", path)):
+            if (fault := self.fault("get")) is not None:
+                return fault
             if (job := self.jobs.get(m.group(2))) is None:
                 error = {"code": 404, "message": "not found", "status": "NOT_FOUND"}
                 return 404, {}, json.dumps({"error": error}).encode()
@@ -1100,6 +1126,8 @@ class BatchStub:
             self.jobs[m.group(2)]["state"] = "BATCH_STATE_CANCELLED"
             return 200, {}, b"{}"
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
+            if (fault := self.fault("download")) is not None:
+                return fault
             return 200, {"Content-Type": "application/octet-stream"}, self.files[f"files/{m.group(2)}"]
         raise AssertionError(f"the stub does not know {method} {path}")
 
