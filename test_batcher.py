@@ -1498,7 +1498,7 @@ class BatchSeamTest(CorpusTestCase):
 
     async def run_batch(self, url: str, shutdown: batcher.Shutdown | None = None, **changes: Any) -> tuple[int, str]:
         client = real_client(url)
-        settings = {"input": self.corpus, "output": self.output, "batch_api": True, "poll_interval_s": 0.01,
+        settings: dict[str, Any] = {"input": self.corpus, "output": self.output, "batch_api": True, "poll_interval_s": 0.01,
                     "batch_job_size": 4, "max_attempts": 3, "request_timeout_s": 2}  # fmt: skip
         out, err = io.StringIO(), io.StringIO()
         try:
@@ -1541,7 +1541,9 @@ class BatchSeamTest(CorpusTestCase):
         # Recorded again, as kill -9 after the writes leaves them: a re-run writes nothing twice.
         with batch_server() as (url, stub):
             self.assertEqual((await self.run_batch(url))[0], 0)
-            jobs = [{"name": f"batches/{i + 1}", "texts": f"job_{i + 1:05d}.jsonl", "attempt": 1} for i in range(2)]
+            jobs: list[dict[str, Any]] = [
+                {"name": f"batches/{i + 1}", "texts": f"job_{i + 1:05d}.jsonl", "attempt": 1} for i in range(2)
+            ]
             self.batch_folder().mkdir()
             for i, job in enumerate(jobs):
                 rows = [{"id": r["id"], "text": r["text"], "title": None, "metadata": None}

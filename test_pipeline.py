@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1205,10 +1206,10 @@ class BatchApiTest(PipelineTestCase):
         super().setUp()
         self.config = replace(self.config, batch_api=True, poll_interval_s=0.01, batch_job_size=4)
 
-    async def run_batch(self, stub_url: str, **changes: Any) -> tuple[int, str]:
+    async def run_batch(self, stub_url: str, shutdown: Shutdown | None = None, **changes: Any) -> tuple[int, str]:
         client = real_batch_client(stub_url)
         try:
-            return await self.run_pipeline(client, **changes)
+            return await self.run_pipeline(client, shutdown, **changes)
         finally:
             await client.aio.aclose()
 
@@ -1271,6 +1272,118 @@ class BatchApiTest(PipelineTestCase):
             self.assertEqual(stub.created(), 2)  # 6 failed prompts: jobs of 4 and 2
         self.assertEqual(records(self.outputs, "errors.jsonl"), [])
         self.assertEqual(sorted(r["prompt"] for r in records(self.outputs)), sorted(prompts))
+
+    async def interrupted_while_waiting(self, url: str, stub: BatchStub, **changes: Any) -> None:
+        """Runs until a job is polled, then Ctrl-C: the jobs stay live at the stub."""
+        stub.polls_to_end = 10**9
+        shutdown = Shutdown()
+        with stub.changed:
+            stub.requests.clear()  # polled: by this run
+
+        async def interrupt() -> None:
+            await asyncio.to_thread(stub.wait_until, stub.polled)
+            shutdown.request(signal.SIGINT)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(interrupt())
+            self.assertEqual((await self.run_batch(url, shutdown=shutdown, **changes))[0], 130)
+        stub.polls_to_end = 0
+
+    async def test_a_missing_key_retried_then_interrupted_is_never_lost(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            stub.results = lambda rows: rows[1:]  # the first key has no result: errors.jsonl
+            self.assertEqual((await self.run_batch(url))[0], 1)
+            stub.results = lambda rows: rows
+            await self.interrupted_while_waiting(url, stub, retry_errors=True)  # its job is live
+            self.assertEqual((await self.run_batch(url))[0], 0, self.stderr)  # a plain third run collects it
+            self.assertEqual(stub.created(), 2)
+        self.assert_exactly_once(prompts)
+        self.assertEqual(records(self.outputs, "errors.jsonl"), [])
+
+    async def test_a_live_job_keeps_its_settings(self) -> None:
+        write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            await self.interrupted_while_waiting(url, stub)
+            with self.assertRaisesRegex(pipeline.UsageError, "--system-instruction was"):
+                await self.run_batch(url, system_instruction="Be brief.")
+            self.assertEqual(stub.created(), 1)
+
+    async def test_a_403_on_get_stops_the_run_and_keeps_the_job(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            stub.faults["get"] = [403]
+            self.assertEqual((await self.run_batch(url))[0], 2)
+            self.assertIn("cannot look at batch job batches/1 (403 PERMISSION_DENIED", self.stderr)
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            self.assertEqual(stub.created(), 1)  # never paid twice
+        self.assert_exactly_once(prompts)
+
+    async def test_a_create_that_made_its_job_then_failed_is_adopted_not_repeated(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            stub.faults["create"] = [503]
+            self.assertEqual((await self.run_batch(url, max_attempts=3))[0], 0, self.stderr)
+            self.assertEqual(stub.created(), 1)
+        self.assert_exactly_once(prompts)
+
+    async def test_a_failing_download_is_retried_and_a_gone_results_file_resends_its_prompts(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            stub.faults["download"] = [503, 404]
+            self.assertEqual((await self.run_batch(url, max_attempts=3))[0], 0, self.stderr)
+            self.assertEqual(stub.created(), 2)
+        self.assert_exactly_once(prompts)
+        self.assertFalse((self.outputs / "batch").exists())  # no results file left behind
+
+    async def test_ctrl_c_during_a_hung_upload_exits_130_within_the_grace_and_leaves_no_file(self) -> None:
+        write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            stub.hold_uploads.set()
+            self.addCleanup(stub.released.set)
+            shutdown = Shutdown(grace_s=0.5)
+
+            async def interrupt() -> None:
+                await asyncio.to_thread(stub.wait_until, lambda: bool(stub.requests))
+                shutdown.request(signal.SIGINT)
+
+            started = time.monotonic()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(interrupt())
+                status, _ = await self.run_batch(url, shutdown=shutdown, request_timeout_s=60)
+            self.assertEqual(status, 130)
+            self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(list((self.outputs / "batch").glob("*")), [])
+
+    async def test_an_orphan_job_file_is_removed_when_the_folder_opens(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            await self.interrupted_while_waiting(url, stub)
+            orphan = self.outputs / "batch" / "job_00042.jsonl"  # written, never recorded (kill -9 between)
+            orphan.write_text("{}\n")
+            self.assertEqual((await self.run_batch(url))[0], 0)
+            self.assertFalse(orphan.exists())
+        self.assert_exactly_once(prompts)
+
+    async def test_a_row_with_a_lone_surrogate_fails_alone_in_both_modes(self) -> None:
+        self.inputs.mkdir()
+        (self.inputs / "rows.jsonl").write_text(
+            '{"prompt": "What is two times 1?"}\n{"id": "\\ud800", "prompt": "x"}\n{"prompt": "bad \\udc00"}\n'
+        )
+        for batch_api in (True, False):
+            with self.subTest(batch_api=batch_api), batch_server() as (url, _):
+                shutil.rmtree(self.outputs, ignore_errors=True)
+                run = self.run_batch(url, batch_api=True) if batch_api else self.run_pipeline(batch_api=False)
+                status, _ = await run
+                self.assertEqual(status, 1, self.stderr)
+                self.assertEqual([r["id"] for r in records(self.outputs)], ["rows.jsonl:1"])
+                errors = records(self.outputs, "errors.jsonl")
+                self.assertEqual([r["id"] for r in errors], ["rows.jsonl:2", "rows.jsonl:3"])
+                self.assertTrue(all("lone surrogate" in r["error"] for r in errors))
+                shards = len(list(self.outputs.glob("shard_*.jsonl")))
+                again = self.run_batch(url, batch_api=True) if batch_api else self.run_pipeline(batch_api=False)
+                self.assertEqual((await again)[0], 1)
+                self.assertEqual(len(list(self.outputs.glob("shard_*.jsonl"))), shards)  # no empty shard added
 
     async def test_an_expired_job_is_resubmitted_then_fails_with_its_state_after_max_attempts(self) -> None:
         prompts = write_inputs(self.inputs, 1, 3)
