@@ -1498,8 +1498,9 @@ class BatchSeamTest(CorpusTestCase):
 
     async def run_batch(self, url: str, shutdown: batcher.Shutdown | None = None, **changes: Any) -> tuple[int, str]:
         client = real_client(url)
-        settings: dict[str, Any] = {"input": self.corpus, "output": self.output, "batch_api": True, "poll_interval_s": 0.01,
-                    "batch_job_size": 4, "max_attempts": 3, "request_timeout_s": 2}  # fmt: skip
+        settings: dict[str, Any] = {"input": self.corpus, "output": self.output, "batch_api": True,
+                                    "poll_interval_s": 0.01, "batch_job_size": 4, "max_attempts": 3,
+                                    "request_timeout_s": 2}  # fmt: skip
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
