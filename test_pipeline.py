@@ -1292,12 +1292,16 @@ class BatchApiTest(PipelineTestCase):
     async def test_a_missing_key_retried_then_interrupted_is_never_lost(self) -> None:
         prompts = write_inputs(self.inputs, 1, 4)
         with batch_server() as (url, stub):
-            stub.results = lambda rows: rows[1:]  # the first key has no result: errors.jsonl
+            first = "shard_0.txt:1"
+            stub.results = lambda rows: [row for row in rows if row["key"] != first]  # no result: errors.jsonl
             self.assertEqual((await self.run_batch(url))[0], 1)
-            stub.results = lambda rows: rows
-            await self.interrupted_while_waiting(url, stub, retry_errors=True)  # its job is live
-            self.assertEqual((await self.run_batch(url))[0], 0, self.stderr)  # a plain third run collects it
+            await self.interrupted_while_waiting(url, stub, retry_errors=True)  # sent again: its job is live
+            self.assertEqual((await self.run_batch(url))[0], 1, self.stderr)  # a plain run collects it: no result
             self.assertEqual(stub.created(), 2)
+            self.assert_exactly_once(prompts)
+            self.assertEqual([r["id"] for r in records(self.outputs, "errors.jsonl")], [first])
+            stub.results = lambda rows: rows
+            self.assertEqual((await self.run_batch(url, retry_errors=True))[0], 0)
         self.assert_exactly_once(prompts)
         self.assertEqual(records(self.outputs, "errors.jsonl"), [])
 
