@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib
 import itertools
@@ -51,7 +52,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, NamedTuple, NoReturn, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, NoReturn, Protocol, TypeAlias, TypeVar
 
 import aiofiles
 from google import genai
@@ -527,9 +528,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             )
         stages = [source]
         if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
-            stages.append(batch_embed(client, input_queue, output_queue, settings=config.embedding, jobs=jobs,
-                                      config=config, retrier=retrier, stats=stats, shutdown=shutdown,
-                                      done=resume.done))  # fmt: skip
+            kind = EmbedJobs(client, config.embedding, output_queue)
+            stages.append(BatchJobs(
+                client, jobs, kind, retrier=retrier, shutdown=shutdown, stats=stats, job_size=config.batch_job_size,
+                max_attempts=config.max_attempts, poll_interval_s=config.poll_interval_s, done=resume.done,
+            ).run(input_queue))  # fmt: skip
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
             stages.append(embed_content(
@@ -783,9 +786,7 @@ def record_line(item: Input, embedding: list[float]) -> str:
 # === Modes: the Batch API stage, and BatchedEmbedder ===
 # --batch-api: each live job's texts wait beside the output, in <output>.batch/, until collected.
 BATCH_SUFFIX = ".batch"
-JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size), and bytes of requests:
-JOB_BYTES = 256 << 20  # far under Google's 2 GB per input file; one job's texts are in memory at collection
-WRITE_EVERY = 1000  # texts held before a job's files are appended to
+JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size; and JOB_BYTES of requests)
 POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
 
 
@@ -823,6 +824,9 @@ class JobBook:
     def new_path(self) -> Path:
         self.folder.mkdir(exist_ok=True)
         return self.folder / f"job_{next(self._numbers):05d}.jsonl"
+
+    def job(self, name: str, path: Path, attempt: int) -> Job:
+        return Job(name, path.name, attempt)
 
     def path_of(self, job: Job) -> Path:
         """The file of a job's texts (recorded by name; by a path from the working folder before)."""
@@ -899,18 +903,6 @@ class JobFiles:
                 await append(f, [line + "\n" for line in data])
 
 
-async def read_job_texts(path: Path, *, skip: Collection[str] = ()) -> dict[str, Input]:
-    """A job's texts by id, but those in `skip` (already in the output: a run killed after writing
-    a job's records, before it left the manifest, must not write them twice)."""
-    async with open_file(path, "rb") as f:
-        items = {}
-        async for line in read_lines(f.read):
-            row = json.loads(line)
-            if row["id"] not in skip:
-                items[row["id"]] = Input(row["id"], row["text"], row["title"], row["metadata"])
-        return items
-
-
 def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedding | Exception:
     """The embedding of one line of a job's results file, or the error that failed it."""
     if isinstance(error := row.get("error"), dict):
@@ -922,126 +914,38 @@ def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedd
     return types.ContentEmbedding(values=unit_vector(values) if normalize else values)
 
 
-async def batch_embed(
-    client: Client, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
-    settings: EmbedSettings, jobs: JobBook, config: Config, retrier: Retrier, stats: RunStats, shutdown: Shutdown,
-    done: Collection[str] = frozenset(),
-) -> None:  # fmt: skip
-    """Stages 2 and 3 with --batch-api: Google's Batch API batches and embeds, at half price.
-    Submit: texts go out in jobs of up to config.batch_job_size; each job's texts are written as
-    the Batch API's JSONL (aiofiles), uploaded, and the job created (batches.create_embeddings)
-    and recorded at once (JobBook). Wait: one look at every waiting job each poll interval.
-    Collect: the results file is downloaded and matched to the texts by key, never by position;
-    each vector is shaped as an interactive run's (normalization), and a text with no result
-    fails (not written: the next run sends it again). A job that ends FAILED, CANCELLED or
-    EXPIRED is resubmitted, up to config.max_attempts jobs for its texts. After a shutdown
-    request nothing is submitted and waiting stops at once. Ends output_queue with the sentinel."""
+class EmbedJobs:
+    """Embeddings for BatchJobs (stages 2 and 3 with --batch-api): a job's texts and its
+    EmbedContentRequests (JobFiles), created by batches.create_embeddings; each result is shaped
+    as an interactive run's (normalization) and goes to output_queue, as a failure does."""
 
-    async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
-        """Uploads and creates the job of `files`, and records it; None if the run stops first
-        (then its files go: nothing names them)."""
-        await files.flush()
-        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
-        try:  # retried as an embed call is (transient errors, a server's delay); Stopped: the run stops
-            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
-            uploaded = await retrier.call(
-                lambda: client.aio.files.upload(file=files.requests_path, config=upload_config)
+    noun = "text"
+
+    def __init__(self, client: Client, settings: EmbedSettings, output_queue: asyncio.Queue[Output | None]) -> None:
+        self.client, self.settings, self.output_queue = client, settings, output_queue
+
+    def files(self, path: Path) -> JobFiles:
+        return JobFiles(path, self.settings)
+
+    async def create(self, file_name: str, display_name: str) -> types.BatchJob:
+        with warnings.catch_warnings():  # "batches.create_embeddings() is experimental": said in the README
+            warnings.simplefilter("ignore")
+            created: types.BatchJob = await self.client.aio.batches.create_embeddings(
+                model=self.settings.model, src={"file_name": file_name}, config={"display_name": display_name}
             )
-            with warnings.catch_warnings():  # "batches.create_embeddings() is experimental": said in the README
-                warnings.simplefilter("ignore")
-                created = await create_job(retrier, client, lambda: client.aio.batches.create_embeddings(
-                    model=settings.model, src={"file_name": uploaded.name}, config={"display_name": display_name}
-                ), display_name)  # fmt: skip
-        except Exception as exc:
-            files.path.unlink(missing_ok=True)
-            if isinstance(exc, Stopped):
-                return None
-            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
-                raise
-            shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
-            return None
-        finally:
-            files.requests_path.unlink(missing_ok=True)
-        job = Job(str(created.name), files.path.name, attempt)
-        await jobs.record(job, replacing=replacing)  # before anything else: it is billed
-        stats.batch_jobs += 1
-        log.info("batch job %s created: %d texts (attempt %d)", job.name, files.count, attempt)
-        return job
+            return created
 
-    async def look_at(job: Job) -> types.BatchJob | str | None:
-        """The job once it has ended (or why the API does not know it); else None."""
-        if not isinstance(batch_job := await look_at_job(retrier, client, job.name, shutdown), types.BatchJob):
-            return batch_job
-        jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
-        return batch_job if state in JOB_ENDED else None
+    def item_of(self, row: dict[str, Any]) -> tuple[str, Input]:
+        return row["id"], Input(row["id"], row["text"], row["title"], row["metadata"])
 
-    async def collect(job: Job, batch_job: types.BatchJob, items: dict[str, Input]) -> bool | str:
-        """The job's records and failures onto output_queue: True; or why not (see download_results)."""
-        path = jobs.path_of(job).with_suffix(".results.jsonl")
-        if (downloaded := await download_results(retrier, client, batch_job, path, shutdown)) is not True:
-            return downloaded
-        async with open_file(path, "rb") as f:
-            async for line in read_lines(f.read):
-                row = json.loads(line)
-                if (item := items.pop(row.get("key"), None)) is not None:
-                    await output_queue.put((item, batch_embedding(row, settings.normalize)))
-        for item in items.values():
-            await output_queue.put((item, MalformedReply(f"batch: no result for this text in {job.name}")))
-        path.unlink()
-        return True
+    async def deliver(self, item: Input, row: dict[str, Any], job: Job) -> None:
+        await self.output_queue.put((item, batch_embedding(row, self.settings.normalize)))
 
-    async def wait_and_collect() -> None:
-        while waiting or not submitted.is_set():
-            for job in list(waiting):
-                if (ended := await look_at(job)) is None:
-                    continue
-                items = await read_job_texts(jobs.path_of(job), skip=done)
-                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
-                if isinstance(ended, types.BatchJob) and state in (
-                    "JOB_STATE_SUCCEEDED",
-                    "JOB_STATE_PARTIALLY_SUCCEEDED",
-                ):
-                    if (collected := await collect(job, ended, items)) is False:
-                        continue  # looked at again next time, or the run stops
-                    if collected is not True:  # its results are gone: as a job that ended undone
-                        log.warning("batch job %s: %s; its texts are sent again", job.name, collected)
-                        state = collected
-                waiting.remove(job)
-                if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
-                    pass
-                elif job.attempt < config.max_attempts and items:
-                    files = JobFiles(jobs.new_path(), settings)
-                    for item in items.values():
-                        await files.add(item)
-                    if (new := await submit(files, job.attempt + 1, replacing=job)) is not None:
-                        waiting.append(new)
-                else:
-                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
-                    for item in items.values():
-                        await output_queue.put((item, MalformedReply(reason)))
-                jobs.collected.append(job)
-                if shutdown.requested:
-                    return
-            if await shutdown.waited(config.poll_interval_s if waiting else 0.05):
-                return
+    async def fail(self, item: Input, reason: str, job: Job) -> None:
+        await self.output_queue.put((item, MalformedReply(f"batch: {reason}")))
 
-    waiting, submitted = list(jobs.live), asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(wait_and_collect())
-        filling: JobFiles | None = None
-        while (item := await input_queue.get()) is not None:
-            if shutdown.requested:
-                continue
-            filling = filling or JobFiles(jobs.new_path(), settings)
-            await filling.add(item)
-            if filling.count == config.batch_job_size or filling.size >= JOB_BYTES:
-                if (job := await submit(filling, 1)) is not None:
-                    waiting.append(job)
-                filling = None
-        if filling is not None and (job := await submit(filling, 1)) is not None:
-            waiting.append(job)
-        submitted.set()
-    await output_queue.put(None)
+    async def end(self) -> None:
+        await self.output_queue.put(None)
 
 
 class EmbeddingFailed(Exception):
@@ -1318,7 +1222,6 @@ async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: in
     )
 
 
-CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 STDIN = Path("-")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")  # an --input with one of these (any case) holds JSONL rows
 
@@ -1371,22 +1274,6 @@ def parse_row(line: str, line_id: str, name: str, seen: set[str]) -> Input:
     return Input(row_id, text.strip(), title, row or None)
 
 
-async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
-    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
-    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
-    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
-    tail, first = b"", True
-    while chunk := await read(CHUNK_BYTES):
-        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
-        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
-        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
-        tail += held
-        for line in lines:
-            yield line
-    if tail:
-        yield tail.removesuffix(b"\r")
-
-
 # ======================================================================================================================
 # Runtime shared by both scripts. batcher.py and pipeline.py hold this section byte for byte (a test
 # compares them), as the two clients of an HTTP library mirror each other: what differs stays outside.
@@ -1399,10 +1286,18 @@ CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the pro
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 JOB_RE = re.compile(r"job_(\d+)")  # a --batch-api job's files: job_00001.jsonl, ...
+# A job holds at most this many bytes of requests: far under Google's 2 GB per input file, and its
+# items are read into memory when it is collected.
+JOB_BYTES = 256 << 20
+WRITE_EVERY = 1000  # items held before a job's files are appended to
+Item = TypeVar("Item")  # what a script's stages carry: the batcher's Input, the pipeline's Prompt
+ItemIn = TypeVar("ItemIn", contravariant=True)
 JOB_ENDED = frozenset(
     {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
      "JOB_STATE_EXPIRED"}
 )  # fmt: skip
+JOB_DONE = ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED")  # ended with results to collect
+CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
@@ -1764,6 +1659,22 @@ async def append(f: Any, lines: list[str]) -> None:
         raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
 
 
+async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
+    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
+    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
+    tail, first = b"", True
+    while chunk := await read(CHUNK_BYTES):
+        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
+        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
+        tail += held
+        for line in lines:
+            yield line
+    if tail:
+        yield tail.removesuffix(b"\r")
+
+
 def newlines(data: bytes) -> bytes:
     """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
@@ -1830,6 +1741,175 @@ def make_client(
         if not (isinstance(exc, ValueError) or is_auth_error(exc)):
             raise
         raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+class ItemFiles(Protocol[ItemIn]):
+    """A job being filled (each script's JobFiles): its items' file (path, kept until its
+    outcomes are written) and its Batch API requests (requests_path, to upload)."""
+
+    path: Path
+    requests_path: Path
+    count: int  # items
+    size: int  # bytes of requests, about
+
+    async def add(self, item: ItemIn) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class JobKind(Protocol[Item]):
+    """What BatchJobs needs to know of a script's items: a job's files, its create call, how an
+    item is read back from its file, and where outcomes go (the stage's output queues)."""
+
+    noun: str  # "text", "prompt": in messages
+
+    def files(self, path: Path) -> ItemFiles[Item]: ...
+    def create(self, file_name: str, display_name: str) -> Awaitable[types.BatchJob]: ...
+    def item_of(self, row: dict[str, Any]) -> tuple[str, Item]: ...
+    async def deliver(self, item: Item, row: dict[str, Any], job: Job) -> None: ...
+    async def fail(self, item: Item, reason: str, job: Job) -> None: ...
+    async def end(self) -> None: ...
+
+
+class BatchJobs(Generic[Item]):
+    """The --batch-api stage of either script: Google's Batch API at half price, behind the
+    interactive stage's queue contract. It reads input_queue to its sentinel; outcomes go where
+    kind.deliver and kind.fail put them, and kind.end ends those queues.
+
+    Submit: items go out in jobs of up to job_size (or JOB_BYTES of requests): a job's files are
+    written, uploaded, the job created (create_job) and recorded in the book at once: it is billed.
+    Wait: one look at every waiting job each poll_interval_s (look_at_job). Collect: its results
+    are downloaded (download_results) and matched to the items by key, never by position; an item
+    with no result fails. A job that ends FAILED, CANCELLED or EXPIRED, or whose results are gone,
+    is resubmitted, up to max_attempts jobs for its items, which then fail with its state. Jobs an
+    earlier run recorded are waited on too, and an item already in the output (`done`: a run
+    killed after writing a job's outcomes, before the job left the book) is not delivered again.
+    After a shutdown request nothing is submitted and waiting stops at once: the jobs go on at
+    Google, and the next run collects them."""
+
+    def __init__(
+        self, client: Client, book: JobBook, kind: JobKind[Item], *, retrier: Retrier, shutdown: Shutdown,
+        stats: Any, job_size: int, max_attempts: int, poll_interval_s: float, done: Collection[str],
+    ) -> None:  # fmt: skip
+        self.client, self.book, self.kind, self.retrier, self.shutdown = client, book, kind, retrier, shutdown
+        self.stats, self.job_size, self.max_attempts = stats, job_size, max_attempts
+        self.poll_interval_s, self.done = poll_interval_s, done
+        self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.submitted = asyncio.Event()  # set once no new item can come
+
+    async def run(self, input_queue: asyncio.Queue[Item | None]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.wait_and_collect())
+            filling: ItemFiles[Item] | None = None
+            while (item := await input_queue.get()) is not None:
+                if self.shutdown.requested:
+                    continue  # drain, so the readers and the sentinel get through
+                filling = filling or self.kind.files(self.book.new_path())
+                await filling.add(item)
+                if filling.count == self.job_size or filling.size >= JOB_BYTES:
+                    await self.submit(filling, 1)
+                    filling = None
+            if filling is not None:
+                await self.submit(filling, 1)
+            self.submitted.set()
+        await self.kind.end()
+
+    async def submit(self, files: ItemFiles[Item], attempt: int, replacing: Job | None = None) -> None:
+        """Uploads and creates the job of `files`, records it and waits on it; if the run stops
+        first, or the API refuses, its files go (nothing names them)."""
+        await files.flush()
+        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
+        try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
+            if self.shutdown.requested:
+                raise Stopped("not sent: the run is stopping")
+            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
+            uploaded = await self.retrier.call(
+                lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
+            )
+            create = functools.partial(self.kind.create, str(uploaded.name), display_name)
+            created = await create_job(self.retrier, self.client, create, display_name)
+        except Exception as exc:
+            await asyncio.to_thread(files.path.unlink, missing_ok=True)
+            if isinstance(exc, Stopped):
+                return
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                raise
+            self.shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
+            return
+        finally:
+            await asyncio.to_thread(files.requests_path.unlink, missing_ok=True)  # what stays: the items' file
+        job = self.book.job(str(created.name), files.path, attempt)
+        await self.book.record(job, replacing=replacing)  # before anything else: it is billed
+        self.stats.batch_jobs += 1
+        log.info("batch job %s created: %s (attempt %d)", job.name, plural(files.count, self.kind.noun), attempt)
+        self.waiting.append(job)
+
+    async def wait_and_collect(self) -> None:
+        """One look at every job waiting, each poll interval: an ended job is collected, or its
+        items resubmitted (or failed), one job at a time. Ends when nothing is waiting and no job
+        can come any more (submitting is over), or at once on a shutdown request."""
+        while self.waiting or not self.submitted.is_set():
+            for job in list(self.waiting):
+                if (ended := await self.look_at(job)) is None:
+                    continue
+                items = await self.read_items(job)
+                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
+                if isinstance(ended, types.BatchJob) and state in JOB_DONE:
+                    if (collected := await self.collect(job, ended, items)) is False:
+                        continue  # looked at again next time, or the run stops
+                    if collected is not True:  # its results are gone: as a job that ended undone
+                        log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
+                        state = collected
+                self.waiting.remove(job)
+                if state in JOB_DONE:
+                    pass
+                elif job.attempt < self.max_attempts and items:
+                    files = self.kind.files(self.book.new_path())
+                    for item in items.values():
+                        await files.add(item)
+                    await self.submit(files, job.attempt + 1, replacing=job)
+                else:
+                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
+                    for item in items.values():
+                        await self.kind.fail(item, reason, job)
+                self.book.collected.append(job)  # its file goes at the end of the run
+                if self.shutdown.requested:
+                    return
+            if await self.shutdown.waited(self.poll_interval_s if self.waiting else 0.05):
+                return  # the jobs go on at Google: the next run collects them
+
+    async def look_at(self, job: Job) -> types.BatchJob | str | None:
+        """The job once it has ended (or why the API does not know it); else None."""
+        batch_job = await look_at_job(self.retrier, self.client, job.name, self.shutdown)
+        if not isinstance(batch_job, types.BatchJob):
+            return batch_job
+        self.book.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        return batch_job if state in JOB_ENDED else None
+
+    async def read_items(self, job: Job) -> dict[str, Item]:
+        """A job's items by id, but those already done."""
+        items: dict[str, Item] = {}
+        async with open_file(self.book.path_of(job), "rb") as f:
+            async for line in read_lines(f.read):
+                item_id, item = self.kind.item_of(STRICT_DECODER.decode(line.decode()))
+                if item_id not in self.done:
+                    items[item_id] = item
+        return items
+
+    async def collect(self, job: Job, batch_job: types.BatchJob, items: dict[str, Item]) -> bool | str:
+        """The job's outcomes delivered: True; or why not (see download_results)."""
+        path = self.book.path_of(job).with_suffix(".results.jsonl")
+        downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
+        if downloaded is not True:
+            return downloaded
+        async with open_file(path, "rb") as f:
+            async for line in read_lines(f.read):
+                row = STRICT_DECODER.decode(line.decode())
+                if (item := items.pop(row.get("key"), None)) is not None:  # else not ours, or seen already
+                    await self.kind.deliver(item, row, job)
+        for item in items.values():
+            await self.kind.fail(item, f"no result for this {self.kind.noun} in batch job {job.name}", job)
+        await asyncio.to_thread(path.unlink)
+        return True
 
 
 async def create_job(
@@ -2104,7 +2184,7 @@ class Config:
     input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
     input_format: Literal["auto", "text", "jsonl"] = "auto"  # auto: JSONL_SUFFIXES are JSONL, the rest text
     output: Path | None = None  # a JSONL file of embeddings
-    batch_api: bool = False  # stages 2 and 3 through Google's Batch API: see batch_embed
+    batch_api: bool = False  # stages 2 and 3 through Google's Batch API: see BatchJobs
     batch_job_size: int = JOB_TEXTS
     poll_interval_s: float = POLL_INTERVAL_S
     quiet: bool = False

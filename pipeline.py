@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib
 import itertools
@@ -52,7 +53,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, NoReturn, Protocol, TypeAlias, TypeVar
 
 import aiofiles
 from google import genai
@@ -415,21 +416,17 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
             )
         if config.batch_api:  # the one stage that changes: submit, wait, collect
-            generator = batch_generate(
-                client,
-                input_queue,
-                output_queue,
-                error_queue=error_queue,
-                config=config,
-                jobs=jobs,
-                done=resume.done,
-                stats=stats,
+            retrier = Retrier(
+                max_attempts=config.max_attempts,
+                request_timeout_s=config.request_timeout_s,
+                base_delay_s=config.base_delay_s,
                 shutdown=shutdown,
-                retrier=Retrier(
-                    max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s,
-                    base_delay_s=config.base_delay_s, shutdown=shutdown,
-                ),
-            )  # fmt: skip
+            )
+            kind = GenerateJobs(client, config, stats, output_queue, error_queue)
+            generator = BatchJobs(
+                client, jobs, kind, retrier=retrier, shutdown=shutdown, stats=stats, job_size=config.batch_job_size,
+                max_attempts=config.max_attempts, poll_interval_s=config.poll_interval_s, done=resume.done,
+            ).run(input_queue)  # fmt: skip
         else:
             generator = generate_content(
                 client,
@@ -692,12 +689,7 @@ class FailingAlike:
 # === Modes: the Batch API stage, and the word-count pool ===
 # --batch-api: each live job's prompts wait in outputs/batch/ until its results are written.
 BATCH_DIR = "batch"
-# A job holds up to this many prompts (--batch-job-size) and this many bytes of requests: far
-# under Google's 2 GB per input file, and small enough that one job's prompts fit in memory as
-# its results are matched to them, and that a failed job costs little to resubmit.
-JOB_PROMPTS = 20_000
-JOB_BYTES = 256 << 20
-WRITE_EVERY = 1000  # prompts held before a job's files are appended to
+JOB_PROMPTS = 20_000  # prompts per job at most (--batch-job-size; and JOB_BYTES of requests)
 POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
 
 
@@ -732,6 +724,12 @@ class JobBook:
 
     def new_path(self) -> Path:
         return self.output_dir / BATCH_DIR / f"job_{next(self._numbers):05d}.jsonl"
+
+    def job(self, name: str, path: Path, attempt: int) -> Job:
+        return Job(name, str(path.relative_to(self.output_dir)), attempt)
+
+    def path_of(self, job: Job) -> Path:
+        return self.output_dir / job.prompts
 
     async def record(self, job: Job, *, replacing: Job | None = None) -> None:
         """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
@@ -813,18 +811,6 @@ class JobFiles:
         self.requests_path.unlink(missing_ok=True)
 
 
-async def read_job_prompts(path: Path, skip: Collection[str]) -> dict[str, Prompt]:
-    """A job's prompts by id, but those in skip (already written: an earlier run collected them)."""
-    prompts: dict[str, Prompt] = {}
-    async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
-        async for block in blocks:
-            for line in block.decode().split("\n"):
-                row = strict_json(line)
-                if row["id"] not in skip:
-                    prompts[row["id"]] = (row["id"], row["prompt"], row["metadata"])
-    return prompts
-
-
 def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats, *, json_output: bool) -> Result:
     """The Result of one line of a job's results file: {"key", "response"} or {"key", "error"}."""
     prompt_id, text, metadata = prompt
@@ -851,142 +837,46 @@ def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats
     return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
 
 
-async def batch_generate(
-    client: Client, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None], *,
-    error_queue: asyncio.Queue[Result | None], config: Config, jobs: JobBook, done: Collection[str], stats: Stats,
-    shutdown: Shutdown, retrier: Retrier,
-) -> None:  # fmt: skip
-    """Stage 2 with --batch-api: the same Results, from Google's Batch API at half price.
+class GenerateJobs:
+    """Generation for BatchJobs (stage 2 with --batch-api): a job's prompts and its
+    GenerateContentRequests (JobFiles, with the run's settings in each), created by batches.create;
+    each result becomes the Result an interactive call would give, for the writers or
+    error_queue, as a failure does."""
 
-    Submit: prompts go out in jobs of up to config.batch_job_size (or JOB_BYTES); each job's
-    prompts are written as the Batch API's JSONL, uploaded, and the job created and recorded at
-    once (JobBook). Wait: every job is polled every config.poll_interval_s. Collect: the results
-    file is downloaded (through aiofiles) and matched to the prompts by key, never by position;
-    a prompt with no result goes to error_queue saying so. A job that ends FAILED, CANCELLED or
-    EXPIRED is resubmitted, up to config.max_attempts jobs for its prompts, then its prompts
-    fail with its state. Jobs an earlier run recorded are waited on too (their prompts, never
-    read again, are not in input_queue); ids in `done` were collected already. After a shutdown
-    request nothing is submitted and waiting stops at once: the jobs go on at Google. Ends
-    output_queue with one sentinel per writer, and error_queue with one."""
-    settings = batch_request(config)
+    noun = "prompt"
 
-    async def submit(files: JobFiles, attempt: int, replacing: Job | None = None) -> Job | None:
-        """Uploads and creates the job of `files`, and records it; None if the run stops first
-        (then its files go: nothing names them)."""
-        await files.flush()
-        path, requests_path = files.path, files.requests_path
-        display_name = f"{PROG}.py {config.outputs.name} {path.stem} {time.time_ns()}"  # unique: see create_job
-        try:  # retried as a call is (transient errors, a server's delay); Stopped: the run stops
-            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=path.name)
-            uploaded = await retrier.call(lambda: client.aio.files.upload(file=requests_path, config=upload_config))
-            created = await create_job(retrier, client, lambda: client.aio.batches.create(
-                model=config.model, src=uploaded.name, config={"display_name": display_name}
-            ), display_name)  # fmt: skip
-        except Exception as exc:
-            path.unlink(missing_ok=True)
-            if isinstance(exc, Stopped):
-                return None
-            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
-                raise
-            shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
-            return None
-        finally:
-            requests_path.unlink(missing_ok=True)  # uploaded, or not needed: the prompts file is what stays
-        job = Job(str(created.name), str(path.relative_to(config.outputs)), attempt)
-        await jobs.record(job, replacing=replacing)  # before anything else: it is billed
-        stats.batch_jobs += 1
-        log.info("batch job %s created: %d prompts (attempt %d)", job.name, files.count, attempt)
-        return job
+    def __init__(
+        self, client: Client, config: Config, stats: Stats, output_queue: asyncio.Queue[Result | None],
+        error_queue: asyncio.Queue[Result | None],
+    ) -> None:  # fmt: skip
+        self.client, self.config, self.stats = client, config, stats
+        self.output_queue, self.error_queue = output_queue, error_queue
+        self.settings = batch_request(config)
 
-    async def look_at(job: Job) -> types.BatchJob | str | None:
-        """The job once it has ended (or why the API does not know it); else None."""
-        if not isinstance(batch_job := await look_at_job(retrier, client, job.name, shutdown), types.BatchJob):
-            return batch_job
-        jobs.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
-        return batch_job if state in JOB_ENDED else None
+    def files(self, path: Path) -> JobFiles:
+        return JobFiles(path, self.settings)
 
-    async def wait_and_collect() -> None:
-        """One look at every job waiting, each poll interval: an ended job is collected, or its
-        prompts resubmitted (or failed), one job at a time. Ends when nothing is waiting and no
-        job can come any more (submitting is over), or at once on a shutdown request."""
-        while waiting or not submitted.is_set():
-            for job in list(waiting):
-                if (ended := await look_at(job)) is None:
-                    continue
-                prompts = await read_job_prompts(config.outputs / job.prompts, done)
-                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
-                if isinstance(ended, types.BatchJob) and state in (
-                    "JOB_STATE_SUCCEEDED",
-                    "JOB_STATE_PARTIALLY_SUCCEEDED",
-                ):
-                    if (collected := await collect(job, ended, prompts)) is False:
-                        continue  # looked at again next time, or the run stops
-                    if collected is not True:  # its results are gone: as a job that ended undone
-                        log.warning("batch job %s: %s; its prompts are sent again", job.name, collected)
-                        state = collected
-                waiting.remove(job)
-                if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
-                    pass
-                elif job.attempt < config.max_attempts and prompts:
-                    files = JobFiles(jobs.new_path(), settings)
-                    for prompt in prompts.values():
-                        await files.add(prompt)
-                    if (new := await submit(files, job.attempt + 1, replacing=job)) is not None:
-                        waiting.append(new)
-                else:
-                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
-                    for prompt_id, text, metadata in prompts.values():
-                        await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
-                jobs.collected.append(job)  # its prompts file goes at the end of the run
-                if shutdown.requested:
-                    return
-            if await shutdown.waited(config.poll_interval_s if waiting else 0.05):
-                return  # the jobs go on at Google: the next run collects them
+    async def create(self, file_name: str, display_name: str) -> types.BatchJob:
+        created: types.BatchJob = await self.client.aio.batches.create(
+            model=self.config.model, src=file_name, config={"display_name": display_name}
+        )
+        return created
 
-    async def collect(job: Job, batch_job: types.BatchJob, prompts: dict[str, Prompt]) -> bool | str:
-        """The job's results onto the queues: True; or why not (see download_results)."""
-        path = (config.outputs / job.prompts).with_suffix(".results.jsonl")
-        if (downloaded := await download_results(retrier, client, batch_job, path, shutdown)) is not True:
-            return downloaded
-        async with contextlib.aclosing(read_blocks(path)) as blocks:  # type: ignore[type-var]
-            async for block in blocks:
-                for line in filter(None, block.decode().split("\n")):
-                    row = strict_json(line)
-                    if (prompt := prompts.pop(row.get("key"), None)) is None:
-                        continue  # a key not ours, or seen already, or collected by an earlier run
-                    result = batch_result(row, prompt, job.attempt, stats, json_output=config.json_schema is not None)
-                    await (error_queue if result.error is not None else output_queue).put(result)
-        for prompt_id, text, metadata in prompts.values():
-            reason = f"no result for this prompt in batch job {job.name}"
-            await error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
-        path.unlink()
-        return True
+    def item_of(self, row: dict[str, Any]) -> tuple[str, Prompt]:
+        return row["id"], (row["id"], row["prompt"], row["metadata"])
 
-    async def submit_new(files: JobFiles) -> None:
-        if shutdown.requested:
-            files.remove()
-        elif (job := await submit(files, 1)) is not None:
-            waiting.append(job)
+    async def deliver(self, item: Prompt, row: dict[str, Any], job: Job) -> None:
+        result = batch_result(row, item, job.attempt, self.stats, json_output=self.config.json_schema is not None)
+        await (self.error_queue if result.error is not None else self.output_queue).put(result)
 
-    waiting = list(jobs.live)  # jobs not ended yet, as far as we know: an earlier run's first
-    submitted = asyncio.Event()  # set once no new prompt can come
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(wait_and_collect())
-        filling: JobFiles | None = None
-        while (prompt := await input_queue.get()) is not None:
-            if shutdown.requested:
-                continue  # drain, so the readers and the sentinel get through
-            filling = filling or JobFiles(jobs.new_path(), settings)
-            await filling.add(prompt)
-            if filling.count == config.batch_job_size or filling.size >= JOB_BYTES:
-                await submit_new(filling)
-                filling = None
-        if filling is not None:
-            await submit_new(filling)
-        submitted.set()
-    for _ in range(config.writers):
-        await output_queue.put(None)
-    await error_queue.put(None)
+    async def fail(self, item: Prompt, reason: str, job: Job) -> None:
+        prompt_id, text, metadata = item
+        await self.error_queue.put(Result(prompt_id, text, metadata, error=reason, attempts=job.attempt))
+
+    async def end(self) -> None:
+        for _ in range(self.config.writers):
+            await self.output_queue.put(None)
+        await self.error_queue.put(None)
 
 
 def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
@@ -1247,7 +1137,6 @@ def strict_json(text: str | bytes) -> Any:
     return STRICT_DECODER.decode(text if isinstance(text, str) else text.decode())
 
 
-CHUNK_BYTES = 1 << 20  # the reader reads this much at a time, not a line at a time
 INPUT_SUFFIXES = (".txt", ".jsonl", ".ndjson")  # in any case: UPPER.TXT too
 # The ASCII characters that str.strip keeps but no one can see: a block without them (and all
 # ASCII) needs no per-line check for lines of only invisible characters.
@@ -1350,10 +1239,18 @@ CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it: where the pro
 PROGRESS_EVERY_S = 30.0  # off a terminal (nohup, CI logs), a plain progress line this often
 GRACE_S = 5.0  # after Ctrl-C or SIGTERM, calls in flight get this long before they are abandoned
 JOB_RE = re.compile(r"job_(\d+)")  # a --batch-api job's files: job_00001.jsonl, ...
+# A job holds at most this many bytes of requests: far under Google's 2 GB per input file, and its
+# items are read into memory when it is collected.
+JOB_BYTES = 256 << 20
+WRITE_EVERY = 1000  # items held before a job's files are appended to
+Item = TypeVar("Item")  # what a script's stages carry: the batcher's Input, the pipeline's Prompt
+ItemIn = TypeVar("ItemIn", contravariant=True)
 JOB_ENDED = frozenset(
     {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
      "JOB_STATE_EXPIRED"}
 )  # fmt: skip
+JOB_DONE = ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED")  # ended with results to collect
+CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
 MAX_NESTING = 100  # a JSONL row nested deeper fails alone (json.dumps recurses: 990 levels fail on 3.11)
@@ -1715,6 +1612,22 @@ async def append(f: Any, lines: list[str]) -> None:
         raise OSError(exc.errno, exc.strerror, getattr(f, "name", None)) from exc
 
 
+async def read_lines(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """The lines of what read(n) returns, read CHUNK_BYTES at a time: one thread hop per chunk,
+    not per line. A line ends with "\n", "\r\n" or a lone "\r" (old Mac files), which is not part
+    of it. A leading UTF-8 BOM (Windows editors, Excel exports) is dropped."""
+    tail, first = b"", True
+    while chunk := await read(CHUNK_BYTES):
+        data, first = tail + (chunk.removeprefix(BOM) if first else chunk), False
+        held = data[-1:] if data.endswith(b"\r") else b""  # it may be half of "\r\n": keep it for later
+        *lines, tail = newlines(data[: len(data) - len(held)]).split(b"\n")  # the last piece: a line's start
+        tail += held
+        for line in lines:
+            yield line
+    if tail:
+        yield tail.removesuffix(b"\r")
+
+
 def newlines(data: bytes) -> bytes:
     """data with "\r\n" and lone "\r" line ends made "\n" (a scan and no copy when it has none)."""
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
@@ -1781,6 +1694,175 @@ def make_client(
         if not (isinstance(exc, ValueError) or is_auth_error(exc)):
             raise
         raise UsageError(f"cannot make the Gemini client: {exc}") from None
+
+
+class ItemFiles(Protocol[ItemIn]):
+    """A job being filled (each script's JobFiles): its items' file (path, kept until its
+    outcomes are written) and its Batch API requests (requests_path, to upload)."""
+
+    path: Path
+    requests_path: Path
+    count: int  # items
+    size: int  # bytes of requests, about
+
+    async def add(self, item: ItemIn) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class JobKind(Protocol[Item]):
+    """What BatchJobs needs to know of a script's items: a job's files, its create call, how an
+    item is read back from its file, and where outcomes go (the stage's output queues)."""
+
+    noun: str  # "text", "prompt": in messages
+
+    def files(self, path: Path) -> ItemFiles[Item]: ...
+    def create(self, file_name: str, display_name: str) -> Awaitable[types.BatchJob]: ...
+    def item_of(self, row: dict[str, Any]) -> tuple[str, Item]: ...
+    async def deliver(self, item: Item, row: dict[str, Any], job: Job) -> None: ...
+    async def fail(self, item: Item, reason: str, job: Job) -> None: ...
+    async def end(self) -> None: ...
+
+
+class BatchJobs(Generic[Item]):
+    """The --batch-api stage of either script: Google's Batch API at half price, behind the
+    interactive stage's queue contract. It reads input_queue to its sentinel; outcomes go where
+    kind.deliver and kind.fail put them, and kind.end ends those queues.
+
+    Submit: items go out in jobs of up to job_size (or JOB_BYTES of requests): a job's files are
+    written, uploaded, the job created (create_job) and recorded in the book at once: it is billed.
+    Wait: one look at every waiting job each poll_interval_s (look_at_job). Collect: its results
+    are downloaded (download_results) and matched to the items by key, never by position; an item
+    with no result fails. A job that ends FAILED, CANCELLED or EXPIRED, or whose results are gone,
+    is resubmitted, up to max_attempts jobs for its items, which then fail with its state. Jobs an
+    earlier run recorded are waited on too, and an item already in the output (`done`: a run
+    killed after writing a job's outcomes, before the job left the book) is not delivered again.
+    After a shutdown request nothing is submitted and waiting stops at once: the jobs go on at
+    Google, and the next run collects them."""
+
+    def __init__(
+        self, client: Client, book: JobBook, kind: JobKind[Item], *, retrier: Retrier, shutdown: Shutdown,
+        stats: Any, job_size: int, max_attempts: int, poll_interval_s: float, done: Collection[str],
+    ) -> None:  # fmt: skip
+        self.client, self.book, self.kind, self.retrier, self.shutdown = client, book, kind, retrier, shutdown
+        self.stats, self.job_size, self.max_attempts = stats, job_size, max_attempts
+        self.poll_interval_s, self.done = poll_interval_s, done
+        self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.submitted = asyncio.Event()  # set once no new item can come
+
+    async def run(self, input_queue: asyncio.Queue[Item | None]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.wait_and_collect())
+            filling: ItemFiles[Item] | None = None
+            while (item := await input_queue.get()) is not None:
+                if self.shutdown.requested:
+                    continue  # drain, so the readers and the sentinel get through
+                filling = filling or self.kind.files(self.book.new_path())
+                await filling.add(item)
+                if filling.count == self.job_size or filling.size >= JOB_BYTES:
+                    await self.submit(filling, 1)
+                    filling = None
+            if filling is not None:
+                await self.submit(filling, 1)
+            self.submitted.set()
+        await self.kind.end()
+
+    async def submit(self, files: ItemFiles[Item], attempt: int, replacing: Job | None = None) -> None:
+        """Uploads and creates the job of `files`, records it and waits on it; if the run stops
+        first, or the API refuses, its files go (nothing names them)."""
+        await files.flush()
+        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
+        try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
+            if self.shutdown.requested:
+                raise Stopped("not sent: the run is stopping")
+            upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
+            uploaded = await self.retrier.call(
+                lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
+            )
+            create = functools.partial(self.kind.create, str(uploaded.name), display_name)
+            created = await create_job(self.retrier, self.client, create, display_name)
+        except Exception as exc:
+            await asyncio.to_thread(files.path.unlink, missing_ok=True)
+            if isinstance(exc, Stopped):
+                return
+            if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                raise
+            self.shutdown.fail(f"the Batch API refused a job: {describe(exc)}")
+            return
+        finally:
+            await asyncio.to_thread(files.requests_path.unlink, missing_ok=True)  # what stays: the items' file
+        job = self.book.job(str(created.name), files.path, attempt)
+        await self.book.record(job, replacing=replacing)  # before anything else: it is billed
+        self.stats.batch_jobs += 1
+        log.info("batch job %s created: %s (attempt %d)", job.name, plural(files.count, self.kind.noun), attempt)
+        self.waiting.append(job)
+
+    async def wait_and_collect(self) -> None:
+        """One look at every job waiting, each poll interval: an ended job is collected, or its
+        items resubmitted (or failed), one job at a time. Ends when nothing is waiting and no job
+        can come any more (submitting is over), or at once on a shutdown request."""
+        while self.waiting or not self.submitted.is_set():
+            for job in list(self.waiting):
+                if (ended := await self.look_at(job)) is None:
+                    continue
+                items = await self.read_items(job)
+                state = ended if isinstance(ended, str) else ended.state.value if ended.state else ""
+                if isinstance(ended, types.BatchJob) and state in JOB_DONE:
+                    if (collected := await self.collect(job, ended, items)) is False:
+                        continue  # looked at again next time, or the run stops
+                    if collected is not True:  # its results are gone: as a job that ended undone
+                        log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
+                        state = collected
+                self.waiting.remove(job)
+                if state in JOB_DONE:
+                    pass
+                elif job.attempt < self.max_attempts and items:
+                    files = self.kind.files(self.book.new_path())
+                    for item in items.values():
+                        await files.add(item)
+                    await self.submit(files, job.attempt + 1, replacing=job)
+                else:
+                    reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
+                    for item in items.values():
+                        await self.kind.fail(item, reason, job)
+                self.book.collected.append(job)  # its file goes at the end of the run
+                if self.shutdown.requested:
+                    return
+            if await self.shutdown.waited(self.poll_interval_s if self.waiting else 0.05):
+                return  # the jobs go on at Google: the next run collects them
+
+    async def look_at(self, job: Job) -> types.BatchJob | str | None:
+        """The job once it has ended (or why the API does not know it); else None."""
+        batch_job = await look_at_job(self.retrier, self.client, job.name, self.shutdown)
+        if not isinstance(batch_job, types.BatchJob):
+            return batch_job
+        self.book.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        return batch_job if state in JOB_ENDED else None
+
+    async def read_items(self, job: Job) -> dict[str, Item]:
+        """A job's items by id, but those already done."""
+        items: dict[str, Item] = {}
+        async with open_file(self.book.path_of(job), "rb") as f:
+            async for line in read_lines(f.read):
+                item_id, item = self.kind.item_of(STRICT_DECODER.decode(line.decode()))
+                if item_id not in self.done:
+                    items[item_id] = item
+        return items
+
+    async def collect(self, job: Job, batch_job: types.BatchJob, items: dict[str, Item]) -> bool | str:
+        """The job's outcomes delivered: True; or why not (see download_results)."""
+        path = self.book.path_of(job).with_suffix(".results.jsonl")
+        downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
+        if downloaded is not True:
+            return downloaded
+        async with open_file(path, "rb") as f:
+            async for line in read_lines(f.read):
+                row = STRICT_DECODER.decode(line.decode())
+                if (item := items.pop(row.get("key"), None)) is not None:  # else not ours, or seen already
+                    await self.kind.deliver(item, row, job)
+        for item in items.values():
+            await self.kind.fail(item, f"no result for this {self.kind.noun} in batch job {job.name}", job)
+        await asyncio.to_thread(path.unlink)
+        return True
 
 
 async def create_job(

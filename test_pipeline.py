@@ -1173,13 +1173,14 @@ class BatchStubHandler(BaseHTTPRequestHandler):
     def serve(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         status, headers, data = self.stub.handle(method, self.path, self.headers, body)
-        self.send_response(status)
         headers.setdefault("Content-Type", "application/json")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        with contextlib.suppress(ConnectionError):  # a client that gave up (a hung upload abandoned)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
 
 @contextlib.contextmanager
