@@ -202,7 +202,7 @@ def is_jsonl(path: Path) -> bool:
 
 async def generate_content(
     client: Client, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None], *,
-    error_queue: asyncio.Queue[Result | None], config: Config, gate: Gate, stats: Stats, shutdown: Shutdown,
+    error_queue: asyncio.Queue[Result | None], config: Config, retrier: Retrier, stats: Stats, shutdown: Shutdown,
     word_count_pool: Executor | None = None,
 ) -> None:  # fmt: skip
     """config.workers workers take prompts until their sentinel and put each Result on
@@ -221,9 +221,10 @@ async def generate_content(
             try:
                 async with shutdown.abandonable():
                     result = await generate_one(
-                        client, prompt, config=config, generation=generation, gate=gate, stats=stats, shutdown=shutdown
-                    )
-            except TimeoutError:
+                        client, prompt, config=config, generation=generation, retrier=retrier, stats=stats,
+                        shutdown=shutdown,
+                    )  # fmt: skip
+            except (TimeoutError, Stopped):
                 log.warning("%s: abandoned as the run stops; the next run redoes it", prompt[0])
                 continue
             finally:
@@ -249,27 +250,30 @@ async def generate_content(
 
 
 async def generate_one(
-    client: Client, prompt: Prompt, *, config: Config, generation: types.GenerateContentConfig | None, gate: Gate,
-    stats: Stats, shutdown: Shutdown,
+    client: Client, prompt: Prompt, *, config: Config, generation: types.GenerateContentConfig | None,
+    retrier: Retrier, stats: Stats, shutdown: Shutdown,
 ) -> Result | None:  # fmt: skip
-    """Calls the model for one prompt, each attempt bounded by config.request_timeout_s,
-    retrying transient errors; failures come back as data. An error about the request as a
-    whole (a bad key or model) calls shutdown.fail and returns None: the prompt is left for
-    the next run."""
+    """Calls the model for one prompt through the run's Retrier (its attempts bounded, transient
+    errors retried, the quota's gate waited on); failures come back as data. An error about the
+    request as a whole (a bad key or model, a spent daily quota) calls shutdown.fail and returns
+    None: the prompt is left for the next run, as on Stopped (the run stopping), which propagates."""
     prompt_id, text, metadata = prompt
     estimate = 0.0
     if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
         expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
         expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
         estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
-    for attempt in range(1, config.max_attempts + 1):
-        await gate.wait_turn(estimate)
+    attempts = 0
+
+    async def attempt() -> Result:
+        nonlocal attempts
+        attempts, used = attempts + 1, 0
         stats.calls += 1
-        used = 0
         try:
-            call = client.aio.models.generate_content(model=config.model, contents=text, config=generation)
             try:
-                response = await bounded(call, config.request_timeout_s)
+                response = await client.aio.models.generate_content(
+                    model=config.model, contents=text, config=generation
+                )
             except ValueError as exc:
                 if not is_unparsable_reply(exc):
                     raise  # raised before sending ("model is required."): a fault of the call, not the reply
@@ -277,24 +281,24 @@ async def generate_one(
             usage = count_usage(response, stats)
             used = sum(usage.values()) if usage else 0
             answer, reason = read_answer(response, json_output=config.json_schema is not None)
-            return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
-        except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, (errors.APIError, ItemFailed)) or is_auth_error(exc)):
-                raise  # a bug, not a fault of this prompt: let it surface
-            if (reason := stop_reason(exc, config.model)) is not None:
-                shutdown.fail(reason)
-                return None
-            if (delay_s := server_retry_delay_s(exc)) is not None:
-                gate.pause(delay_s)  # first: the delay holds every worker, even after a last attempt
-            if not is_transient(exc) or attempt == config.max_attempts:
-                refused = isinstance(exc, errors.APIError) and not is_transient(exc)
-                return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, refused=refused)
-            stats.retries += 1
-            log.info("%s: retrying after %s", prompt_id, describe(exc))
-            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, config.base_delay_s * 2 ** (attempt - 1))))
+            return Result(prompt_id, text, metadata, answer, attempts=attempts, usage=usage, finish_reason=reason)
         finally:
-            gate.settle(estimate, used)
-    raise AssertionError("unreachable")
+            retrier.gate.settle(estimate, used)  # the tokens it used, not the guess: the next call may start
+
+    try:
+        return await retrier.call(attempt, tokens=estimate)
+    except Stopped:
+        raise
+    except Exception as exc:
+        if not (is_transient(exc) or isinstance(exc, (errors.APIError, ItemFailed)) or is_auth_error(exc)):
+            raise  # a bug, not a fault of this prompt: let it surface
+        if (reason := stop_reason(exc, config.model)) is not None:
+            shutdown.fail(reason)
+            return None
+        refused = isinstance(exc, errors.APIError) and not is_transient(exc)
+        return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempts, refused=refused)
+    finally:
+        stats.retries += max(0, attempts - 1)
 
 
 # --- Stage 3: the output writers ---
@@ -402,7 +406,10 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
         if resume.done or resume.failed:
             log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
-        gate = Gate(rpm=config.rpm, tpm=config.tpm)
+        retrier = Retrier(  # every call of the run, in either mode
+            max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm,
+            tpm=config.tpm, base_delay_s=config.base_delay_s, shutdown=shutdown,
+        )  # fmt: skip
         input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
@@ -416,12 +423,6 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
             )
         if config.batch_api:  # the one stage that changes: submit, wait, collect
-            retrier = Retrier(
-                max_attempts=config.max_attempts,
-                request_timeout_s=config.request_timeout_s,
-                base_delay_s=config.base_delay_s,
-                shutdown=shutdown,
-            )
             kind = GenerateJobs(client, config, stats, output_queue, error_queue)
             generator = BatchJobs(
                 client, jobs, kind, retrier=retrier, shutdown=shutdown, stats=stats, job_size=config.batch_job_size,
@@ -434,7 +435,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 output_queue,
                 error_queue=error_queue,
                 config=config,
-                gate=gate,
+                retrier=retrier,
                 stats=stats,
                 shutdown=shutdown,
                 word_count_pool=pool,

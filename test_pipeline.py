@@ -245,7 +245,7 @@ class EndToEndTest(PipelineTestCase):
         input_queue.put_nowait(None)
         await pipeline.generate_content(
             client, input_queue, output_queue, error_queue=output_queue, config=Config(workers=1),
-            gate=pipeline.Gate(rpm=None, tpm=None), stats=pipeline.Stats(), shutdown=Shutdown(), word_count_pool=pool,
+            retrier=pipeline.Retrier(), stats=pipeline.Stats(), shutdown=Shutdown(), word_count_pool=pool,
         )  # fmt: skip
         results = [output_queue.get_nowait() for _ in range(2)]
         self.assertEqual([r.word_count for r in results], [1, 6])  # "10"; "A simulated answer to: Say hi"
