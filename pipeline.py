@@ -388,12 +388,16 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
         print(f"pipeline: {notice}", file=sys.stderr)
+    retrier = Retrier(  # every call of the run, in every mode
+        max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm,
+        tpm=config.tpm, base_delay_s=config.base_delay_s, shutdown=shutdown,
+    )  # fmt: skip
     with locked(config.outputs):
         # Every check comes before any change: a refused run leaves the folder as it was.
         resume, manifest = await asyncio.to_thread(open_outputs, config)
         jobs = JobBook(config.outputs, manifest)
         if config.batch_cancel:
-            return await cancel_jobs(client, jobs)
+            return await cancel_jobs(client, jobs, retrier)
         if jobs.live and not config.batch_api:
             raise UsageError(
                 f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
@@ -406,10 +410,6 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
         if resume.done or resume.failed:
             log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
-        retrier = Retrier(  # every call of the run, in either mode
-            max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm,
-            tpm=config.tpm, base_delay_s=config.base_delay_s, shutdown=shutdown,
-        )  # fmt: skip
         input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
@@ -891,17 +891,25 @@ def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
     return queued
 
 
-async def cancel_jobs(client: Client, jobs: JobBook) -> int:
-    """--batch-cancel: cancels every recorded job and forgets it; its prompts go in the next run."""
-    for job in jobs.live:
+async def cancel_jobs(client: Client, jobs: JobBook, retrier: Retrier) -> int:
+    """--batch-cancel: cancels every recorded job (through the retrier, as every call) and forgets
+    it; its prompts go in the next run. A job that cannot be reached now stays recorded (exit 1)."""
+    for job in list(jobs.live):
         try:
-            await client.aio.batches.cancel(name=job.name)
+            await retrier.call(functools.partial(client.aio.batches.cancel, name=job.name))
             print(f"cancelled {job.name}")
-        except errors.APIError as exc:  # ended already, say: forgotten all the same
-            print(f"{job.name}: {describe(exc)}; forgotten")
-    jobs.collected = list(jobs.live)
+        except Stopped:
+            break
+        except Exception as exc:
+            if is_transient(exc):  # it may run on: forgetting it would lose what it costs
+                print(f"{job.name}: {describe(exc)}; still recorded: run with --batch-cancel again")
+                continue
+            if not isinstance(exc, errors.APIError):
+                raise
+            print(f"{job.name}: {describe(exc)}; forgotten")  # ended already, say: forgotten all the same
+        jobs.collected.append(job)
     await jobs.drop_collected()
-    return 0
+    return 1 if jobs.live else 0
 
 
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore

@@ -1046,7 +1046,7 @@ class BatchStub:
         self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
         self.port = 0
         # Faults: statuses to answer, in turn, per call ("create" makes the job first: a late answer).
-        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": []}
+        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": [], "cancel": []}
         self.hold_uploads = threading.Event()  # set: an upload start hangs until released
         self.released = threading.Event()
 
@@ -1124,6 +1124,8 @@ class BatchStub:
                     self.files[f"files/results-{number}"] = self.answer(self.files[job["file"]])
             return 200, {}, json.dumps(self.operation(m.group(2))).encode()
         if method == "POST" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+):cancel", path)):
+            if (fault := self.fault("cancel")) is not None:
+                return fault
             self.jobs[m.group(2)]["state"] = "BATCH_STATE_CANCELLED"
             return 200, {}, b"{}"
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
@@ -1369,6 +1371,19 @@ class BatchApiTest(PipelineTestCase):
             self.assertEqual((await self.run_batch(url))[0], 0)
             self.assertFalse(orphan.exists())
         self.assert_exactly_once(prompts)
+
+    async def test_batch_cancel_retries_and_keeps_a_job_it_could_not_reach(self) -> None:
+        write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            await self.interrupted_while_waiting(url, stub)
+            stub.faults["cancel"] = [503, 503, 503, 503]  # max_attempts 3: one call short of the fourth
+            status, out = await self.run_batch(url, batch_cancel=True, max_attempts=3)
+            self.assertEqual(status, 1)
+            self.assertIn("batches/1: 503 UNAVAILABLE: cancel fault; still recorded", out)
+            self.assertEqual(len(pipeline.read_manifest(self.outputs)["jobs"]), 1)  # type: ignore[index]
+            self.assertEqual((await self.run_batch(url, batch_cancel=True, max_attempts=3))[0], 0)  # 503, then done
+            self.assertEqual(pipeline.read_manifest(self.outputs)["jobs"], [])  # type: ignore[index]
+            self.assertEqual(stub.jobs["batches/1"]["state"], "BATCH_STATE_CANCELLED")
 
     async def test_a_row_with_a_lone_surrogate_fails_alone_in_both_modes(self) -> None:
         self.inputs.mkdir()
