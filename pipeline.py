@@ -1695,7 +1695,10 @@ def make_client(
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
     timeout_ms = math.ceil(request_timeout_s * 1000)
     options = types.HttpOptions(
-        retry_options=types.HttpRetryOptions(attempts=1), timeout=timeout_ms, async_client_args=keep_alive(connections)
+        retry_options=types.HttpRetryOptions(attempts=1),
+        timeout=timeout_ms,
+        async_client_args=keep_alive(connections),
+        api_version=None if vertex else api_version(),
     )
     try:
         return genai.Client(http_options=options)
@@ -1943,6 +1946,14 @@ async def download_results(
             raise
         shutdown.fail(f"cannot download the results of batch job {job.name} ({describe(exc)}); it stays recorded")
         return False
+
+
+def api_version() -> str:
+    """The Developer API's version: v1beta, unless GOOGLE_GENAI_API_VERSION says otherwise ("beta"
+    is the SDK's name for v1beta). google-genai 3 sends v1 by default, where the -latest aliases,
+    the Files API and the Batch API do not exist (its release notes; a 404 on the first call)."""
+    chosen = os.environ.get("GOOGLE_GENAI_API_VERSION", "").strip()
+    return "v1beta" if chosen in ("", "beta") else chosen
 
 
 def keep_alive(connections: int) -> dict[str, Any]:

@@ -586,6 +586,20 @@ class BatchedEmbedderTest(unittest.IsolatedAsyncioTestCase):
         )
 
 
+def refused_on_v1(path: str) -> dict[str, Any] | None:
+    """Google's 404 for what exists on /v1beta only (google-genai 3's release notes): the -latest
+    model aliases, the Files API and the Batch API. None: served on this path's version."""
+    if not re.match(r"/(upload/)?v1/", path):
+        return None
+    if m := re.search(r"models/([^/:]+-latest):(\w+)", path):
+        message = f"models/{m.group(1)} is not found for API version v1, or is not supported for {m.group(2)}."
+    elif re.search(r"/files|/batches|:(asyncBatchEmbedContent|batchGenerateContent)", path):
+        message = f"The requested URL {path.partition('?')[0]} was not found on this server."
+    else:
+        return None
+    return {"error": {"code": 404, "message": message, "status": "NOT_FOUND"}}
+
+
 class StubHandler(BaseHTTPRequestHandler):
     """A tiny stand-in for the Gemini API. The first `fail_first` embed calls get a 429
     with a RetryInfo delay; then it answers batchEmbedContents with one vector per text. As the
@@ -604,7 +618,9 @@ class StubHandler(BaseHTTPRequestHandler):
         if self.received_at is not None:
             self.received_at.append(time.monotonic())
         self.requests.append((self.path, body))
-        if self.error is not None:
+        if (refusal := refused_on_v1(self.path)) is not None:
+            self.reply(404, refusal)
+        elif self.error is not None:
             self.reply(self.error["error"]["code"], self.error)
         elif len(self.requests) <= self.fail_first:
             details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.2s"}]
@@ -683,9 +699,27 @@ class RealClientTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn("4 API calls, 1 retry,", out.getvalue())
         paths = {path for path, _ in requests}
         self.assertEqual(len(paths), 1)
-        self.assertRegex(paths.pop(), r"^/v1(beta)?/models/gemini-embedding-001:batchEmbedContents$")
+        self.assertEqual(paths.pop(), "/v1beta/models/gemini-embedding-001:batchEmbedContents")  # not SDK 3's v1
         self.assertTrue(all(r["outputDimensionality"] == 3 for _, body in requests for r in body["requests"]))
         self.assertEqual(sum(len(body["requests"]) for _, body in requests[1:]), 20)
+
+
+class ApiVersionTest(unittest.IsolatedAsyncioTestCase):
+    async def test_v1beta_goes_on_the_wire_unless_google_genai_api_version_says_otherwise(self) -> None:
+        for chosen, sent in (("", "v1beta"), ("beta", "v1beta"), ("v1alpha", "v1alpha")):
+            with self.subTest(chosen=chosen), stub_server() as (base_url, requests):
+                with mock.patch.dict(os.environ, {"GOOGLE_GENAI_API_VERSION": chosen}):
+                    client = real_client(base_url)
+                try:
+                    embeddings = await batcher.embed_batch(
+                        client, ["a", "b"], settings=batcher.EmbedSettings(), retrier=batcher.Retrier()
+                    )
+                finally:
+                    await client.aio.aclose()
+                self.assertEqual(len(embeddings), 2)
+                self.assertEqual(
+                    [path for path, _ in requests], [f"/{sent}/models/gemini-embedding-001:batchEmbedContents"]
+                )
 
 
 class FaultyStubHandler(BaseHTTPRequestHandler):
@@ -701,6 +735,9 @@ class FaultyStubHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if refused_on_v1(self.path) is not None:
+            self.connection.shutdown(2)  # not served: the test fails loudly
+            return
         texts = [r["content"]["parts"][0]["text"] for r in body["requests"]]
         first = set()
         for text in texts:
@@ -1279,6 +1316,8 @@ class BatchStub:
         return code, {}, json.dumps({"error": {"code": code, "message": f"{call} fault", "status": status}}).encode()
 
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if (refusal := refused_on_v1(path)) is not None:
+            return 404, {}, json.dumps(refusal).encode()
         if method == "GET" and re.fullmatch(r"/v1(beta)?/batches(\?.*)?", path):
             if "filter=" in path:  # the Developer API refuses a list filter
                 return 400, {}, b'{"error": {"code": 400, "message": "filter", "status": "INVALID_ARGUMENT"}}'

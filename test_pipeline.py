@@ -699,6 +699,20 @@ class ResumeSafetyTest(PipelineTestCase):
         self.assertEqual(records(self.outputs)[0]["prompt"], "a\u2028b\u2029c")
 
 
+def refused_on_v1(path: str) -> dict[str, Any] | None:
+    """Google's 404 for what exists on /v1beta only (google-genai 3's release notes): the -latest
+    model aliases, the Files API and the Batch API. None: served on this path's version."""
+    if not re.match(r"/(upload/)?v1/", path):
+        return None
+    if m := re.search(r"models/([^/:]+-latest):(\w+)", path):
+        message = f"models/{m.group(1)} is not found for API version v1, or is not supported for {m.group(2)}."
+    elif re.search(r"/files|/batches|:(asyncBatchEmbedContent|batchGenerateContent)", path):
+        message = f"The requested URL {path.partition('?')[0]} was not found on this server."
+    else:
+        return None
+    return {"error": {"code": 404, "message": message, "status": "NOT_FOUND"}}
+
+
 class StubHandler(BaseHTTPRequestHandler):
     """A tiny stand-in for the Gemini API: generateContent answers "ok: <prompt>"; the first
     call gets a 429 with a RetryInfo delay."""
@@ -712,7 +726,9 @@ class StubHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.paths.append(self.path)
         payload: dict[str, Any]
-        if len(self.paths) == 1:
+        if (refusal := refused_on_v1(self.path)) is not None:
+            status, payload = 404, refusal
+        elif len(self.paths) == 1:
             details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.1s"}]
             error: dict[str, Any] = {
                 "code": 429,
@@ -745,6 +761,25 @@ def stub_server() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
+class ApiVersionTest(PipelineTestCase):
+    async def test_the_default_model_is_called_on_v1beta_unless_google_genai_api_version_says_otherwise(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 3)
+        for chosen, sent in (("", "v1beta"), ("v1alpha", "v1alpha")):
+            with self.subTest(chosen=chosen), stub_server() as (base_url, paths):
+                shutil.rmtree(self.outputs, ignore_errors=True)
+                env = {"GEMINI_API_KEY": "k", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": base_url,
+                       "GOOGLE_GENAI_API_VERSION": chosen}  # fmt: skip
+                with mock.patch.dict(os.environ, env):
+                    client = pipeline.make_client(offline=False, fake_latency_s=0)
+                try:
+                    status, _ = await self.run_pipeline(client)  # the default model: gemini-flash-latest
+                finally:
+                    await client.aio.aclose()
+                self.assertEqual(status, 0, self.stderr)
+                self.assertEqual(set(paths), {f"/{sent}/models/gemini-flash-latest:generateContent"})
+                self.assert_exactly_once(prompts)
+
+
 class RealClientTest(PipelineTestCase):
     async def test_end_to_end_through_genai_client_against_a_local_stub(self) -> None:
         prompts = write_inputs(self.inputs, 2, 3)
@@ -774,6 +809,9 @@ class FaultyStubHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if refused_on_v1(self.path) is not None:
+            self.connection.shutdown(2)  # not served: the test fails loudly
+            return
         prompt = body["contents"][0]["parts"][0]["text"]
         self.calls[prompt] = self.calls.get(prompt, 0) + 1
         first = self.calls[prompt] == 1
@@ -977,6 +1015,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self.bodies.append(body)
             number = len(self.bodies)
         status, payload = type(self).respond(body, number)
+        if (refusal := refused_on_v1(self.path)) is not None:
+            status, payload = 404, refusal
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -1074,6 +1114,8 @@ class BatchStub:
         return code, {}, json.dumps({"error": {"code": code, "message": f"{call} fault", "status": status}}).encode()
 
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if (refusal := refused_on_v1(path)) is not None:
+            return 404, {}, json.dumps(refusal).encode()
         if method == "GET" and re.fullmatch(r"/v1(beta)?/batches(\?.*)?", path):
             if "filter=" in path:  # the Developer API refuses a list filter
                 return 400, {}, b'{"error": {"code": 400, "message": "filter", "status": "INVALID_ARGUMENT"}}'
