@@ -306,9 +306,11 @@ async def generate_one(
 
 async def write_outputs(
     output_dir: Path, output_queue: asyncio.Queue[Result | None], *, shard_size: int = SHARD_SIZE,
-    shard_numbers: Iterator[int], stats: Stats, quiet: bool = False,
+    shard_numbers: Iterator[int], stats: Stats, quiet: bool = False, resume: Resume | None = None,
 ) -> None:  # fmt: skip
     """One writer: appends records to shards of at most shard_size lines until its sentinel.
+    An id that failed in an earlier run (in resume.failed) is noted in resume.redone once written,
+    so its error leaves errors.jsonl without reading the shards again.
 
     Each writer owns the shards it starts, numbered from the shared shard_numbers, and starts
     one only for a record (no shard is empty) with "xb" (it never overwrites a file). A shard
@@ -339,6 +341,8 @@ async def write_outputs(
                     await asyncio.to_thread(remove_if_empty, path)
                     raise
             stats.succeeded += len(results)
+            if resume is not None and resume.failed:
+                resume.redone.update(result.id for result in results if result.id in resume.failed)
             if ended:
                 return
 
@@ -448,7 +452,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             generator,
             *(write_outputs(
                 config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
-                quiet=config.quiet,
+                quiet=config.quiet, resume=resume,
             ) for _ in range(config.writers)),
             write_errors(config.outputs, error_queue, stats=stats),
         ]  # fmt: skip
@@ -466,9 +470,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 pool.shutdown(cancel_futures=True)
         if not file_errors:  # the results of collected jobs are written: the jobs leave the manifest
             await jobs.drop_collected()
-        done: Collection[str] = resume.done
-        if resume.failed and stats.succeeded:  # retried ids that succeeded leave errors.jsonl
-            done = (await asyncio.to_thread(scan_outputs, config.outputs, strict=False)).done
+        done = resume.done.keys() | resume.redone  # retried ids that succeeded leave errors.jsonl
         # Errors of ids no longer in the inputs go, once the readers have met every input.
         gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
         errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
@@ -966,6 +968,7 @@ class Resume:
     retry_failed: bool = False  # --retry-errors, or failures made with other settings: run them again
     met: set[str] = field(default_factory=set)  # the failed ids that the readers met in the inputs
     queued: dict[str, int] = field(default_factory=dict)  # ids in a live Batch API job (see JobBook)
+    redone: set[str] = field(default_factory=set)  # failed ids written by this run (see write_outputs)
 
     def skips(self, prompt_id: str, text: str) -> bool:
         """Whether the readers pass over this prompt. A failed prompt runs again if its text
