@@ -48,7 +48,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
@@ -474,22 +474,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         # Errors of ids no longer in the inputs go, once the readers have met every input.
         gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
         errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
-    print(stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)))
-    for fault in file_errors:  # one line each, naming the file
-        print(f"pipeline.py: error: {fault}", file=sys.stderr)
-    if file_errors:
-        return 1
-    if shutdown.failure is not None:
-        print(f"pipeline.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
-        return 2
-    if jobs.live:
-        print(
-            f"pipeline.py: {plural(len(jobs.live), 'Batch API job')} still running at Google: run the same command "
-            "again to collect them (or --batch-cancel to stop them)", file=sys.stderr,
-        )  # fmt: skip
-    if shutdown.signal is not None:
-        return 128 + shutdown.signal
-    return 1 if errors_held else 0
+    return end_of_run(
+        stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)), shutdown=shutdown,
+        file_errors=file_errors, live_jobs=len(jobs.live), failed=bool(errors_held),
+        live_hint=" (or --batch-cancel to stop them)",
+    )  # fmt: skip
 
 
 @dataclass
@@ -1568,6 +1557,29 @@ def signals_handled(shutdown: Shutdown) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
+def end_of_run(
+    summary: str, *, shutdown: Shutdown, file_errors: list[BaseException], live_jobs: int, failed: bool,
+    live_hint: str = "",
+) -> int:  # fmt: skip
+    """The one place a run ends: prints its summary, then a line for each reason it stopped (on
+    stderr), and returns the exit status: 1 a disk or file error (what was written stays valid),
+    2 an error about every request, 128 + the signal when interrupted, else 1 if an item failed."""
+    print(summary)
+    for fault in file_errors:  # one line each, naming the file
+        print(f"{PROG}.py: error: {fault}", file=sys.stderr)
+    if file_errors:
+        return 1
+    if shutdown.failure is not None:
+        print(f"{PROG}.py: error: {shutdown.failure}; what is not done is left for the next run", file=sys.stderr)
+        return 2
+    if live_jobs:
+        print(f"{PROG}.py: {plural(live_jobs, 'Batch API job')} still running at Google: run the same command again "
+              f"to collect them{live_hint}", file=sys.stderr)  # fmt: skip
+    if shutdown.signal is not None:
+        return 128 + shutdown.signal
+    return 1 if failed else 0
+
+
 def plural(count: int, noun: str, nouns: str = "") -> str:
     """ "1 item", "2 items"; "1 retry", "0 retries"."""
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
@@ -2031,6 +2043,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return make_parser().parse_args(argv)
 
 
+def exit_status(run: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """asyncio.run(run()), with bad input or flags (UsageError) as one line and exit status 2, and
+    a disk or file error that stopped a stage as one line naming the file, exit status 1."""
+    try:
+        return asyncio.run(run())
+    except UsageError as exc:
+        print(f"{PROG}.py: error: {exc}", file=sys.stderr)
+        return 2
+    except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
+        faults = leaf_exceptions(group)
+        if not all(isinstance(fault, OSError) for fault in faults):
+            raise  # a bug: the traceback is what helps
+        for fault in faults:  # a disk or file error: say which, in one line
+            print(f"{PROG}.py: error: {fault}", file=sys.stderr)
+        return 1
+
+
 def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     """The exceptions in a (nested) exception group, or [exc]."""
     if isinstance(exc, BaseExceptionGroup):
@@ -2353,18 +2382,7 @@ def run_cli(argv: list[str] | None = None) -> int:
                 if isinstance(client, genai.Client):
                     await client.aio.aclose()  # the kept-alive connections
 
-    try:
-        return asyncio.run(run())
-    except UsageError as exc:
-        print(f"pipeline.py: error: {exc}", file=sys.stderr)
-        return 2
-    except ExceptionGroup as group:  # a stage failed; the TaskGroup stopped the others
-        faults = leaf_exceptions(group)
-        if not all(isinstance(fault, OSError) for fault in faults):
-            raise  # a bug: the traceback is what helps
-        for fault in faults:  # a disk or file error: say which, in one line
-            print(f"pipeline.py: error: {fault}", file=sys.stderr)
-        return 1
+    return exit_status(run)
 
 
 if __name__ == "__main__":
