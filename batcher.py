@@ -127,18 +127,18 @@ async def enqueue_inputs(
 
 
 async def read_corpus(
-    source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None], *,
-    jsonl: bool, resume: Resume, stats: RunStats, shutdown: Shutdown,
+    run: Run, source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None]
 ) -> None:  # fmt: skip
     """A real corpus: puts an Input for each non-blank line of the file (None: stdin), as fast as
     the bounded queue takes them. A plain line is one text, stripped, with the id
-    "<file name>:<line number>" ("stdin:<n>"); with jsonl, a line is a row (see parse_row). Ids
-    done in `resume` (already in the output) are passed over. A line that cannot be embedded
+    "<file name>:<line number>" ("stdin:<n>"); in JSONL (config.jsonl), a line is a row (see
+    parse_row). Ids done in run.resume (already in the output) are passed over. A line that cannot be embedded
     (not UTF-8, a bad row) goes to output_queue as failed, and reading goes on.
 
-    A done id whose text changed is counted in `resume` and stops the run (shutdown.fail):
+    A done id whose text changed is counted in run.resume and stops the run (shutdown.fail):
     nothing more is sent, and the rest is read only to count the changed ones.
     Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
+    jsonl, resume, stats, shutdown = run.config.jsonl, run.resume, run.stats, run.shutdown
     name, number, seen = source.name if source is not None else "stdin", 0, set[str]()
     async with contextlib.AsyncExitStack() as stack:
         if source is None:
@@ -481,14 +481,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
         print(f"batcher: {notice}", file=sys.stderr)
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
-    retrier = Retrier(
-        max_attempts=config.max_attempts,
-        request_timeout_s=config.request_timeout_s,
-        rpm=config.rpm,
-        tpm=config.tpm,
-        shutdown=shutdown,
-    )
-    stats, tty = RunStats(), sys.stderr.isatty()
+    run = Run(config, client, shutdown=shutdown)
+    stats, retrier, tty = run.stats, run.retrier, sys.stderr.isatty()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
     output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -509,7 +503,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             except OSError as exc:  # a read-only file system, a dangling symlink, no permission
                 raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
             lock_output(output, config.output)  # before reading it: another run may be writing
-            resume = await resume_output(config.output, config)
+            resume = run.resume = await resume_output(config.output, config)
             size = os.fstat(output.fileno()).st_size
             if resume.done:
                 log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
@@ -527,16 +521,10 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             )  # fmt: skip
         else:
             path = None if config.input == STDIN else config.input
-            source = read_corpus(
-                path, input_queue, output_queue, jsonl=config.jsonl, resume=resume, stats=stats, shutdown=shutdown
-            )
+            source = read_corpus(run, path, input_queue, output_queue)
         stages = [source]
         if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
-            kind = EmbedJobs(client, config.embedding, output_queue)
-            stages.append(BatchJobs(
-                client, jobs, kind, retrier=retrier, shutdown=shutdown, stats=stats, job_size=config.batch_job_size,
-                max_attempts=config.max_attempts, poll_interval_s=config.poll_interval_s, done=resume.done,
-            ).run(input_queue))  # fmt: skip
+            stages.append(BatchJobs(run, jobs, EmbedJobs(run, output_queue)).run(input_queue))
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
             stages.append(embed_content(
@@ -569,6 +557,27 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         summary(batcher, retrier, stats, stopped=stopped, batch_api=config.batch_api), shutdown=shutdown,
         file_errors=file_errors, live_jobs=len(jobs.live) if config.batch_api else 0, failed=bool(stats.failed),
     )  # fmt: skip
+
+
+@dataclass
+class Run:
+    """What the stages of one run share, made once by main(): the settings, the client, the
+    counts, the shutdown, the Retrier that every call goes through (rpm, tpm and retries as the
+    settings say), and what the output file holds (resume)."""
+
+    config: Config
+    client: Client = None
+    stats: RunStats = field(default_factory=lambda: RunStats())
+    shutdown: Shutdown = field(default_factory=lambda: Shutdown())
+    resume: Resume = field(default_factory=lambda: Resume())
+    retrier: Retrier = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.retrier = Retrier(
+            max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s, rpm=c.rpm, tpm=c.tpm,
+            shutdown=self.shutdown,
+        )  # fmt: skip
 
 
 @dataclass
@@ -923,8 +932,8 @@ class EmbedJobs:
 
     noun = "text"
 
-    def __init__(self, client: Client, settings: EmbedSettings, output_queue: asyncio.Queue[Output | None]) -> None:
-        self.client, self.settings, self.output_queue = client, settings, output_queue
+    def __init__(self, run: Run, output_queue: asyncio.Queue[Output | None]) -> None:
+        self.client, self.settings, self.output_queue = run.client, run.config.embedding, output_queue
 
     def files(self, path: Path) -> JobFiles:
         return JobFiles(path, self.settings)
@@ -1806,24 +1815,27 @@ class BatchJobs(Generic[Item]):
     interactive stage's queue contract. It reads input_queue to its sentinel; outcomes go where
     kind.deliver and kind.fail put them, and kind.end ends those queues.
 
-    Submit: items go out in jobs of up to job_size (or JOB_BYTES of requests): a job's files are
+    Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a job's files are
     written, uploaded, the job created (create_job) and recorded in the book at once: it is billed.
-    Wait: one look at every waiting job each poll_interval_s (look_at_job). Collect: its results
+    Wait: one look at every waiting job each config.poll_interval_s (look_at_job). Collect: its results
     are downloaded (download_results) and matched to the items by key, never by position; an item
     with no result fails. A job that ends FAILED, CANCELLED or EXPIRED, or whose results are gone,
-    is resubmitted, up to max_attempts jobs for its items, which then fail with its state. Jobs an
-    earlier run recorded are waited on too, and an item already in the output (`done`: a run
+    is resubmitted, up to config.max_attempts jobs for its items, which then fail with its state. Jobs an
+    earlier run recorded are waited on too, and an item already in the output (resume.done: a run
     killed after writing a job's outcomes, before the job left the book) is not delivered again.
     After a shutdown request nothing is submitted and waiting stops at once: the jobs go on at
     Google, and the next run collects them."""
 
-    def __init__(
-        self, client: Client, book: JobBook, kind: JobKind[Item], *, retrier: Retrier, shutdown: Shutdown,
-        stats: Any, job_size: int, max_attempts: int, poll_interval_s: float, done: Collection[str],
-    ) -> None:  # fmt: skip
-        self.client, self.book, self.kind, self.retrier, self.shutdown = client, book, kind, retrier, shutdown
-        self.stats, self.job_size, self.max_attempts = stats, job_size, max_attempts
-        self.poll_interval_s, self.done = poll_interval_s, done
+    def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
+        self.client, self.book, self.kind, self.retrier, self.shutdown = (
+            run.client,
+            book,
+            kind,
+            run.retrier,
+            run.shutdown,
+        )
+        self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
+        self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
         self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
         self.submitted = asyncio.Event()  # set once no new item can come
 

@@ -620,15 +620,7 @@ async def reader_alone(folder: Path) -> tuple[float, int]:
     started = time.perf_counter()
     consumer = asyncio.create_task(drain(queue))
     files = pipeline.input_files(folder)
-    await pipeline.read_inputs(
-        files,
-        queue,
-        error_queue=queue,
-        consumers=1,
-        resume=pipeline.Resume(),
-        stats=pipeline.Stats(),
-        shutdown=pipeline.Shutdown(),
-    )
+    await pipeline.read_inputs(pipeline.Run(pipeline.Config()), files, queue, queue, consumers=1)
     count = await consumer
     return time.perf_counter() - started, count
 

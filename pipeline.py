@@ -122,10 +122,10 @@ class Result:
 
 
 async def read_inputs(
-    files: list[Path], input_queue: asyncio.Queue[Prompt | None], *, error_queue: asyncio.Queue[Result | None],
-    readers: int = 1, consumers: int, resume: Resume, stats: Stats, shutdown: Shutdown,
+    run: Run, files: list[Path], input_queue: asyncio.Queue[Prompt | None], error_queue: asyncio.Queue[Result | None],
+    *, consumers: int,
 ) -> None:  # fmt: skip
-    """Puts one Prompt per non-blank line of the files, `readers` tasks splitting the files.
+    """Puts one Prompt per non-blank line of the files, config.readers tasks splitting the files.
 
     Prompts that `resume` says are done (or failed, for the same prompt) are passed over. A line
     that cannot be read (not UTF-8, a bad JSONL row, an id seen before) goes to error_queue as
@@ -133,6 +133,7 @@ async def read_inputs(
     shutdown request. Ends input_queue with one sentinel per consumer (error_queue is ended by
     generate_content).
     """
+    readers, resume, stats, shutdown = run.config.readers, run.resume, run.stats, run.shutdown
     seen: set[str] = set()  # the JSONL ids of this run, shared by the readers
     reserved = {path.name for path in files}  # "<name>:<line>" ids belong to these files' lines
 
@@ -201,15 +202,15 @@ def is_jsonl(path: Path) -> bool:
 
 
 async def generate_content(
-    client: Client, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None], *,
-    error_queue: asyncio.Queue[Result | None], config: Config, retrier: Retrier, stats: Stats, shutdown: Shutdown,
-    word_count_pool: Executor | None = None,
+    run: Run, input_queue: asyncio.Queue[Prompt | None], output_queue: asyncio.Queue[Result | None],
+    error_queue: asyncio.Queue[Result | None], *, word_count_pool: Executor | None = None,
 ) -> None:  # fmt: skip
     """config.workers workers take prompts until their sentinel and put each Result on
     output_queue (successes) or error_queue (failures). After a shutdown request they take
     no new prompt: the rest is left for the next run. When the first 2 x workers answered calls
     all fail with one same API error, the run stops (see FailingAlike). Ends output_queue with
     one sentinel per writer, and error_queue with one, once every worker is done."""
+    config, stats, shutdown = run.config, run.stats, run.shutdown
     generation = config.generation()  # built once, shared by every call
     alike = FailingAlike(2 * config.workers, shutdown=shutdown)
 
@@ -220,10 +221,7 @@ async def generate_content(
             stats.in_flight += 1
             try:
                 async with shutdown.abandonable():
-                    result = await generate_one(
-                        client, prompt, config=config, generation=generation, retrier=retrier, stats=stats,
-                        shutdown=shutdown,
-                    )  # fmt: skip
+                    result = await generate_one(run, prompt, generation)
             except (TimeoutError, Stopped):
                 log.warning("%s: abandoned as the run stops; the next run redoes it", prompt[0])
                 continue
@@ -249,14 +247,12 @@ async def generate_content(
     await error_queue.put(None)
 
 
-async def generate_one(
-    client: Client, prompt: Prompt, *, config: Config, generation: types.GenerateContentConfig | None,
-    retrier: Retrier, stats: Stats, shutdown: Shutdown,
-) -> Result | None:  # fmt: skip
+async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateContentConfig | None) -> Result | None:
     """Calls the model for one prompt through the run's Retrier (its attempts bounded, transient
     errors retried, the quota's gate waited on); failures come back as data. An error about the
     request as a whole (a bad key or model, a spent daily quota) calls shutdown.fail and returns
     None: the prompt is left for the next run, as on Stopped (the run stopping), which propagates."""
+    client, config, retrier, stats, shutdown = run.client, run.config, run.retrier, run.stats, run.shutdown
     prompt_id, text, metadata = prompt
     estimate = 0.0
     if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
@@ -304,11 +300,8 @@ async def generate_one(
 # --- Stage 3: the output writers ---
 
 
-async def write_outputs(
-    output_dir: Path, output_queue: asyncio.Queue[Result | None], *, shard_size: int = SHARD_SIZE,
-    shard_numbers: Iterator[int], stats: Stats, quiet: bool = False, resume: Resume | None = None,
-) -> None:  # fmt: skip
-    """One writer: appends records to shards of at most shard_size lines until its sentinel.
+async def write_outputs(run: Run, output_queue: asyncio.Queue[Result | None], *, shard_numbers: Iterator[int]) -> None:
+    """One writer: appends records to shards of at most config.shard_size lines until its sentinel.
     An id that failed in an earlier run (in resume.failed) is noted in resume.redone once written,
     so its error leaves errors.jsonl without reading the shards again.
 
@@ -316,6 +309,8 @@ async def write_outputs(
     one only for a record (no shard is empty) with "xb" (it never overwrites a file). A shard
     stays open across batches: a batch costs one write and one flush, not an open and a close.
     """
+    output_dir, shard_size, quiet = run.config.outputs, run.config.shard_size, run.config.quiet
+    stats, resume = run.stats, run.resume
     async with contextlib.AsyncExitStack() as shard:
         f: Any = None
         path, lines_in_shard = output_dir, shard_size
@@ -341,15 +336,16 @@ async def write_outputs(
                     await asyncio.to_thread(remove_if_empty, path)
                     raise
             stats.succeeded += len(results)
-            if resume is not None and resume.failed:
+            if resume.failed:
                 resume.redone.update(result.id for result in results if result.id in resume.failed)
             if ended:
                 return
 
 
-async def write_errors(output_dir: Path, error_queue: asyncio.Queue[Result | None], *, stats: Stats) -> None:
+async def write_errors(run: Run, error_queue: asyncio.Queue[Result | None]) -> None:
     """The only task that writes errors.jsonl: appends one line per failed prompt."""
-    async with open_file(output_dir / ERRORS_NAME, "ab") as f:
+    stats = run.stats
+    async with open_file(run.config.outputs / ERRORS_NAME, "ab") as f:
         while True:
             results, ended = await take_available(error_queue)
             if results:
@@ -392,16 +388,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
         print(f"pipeline: {notice}", file=sys.stderr)
-    retrier = Retrier(  # every call of the run, in every mode
-        max_attempts=config.max_attempts, request_timeout_s=config.request_timeout_s, rpm=config.rpm,
-        tpm=config.tpm, base_delay_s=config.base_delay_s, shutdown=shutdown,
-    )  # fmt: skip
     with locked(config.outputs):
         # Every check comes before any change: a refused run leaves the folder as it was.
         resume, manifest = await asyncio.to_thread(open_outputs, config)
+        run = Run(config, client, stats=stats, shutdown=shutdown, resume=resume)
         jobs = JobBook(config.outputs, manifest)
         if config.batch_cancel:
-            return await cancel_jobs(client, jobs, retrier)
+            return await cancel_jobs(run, jobs)
         if jobs.live and not config.batch_api:
             raise UsageError(
                 f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
@@ -427,35 +420,15 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
             )
         if config.batch_api:  # the one stage that changes: submit, wait, collect
-            kind = GenerateJobs(client, config, stats, output_queue, error_queue)
-            generator = BatchJobs(
-                client, jobs, kind, retrier=retrier, shutdown=shutdown, stats=stats, job_size=config.batch_job_size,
-                max_attempts=config.max_attempts, poll_interval_s=config.poll_interval_s, done=resume.done,
-            ).run(input_queue)  # fmt: skip
+            generator = BatchJobs(run, jobs, GenerateJobs(run, output_queue, error_queue)).run(input_queue)
         else:
-            generator = generate_content(
-                client,
-                input_queue,
-                output_queue,
-                error_queue=error_queue,
-                config=config,
-                retrier=retrier,
-                stats=stats,
-                shutdown=shutdown,
-                word_count_pool=pool,
-            )
+            generator = generate_content(run, input_queue, output_queue, error_queue, word_count_pool=pool)
         stages = [
-            read_inputs(
-                files, input_queue, error_queue=error_queue, readers=config.readers,
-                consumers=1 if config.batch_api else config.workers, resume=resume, stats=stats, shutdown=shutdown,
-            ),
+            read_inputs(run, files, input_queue, error_queue, consumers=1 if config.batch_api else config.workers),
             generator,
-            *(write_outputs(
-                config.outputs, output_queue, shard_size=config.shard_size, shard_numbers=shard_numbers, stats=stats,
-                quiet=config.quiet, resume=resume,
-            ) for _ in range(config.writers)),
-            write_errors(config.outputs, error_queue, stats=stats),
-        ]  # fmt: skip
+            *(write_outputs(run, output_queue, shard_numbers=shard_numbers) for _ in range(config.writers)),
+            write_errors(run, error_queue),
+        ]
         file_errors: list[BaseException] = []
         try:
             async with asyncio.TaskGroup() as tg:
@@ -479,6 +452,27 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         file_errors=file_errors, live_jobs=len(jobs.live), failed=bool(errors_held),
         live_hint=" (or --batch-cancel to stop them)",
     )  # fmt: skip
+
+
+@dataclass
+class Run:
+    """What the stages of one run share, made once by main(): the settings, the client, the
+    counts, the shutdown, the Retrier that every call goes through (rpm, tpm and retries as the
+    settings say), and what the output folder holds (resume)."""
+
+    config: Config
+    client: Client = None
+    stats: Stats = field(default_factory=lambda: Stats())
+    shutdown: Shutdown = field(default_factory=lambda: Shutdown())
+    resume: Resume = field(default_factory=lambda: Resume())
+    retrier: Retrier = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.retrier = Retrier(
+            max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s, rpm=c.rpm, tpm=c.tpm,
+            base_delay_s=c.base_delay_s, shutdown=self.shutdown,
+        )  # fmt: skip
 
 
 @dataclass
@@ -838,12 +832,11 @@ class GenerateJobs:
     noun = "prompt"
 
     def __init__(
-        self, client: Client, config: Config, stats: Stats, output_queue: asyncio.Queue[Result | None],
-        error_queue: asyncio.Queue[Result | None],
-    ) -> None:  # fmt: skip
-        self.client, self.config, self.stats = client, config, stats
+        self, run: Run, output_queue: asyncio.Queue[Result | None], error_queue: asyncio.Queue[Result | None]
+    ) -> None:
+        self.client, self.config, self.stats = run.client, run.config, run.stats
         self.output_queue, self.error_queue = output_queue, error_queue
-        self.settings = batch_request(config)
+        self.settings = batch_request(run.config)
 
     def files(self, path: Path) -> JobFiles:
         return JobFiles(path, self.settings)
@@ -882,9 +875,10 @@ def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
     return queued
 
 
-async def cancel_jobs(client: Client, jobs: JobBook, retrier: Retrier) -> int:
+async def cancel_jobs(run: Run, jobs: JobBook) -> int:
     """--batch-cancel: cancels every recorded job (through the retrier, as every call) and forgets
     it; its prompts go in the next run. A job that cannot be reached now stays recorded (exit 1)."""
+    client, retrier = run.client, run.retrier
     for job in list(jobs.live):
         try:
             await retrier.call(functools.partial(client.aio.batches.cancel, name=job.name))
@@ -1755,24 +1749,27 @@ class BatchJobs(Generic[Item]):
     interactive stage's queue contract. It reads input_queue to its sentinel; outcomes go where
     kind.deliver and kind.fail put them, and kind.end ends those queues.
 
-    Submit: items go out in jobs of up to job_size (or JOB_BYTES of requests): a job's files are
+    Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a job's files are
     written, uploaded, the job created (create_job) and recorded in the book at once: it is billed.
-    Wait: one look at every waiting job each poll_interval_s (look_at_job). Collect: its results
+    Wait: one look at every waiting job each config.poll_interval_s (look_at_job). Collect: its results
     are downloaded (download_results) and matched to the items by key, never by position; an item
     with no result fails. A job that ends FAILED, CANCELLED or EXPIRED, or whose results are gone,
-    is resubmitted, up to max_attempts jobs for its items, which then fail with its state. Jobs an
-    earlier run recorded are waited on too, and an item already in the output (`done`: a run
+    is resubmitted, up to config.max_attempts jobs for its items, which then fail with its state. Jobs an
+    earlier run recorded are waited on too, and an item already in the output (resume.done: a run
     killed after writing a job's outcomes, before the job left the book) is not delivered again.
     After a shutdown request nothing is submitted and waiting stops at once: the jobs go on at
     Google, and the next run collects them."""
 
-    def __init__(
-        self, client: Client, book: JobBook, kind: JobKind[Item], *, retrier: Retrier, shutdown: Shutdown,
-        stats: Any, job_size: int, max_attempts: int, poll_interval_s: float, done: Collection[str],
-    ) -> None:  # fmt: skip
-        self.client, self.book, self.kind, self.retrier, self.shutdown = client, book, kind, retrier, shutdown
-        self.stats, self.job_size, self.max_attempts = stats, job_size, max_attempts
-        self.poll_interval_s, self.done = poll_interval_s, done
+    def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
+        self.client, self.book, self.kind, self.retrier, self.shutdown = (
+            run.client,
+            book,
+            kind,
+            run.retrier,
+            run.shutdown,
+        )
+        self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
+        self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
         self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
         self.submitted = asyncio.Event()  # set once no new item can come
 

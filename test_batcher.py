@@ -950,14 +950,10 @@ class CorpusTest(CorpusTestCase):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             for i in range(200):
-                stats, shutdown = batcher.RunStats(), batcher.Shutdown()
                 queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
                 stage: Coroutine[Any, Any, Any]
                 if i % 2:
-                    resume = batcher.Resume()
-                    stage = batcher.read_corpus(
-                        self.corpus, queue, queue, jsonl=False, resume=resume, stats=stats, shutdown=shutdown
-                    )
+                    stage = batcher.read_corpus(batcher.Run(batcher.Config()), self.corpus, queue, queue)
                 else:
                     stage = batcher.resume_output(self.output, batcher.Config())
                 task = asyncio.ensure_future(stage)

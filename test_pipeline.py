@@ -190,9 +190,8 @@ class EndToEndTest(PipelineTestCase):
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100)
         with mock.patch.object(pipeline, "CHUNK_BYTES", 7):
             await pipeline.read_inputs(
-                pipeline.input_files(self.inputs), queue, error_queue=queue, consumers=0, resume=pipeline.Resume(),
-                stats=pipeline.Stats(), shutdown=Shutdown(),
-            )  # fmt: skip
+                pipeline.Run(Config()), pipeline.input_files(self.inputs), queue, queue, consumers=0
+            )
         got = [queue.get_nowait() for _ in range(queue.qsize())]
         expected = [(f"u.txt:{n}", text, None) for n, text in enumerate(lines, 1) if text]
         self.assertEqual(got, expected)
@@ -243,10 +242,8 @@ class EndToEndTest(PipelineTestCase):
         for i, text in enumerate(["What is two times 5?", "Say hi"]):
             input_queue.put_nowait((f"a:{i}", text, None))
         input_queue.put_nowait(None)
-        await pipeline.generate_content(
-            client, input_queue, output_queue, error_queue=output_queue, config=Config(workers=1),
-            retrier=pipeline.Retrier(), stats=pipeline.Stats(), shutdown=Shutdown(), word_count_pool=pool,
-        )  # fmt: skip
+        run = pipeline.Run(Config(workers=1), client)
+        await pipeline.generate_content(run, input_queue, output_queue, output_queue, word_count_pool=pool)
         results = [output_queue.get_nowait() for _ in range(2)]
         self.assertEqual([r.word_count for r in results], [1, 6])  # "10"; "A simulated answer to: Say hi"
         self.assertEqual(submitted, [pipeline.count_words, pipeline.count_words])
@@ -945,18 +942,13 @@ class CancelledOpenTest(PipelineTestCase):
             warnings.simplefilter("always", ResourceWarning)
             for i in range(200):
                 queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
-                stats = pipeline.Stats()
+                run = pipeline.Run(replace(self.config, shard_size=pipeline.SHARD_SIZE, quiet=False))
                 stage: Coroutine[Any, Any, None]
                 if i % 2:
-                    stage = pipeline.read_inputs(
-                        files, queue, error_queue=queue, consumers=1, resume=pipeline.Resume(), stats=stats,
-                        shutdown=Shutdown(),
-                    )  # fmt: skip
+                    stage = pipeline.read_inputs(run, files, queue, queue, consumers=1)
                 else:
                     queue.put_nowait(pipeline.Result(f"x:{i}", "p", response="r"))
-                    stage = pipeline.write_outputs(
-                        self.outputs, queue, shard_numbers=itertools.count(i * 10), stats=stats
-                    )
+                    stage = pipeline.write_outputs(run, queue, shard_numbers=itertools.count(i * 10))
                 task = asyncio.create_task(stage)
                 for _ in range(rng.randrange(3)):  # 0 to 2 loop turns: at the open, or just after
                     await asyncio.sleep(0)
