@@ -19,6 +19,11 @@ Application code that wants one embedding per await uses BatchedEmbedder instead
 
     async with BatchedEmbedder(client, batch_size=32, timeout=timedelta(milliseconds=20)) as e:
         embedding = await e.embed("some text")
+
+The file, in order: the document's stages and main(), which wires them; the modes (the Batch
+API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Resume and manifest, the input
+formats); the runtime shared byte for byte with pipeline.py (errors, Retrier and Gate, Shutdown,
+files, the client, the Batch API stage BatchJobs); the offline simulation; the command line.
 """
 
 from __future__ import annotations

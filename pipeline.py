@@ -21,6 +21,12 @@ line, with an optional "id" and metadata). Every prompt ends exactly once in
 outputs/shard_NNNNN.jsonl or outputs/errors.jsonl, even across crashes: a re-run skips the ids
 already written and carries on where it stopped. outputs/manifest.json records the settings that
 shaped the records; a re-run with other settings, or other prompts under done ids, is refused.
+
+The file, in order: the document's stages and main(), which wires them; the modes (the Batch
+API's GenerateJobs, the word-count pool); safe re-runs (the folder's Resume and manifest, the
+input formats); the runtime shared byte for byte with batcher.py (errors, Retrier and Gate,
+Shutdown, files, the client, the Batch API stage BatchJobs); the offline simulation; the command
+line.
 """
 
 from __future__ import annotations
