@@ -580,7 +580,8 @@ class Run:
     def __post_init__(self) -> None:
         c = self.config
         self.retrier = Retrier(
-            max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s, rpm=c.rpm, tpm=c.tpm,
+            max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s,
+            rpm=None if c.batch_api else c.rpm, tpm=None if c.batch_api else c.tpm,  # the Batch API has its own quota
             shutdown=self.shutdown,
         )  # fmt: skip
 

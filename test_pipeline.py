@@ -1419,6 +1419,16 @@ class BatchApiTest(PipelineTestCase):
             self.assertEqual(pipeline.read_manifest(self.outputs)["jobs"], [])  # type: ignore[index]
             self.assertEqual(stub.jobs["batches/1"]["state"], "BATCH_STATE_CANCELLED")
 
+    async def test_rpm_and_tpm_do_not_pace_the_batch_apis_own_calls(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 4)
+        with batch_server() as (url, stub):
+            started = time.monotonic()
+            status, _ = await self.run_batch(url, rpm=6, tpm=6)  # paced, 10 s between calls: 7 calls, a minute
+            self.assertEqual(status, 0, self.stderr)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertGreaterEqual(len(stub.requests), 5)  # upload (2), create, get, download
+        self.assert_exactly_once(prompts)
+
     async def test_a_row_with_a_lone_surrogate_fails_alone_in_both_modes(self) -> None:
         self.inputs.mkdir()
         (self.inputs / "rows.jsonl").write_text(
