@@ -922,7 +922,7 @@ class CorpusTest(CorpusTestCase):
                 output = self.tmp / f"tpm-{rpm}.jsonl"
                 started = time.monotonic()
                 await self.run_main(client, output=output, batch_size=1, concurrency=6, tpm=60_000, rpm=rpm)
-                self.assertLess(received_at[0] - started, 0.1)  # the first call at once (0.1: the SDK's setup)
+                self.assertLess(received_at[0] - started, 0.2)  # the first call at once (0.2: setup, on a busy VM)
                 order = [len(body["requests"][0]["content"]["parts"][0]["text"]) for _, body in requests]
                 # A call's tokens are paid (at 1,000 tokens/s) before the next start. Arrivals at the stub
                 # jitter by some ms, and the first has the connection to make: gaps from the second on.
