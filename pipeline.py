@@ -12,7 +12,7 @@ queue with None sentinels, one per consumer:
          | unreadable lines          | failed prompts
          +---------------------------+------------------------> write_errors
 
-With --batch-api, stage 2 is batch_generate instead: submit (jobs of prompts, to Google's Batch
+With --batch-api, stage 2 is BatchJobs instead: submit (jobs of prompts, to Google's Batch
 API at half price), wait, collect; its jobs are recorded in outputs/manifest.json, so a re-run
 waits on them instead of paying twice.
 
@@ -2223,7 +2223,7 @@ class Config:
     service_tier: str | None = None  # None: the API's default (standard)
     retry_errors: bool = False
     word_count: bool = False
-    batch_api: bool = False  # stage 2 through Google's Batch API: see batch_generate
+    batch_api: bool = False  # stage 2 through Google's Batch API: see BatchJobs
     batch_job_size: int = JOB_PROMPTS
     poll_interval_s: float = POLL_INTERVAL_S
     batch_cancel: bool = False
