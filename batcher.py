@@ -1821,25 +1821,21 @@ class BatchJobs(Generic[Item]):
     interactive stage's queue contract. It reads input_queue to its sentinel; outcomes go where
     kind.deliver and kind.fail put them, and kind.end ends those queues.
 
-    Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a job's files are
-    written, uploaded, the job created (create_job) and recorded in the book at once: it is billed.
-    Wait: one look at every waiting job each config.poll_interval_s (look_at_job). Collect: its results
-    are downloaded (download_results) and matched to the items by key, never by position; an item
-    with no result fails. A job that ends FAILED, CANCELLED or EXPIRED, or whose results are gone,
-    is resubmitted, up to config.max_attempts jobs for its items, which then fail with its state. Jobs an
-    earlier run recorded are waited on too, and an item already in the output (resume.done: a run
-    killed after writing a job's outcomes, before the job left the book) is not delivered again.
-    After a shutdown request nothing is submitted and waiting stops at once: the jobs go on at
-    Google, and the next run collects them."""
+    Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a
+    job's files are written, uploaded, the job created (create_job) and recorded in the book at
+    once: it is billed. Wait: one look at every waiting job each config.poll_interval_s
+    (look_at_job). Collect: its results are downloaded (download_results) and matched to the items
+    by key, never by position; an item with no result fails. A job that ends FAILED, CANCELLED or
+    EXPIRED, or whose results are gone, is resubmitted, up to config.max_attempts jobs for its
+    items, which then fail with its state. Jobs an earlier run recorded are waited on too, and an
+    item already in the output (resume.done: a run killed after writing a job's outcomes, before
+    the job left the book) is not delivered again. After a shutdown request nothing is submitted
+    and waiting stops at once: the jobs go on at Google, and the next run collects them. A resubmit
+    that does not happen (the run stops) leaves its items undone, for the next run to read again."""
 
     def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
-        self.client, self.book, self.kind, self.retrier, self.shutdown = (
-            run.client,
-            book,
-            kind,
-            run.retrier,
-            run.shutdown,
-        )
+        self.client, self.retrier, self.shutdown = run.client, run.retrier, run.shutdown
+        self.book, self.kind = book, kind
         self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
         self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
         self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
