@@ -827,6 +827,7 @@ class JobBook:
 
     def __init__(self, output: Path, manifest: dict[str, Any]) -> None:
         self.output, self.folder = output, output.with_name(output.name + BATCH_SUFFIX)
+        self.label = output.name  # in each job's display name, as AI Studio lists it
         self.manifest = manifest
         self.live = [Job(**job) for job in self.manifest.get("jobs", [])]
         self.states: dict[str, str] = {}
@@ -1862,7 +1863,7 @@ class BatchJobs(Generic[Item]):
         """Uploads and creates the job of `files`, records it and waits on it; if the run stops
         first, or the API refuses, its files go (nothing names them)."""
         await files.flush()
-        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
+        display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
             if self.shutdown.requested:
                 raise Stopped("not sent: the run is stopping")

@@ -705,6 +705,7 @@ class JobBook:
 
     def __init__(self, output_dir: Path, manifest: dict[str, Any]) -> None:
         self.output_dir, self.manifest = output_dir, manifest
+        self.label = output_dir.name  # in each job's display name, as AI Studio lists it
         self.live = [Job(**job) for job in manifest.get("jobs", [])]
         self.states: dict[str, str] = {}
         self.collected: list[Job] = []
@@ -1797,7 +1798,7 @@ class BatchJobs(Generic[Item]):
         """Uploads and creates the job of `files`, records it and waits on it; if the run stops
         first, or the API refuses, its files go (nothing names them)."""
         await files.flush()
-        display_name = f"{PROG}.py {files.path.parent.name} {files.path.stem} {time.time_ns()}"  # unique
+        display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
             if self.shutdown.requested:
                 raise Stopped("not sent: the run is stopping")

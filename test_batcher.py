@@ -1449,6 +1449,7 @@ class BatchApiTest(CorpusTestCase):
                                                    dimensions=768)  # fmt: skip
                 self.assertEqual(status, 0, out)
                 self.assertEqual(stub.created(), 3)  # jobs of 4, 4 and 1
+                self.assertRegex(stub.jobs["batches/1"]["display_name"], rf"^batcher\.py {model}\.jsonl job_00001 \d+$")
                 self.assertIn("3 Batch API jobs created, billed at the batch price", out)
                 sent = {r["key"]: r["request"] for r in stub.uploaded_requests()}
                 if model == "gemini-embedding-001":

@@ -1259,6 +1259,7 @@ class BatchApiTest(PipelineTestCase):
         self.assertEqual(sorted(r["response"] for r in records(self.outputs)), sorted("ok: " + p for p in prompts))
         self.assertTrue(all(r["usage"] == {"input_tokens": 10, "output_tokens": 5} for r in records(self.outputs)))
         self.assertEqual(stub.created(), 3)
+        self.assertRegex(stub.jobs["batches/1"]["display_name"], r"^pipeline\.py outputs job_00001 \d+$")
         uploaded = [json.loads(line) for data in stub.files.values() if b'"request"' in data
                     for line in data.decode().splitlines()]  # fmt: skip
         self.assertEqual(sorted(row["key"] for row in uploaded), sorted(r["id"] for r in records(self.outputs)))
