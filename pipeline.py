@@ -800,10 +800,6 @@ class JobFiles:
             async with open_file(target, "ab") as f:
                 await append(f, data)
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.requests_path.unlink(missing_ok=True)
-
 
 def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats, *, json_output: bool) -> Result:
     """The Result of one line of a job's results file: {"key", "response"} or {"key", "error"}."""
