@@ -72,6 +72,10 @@ QUEUE_SIZE = 256  # bound of the item queues: backpressure instead of unbounded 
 # queue holds batches frozen at their size while the items behind them wait (p99 at 500/s,
 # --adaptive: 0.54 s with 4, 0.36 s with 1); with --adaptive, the one waiting batch keeps growing.
 BATCH_QUEUE_SIZE = 1
+# The embed stage hands over each batch's outputs at once: a queue handoff per text cost as much as
+# writing its record (through the SDK: 0.89 of a bare loop's speed with it, 0.93 without). At most
+# 8 batches wait for the logger, so memory stays bounded at 3,072 dimensions too.
+OUTPUT_QUEUE_SIZE = 8
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
 # An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
 REQUEST_TIMEOUT_S = 60.0
@@ -98,8 +102,10 @@ class Input(NamedTuple):
 
 
 InputBatch: TypeAlias = list[Input]
-# A failed item travels as (item, error) instead of (item, embedding).
+# A failed item travels as (item, error) instead of (item, embedding); the output queue carries
+# them a batch at a time.
 Output: TypeAlias = tuple[Input, "types.ContentEmbedding | Exception"]
+Outputs: TypeAlias = list[Output]
 Client: TypeAlias = Any  # genai.Client or SimulatedClient: both have .aio.models.embed_content
 
 
@@ -132,13 +138,13 @@ async def enqueue_inputs(
 
 
 async def read_corpus(
-    run: Run, source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Output | None]
+    run: Run, source: Path | None, input_queue: asyncio.Queue[Input | None], output_queue: asyncio.Queue[Outputs | None]
 ) -> None:  # fmt: skip
     """A real corpus: puts an Input for each non-blank line of the file (None: stdin), as fast as
     the bounded queue takes them. A plain line is one text, stripped, with the id
     "<file name>:<line number>" ("stdin:<n>"); in JSONL (config.jsonl), a line is a row (see
-    parse_row). Ids done in run.resume (already in the output) are passed over. A line that cannot be embedded
-    (not UTF-8, a bad row) goes to output_queue as failed, and reading goes on.
+    parse_row). Ids done in run.resume (already in the output) are passed over. A line that cannot be
+    embedded (not UTF-8, a bad row) goes to output_queue as failed, alone, and reading goes on.
 
     A done id whose text changed is counted in run.resume and stops the run (shutdown.fail):
     nothing more is sent, and the rest is read only to count the changed ones.
@@ -169,7 +175,7 @@ async def read_corpus(
                 continue  # refused: nothing more is sent
             elif error is not None:
                 stats.enqueued += 1
-                await output_queue.put((item, error))
+                await output_queue.put([(item, error)])
             else:
                 stats.enqueued += 1
                 await input_queue.put(item)
@@ -316,16 +322,16 @@ class Batcher(Generic[T]):
 
 
 async def embed_content(
-    client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Output | None], *,
+    client: Client, batch_queue: asyncio.Queue[InputBatch | None], output_queue: asyncio.Queue[Outputs | None], *,
     settings: EmbedSettings, retrier: Retrier, shutdown: Shutdown, concurrency: int = 4,
 ) -> None:  # fmt: skip
-    """Embeds each batch, up to `concurrency` calls in flight, and puts one (item, embedding)
-    or (item, error) pair per item on output_queue. The texts go out as `settings` shape them
-    (a task, titles: see EmbedSettings), so a batch may take one call per title. An error about the request as a whole
-    (a bad key or model, a spent daily quota) calls shutdown.fail: that batch and the rest are
-    not reported, but left for the next run; so are the first three batches when they all fail
-    with one same error (see FailingAlike). Ends output_queue with the None sentinel once its
-    workers are done."""
+    """Embeds each batch, up to `concurrency` calls in flight, and puts its outputs on
+    output_queue, an (item, embedding) or (item, error) pair per item. The texts go out as
+    `settings` shape them (a task, titles: see EmbedSettings), so a batch may take one call per
+    title. An error about the request as a whole (a bad key or model, a spent daily quota) calls
+    shutdown.fail: that batch and the rest are not reported, but left for the next run; so are
+    the first three batches when they all fail with one same error (see FailingAlike). Ends
+    output_queue with the None sentinel once its workers are done."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     alike = FailingAlike(3, shutdown=shutdown)
@@ -345,15 +351,15 @@ async def embed_content(
             if failures and (reason := stop_reason(failures[0], settings.model)) is not None:
                 shutdown.fail(reason)
                 continue
-            for pair in alike.take(list(zip(batch, results, strict=True))):
-                await output_queue.put(pair)
+            if outputs := alike.take(list(zip(batch, results, strict=True))):
+                await output_queue.put(outputs)
         batch_queue.put_nowait(None)  # the slot we just emptied: wake the next worker
 
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
-    for pair in alike.release():  # fewer failing batches than it takes to stop the run: reported
-        await output_queue.put(pair)
+    if held := alike.release():  # fewer failing batches than it takes to stop the run: reported
+        await output_queue.put(held)
     await output_queue.put(None)
 
 
@@ -441,7 +447,7 @@ async def embed_call(
 
 
 async def log_outputs(
-    output_queue: asyncio.Queue[Output | None], *, stats: RunStats, quiet: bool = False, output: Any = None
+    output_queue: asyncio.Queue[Outputs | None], *, stats: RunStats, quiet: bool = False, output: Any = None
 ) -> None:
     """Until the sentinel: prints one line per item, as in the document, and records outcome
     and latency. With `output` (an open aiofiles file) the embeddings are appended to it as
@@ -455,7 +461,7 @@ async def log_outputs(
             taken.append(output_queue.get_nowait())
         ended = taken[-1] is None  # embed_content puts the sentinel after every output
         lines = []
-        for item, result in filter(None, taken):
+        for item, result in itertools.chain.from_iterable(filter(None, taken)):
             if (arrived := stats.arrived_at.pop(item.id, None)) is not None:
                 stats.latencies_s.append(loop.time() - arrived)
             if isinstance(result, Exception):
@@ -490,7 +496,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     stats, retrier, tty = run.stats, run.retrier, sys.stderr.isatty()
     input_queue: asyncio.Queue[Input | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
     batch_queue: asyncio.Queue[InputBatch | None] = asyncio.Queue(maxsize=BATCH_QUEUE_SIZE)
-    output_queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+    output_queue: asyncio.Queue[Outputs | None] = asyncio.Queue(maxsize=OUTPUT_QUEUE_SIZE)
     file_errors: list[BaseException] = []  # a disk or file error: what was written stays valid
 
     async def keep_file_error(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -786,14 +792,22 @@ class FailingAlike:
         return held if len(self._errors) < self._limit else []
 
 
+@functools.cache
+def vector_format(length: int) -> str:
+    """The JSON of a vector of `length` values, to fill with str.format: "{:.9}" is 9 significant
+    digits, 3.0 as "3.0" (one call for the whole vector: half the cost of one per value)."""
+    return "[" + ", ".join(["{:.9}"] * length) + "]"
+
+
 def record_line(item: Input, embedding: list[float]) -> str:
     """The output record of an item: {"id", "text", "title"?, "metadata"?, "embedding"}, in that
     order (a resume reads the id, text and title alone), as one line of JSON."""
-    # Joined by hand: a float list's str() is its JSON (repr of finite floats), at a fifth of the
-    # cost of json.dumps, which was the batcher's largest own cost per text through the SDK.
+    # Joined by hand, at a fifth of json.dumps's cost. Each value with 9 significant digits: every
+    # float32 (what the API sends) round-trips, and a normalized value keeps all the API gave;
+    # repr writes a float64's 17 digits, at nearly twice the cost, and the file grows by half.
     title = f', "title": {JSON_STRING(item.title)}' if item.title is not None else ""
     metadata = f', "metadata": {json.dumps(item.metadata)}' if item.metadata else ""
-    if "n" in (values := str(embedding)):  # nan, inf: what json.dumps writes for them (NaN, Infinity)
+    if "n" in (values := vector_format(len(embedding)).format(*embedding)):  # nan, inf: as json.dumps writes them
         values = json.dumps(embedding)
     return (
         f'{{"id": {JSON_STRING(item.id)}, "text": {JSON_STRING(item.text)}{title}{metadata}, "embedding": {values}}}\n'
@@ -935,11 +949,11 @@ def batch_embedding(row: dict[str, Any], normalize: bool) -> types.ContentEmbedd
 class EmbedJobs:
     """Embeddings for BatchJobs (stages 2 and 3 with --batch-api): a job's texts and its
     EmbedContentRequests (JobFiles), created by batches.create_embeddings; each result is shaped
-    as an interactive run's (normalization) and goes to output_queue, as a failure does."""
+    as an interactive run's (normalization) and goes to output_queue alone, as a failure does."""
 
     noun = "text"
 
-    def __init__(self, run: Run, output_queue: asyncio.Queue[Output | None]) -> None:
+    def __init__(self, run: Run, output_queue: asyncio.Queue[Outputs | None]) -> None:
         self.client, self.settings, self.output_queue = run.client, run.config.embedding, output_queue
 
     def files(self, path: Path) -> JobFiles:
@@ -957,10 +971,10 @@ class EmbedJobs:
         return row["id"], Input(row["id"], row["text"], row["title"], row["metadata"])
 
     async def deliver(self, item: Input, row: dict[str, Any], job: Job) -> None:
-        await self.output_queue.put((item, batch_embedding(row, self.settings.normalize)))
+        await self.output_queue.put([(item, batch_embedding(row, self.settings.normalize))])
 
     async def fail(self, item: Input, reason: str, job: Job) -> None:
-        await self.output_queue.put((item, MalformedReply(f"batch: {reason}")))
+        await self.output_queue.put([(item, MalformedReply(f"batch: {reason}"))])
 
     async def end(self) -> None:
         await self.output_queue.put(None)

@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -360,7 +361,7 @@ class EmbedStageTest(AsyncTestCase):
             tg.create_task(feed(batch_queue, [[batcher.Input(text, text) for text in batch] for batch in batches]))
             tg.create_task(embed_content(client, batch_queue, output_queue, **kwargs))
             outputs = tg.create_task(drain(output_queue))
-        return [(item.id, result) for item, result in outputs.result()]
+        return [(item.id, result) for batch in outputs.result() for item, result in batch]
 
     async def test_calls_stay_within_concurrency_and_every_result_arrives_once(self) -> None:
         client = SpyClient(latency_s=0.02)
@@ -477,8 +478,8 @@ class LoggerTest(AsyncTestCase):
                 feed(
                     queue,
                     [
-                        (batcher.Input("input-7", "input-7"), types.ContentEmbedding(values=[0.1, -0.2, 0.3])),
-                        (batcher.Input("input-8", "input-8"), api_error(400)),
+                        [(batcher.Input("input-7", "input-7"), types.ContentEmbedding(values=[0.1, -0.2, 0.3]))],
+                        [(batcher.Input("input-8", "input-8"), api_error(400))],
                     ],
                 ),
                 log_outputs(queue, stats=stats),
@@ -497,7 +498,8 @@ class LoggerTest(AsyncTestCase):
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         with contextlib.redirect_stdout(out := Terminal()):
             await asyncio.gather(
-                feed(queue, [(batcher.Input("x:1", "x"), api_error(400))]), log_outputs(queue, stats=batcher.RunStats())
+                feed(queue, [[(batcher.Input("x:1", "x"), api_error(400))]]),
+                log_outputs(queue, stats=batcher.RunStats()),
             )
         self.assertEqual(out.getvalue(), "\r\x1b[KFailed: x:1 -> 400 INVALID_ARGUMENT: fake 400\n")
         handler = batcher.LineHandler(err := Terminal())
@@ -1716,6 +1718,16 @@ class UnitVectorTest(CorpusTestCase):
                 self.assertEqual(lengths == {1.0}, normalize, lengths)
         self.assertEqual(batcher.unit_vector([0.6, 0.8]), [0.6, 0.8])  # already unit length: kept
         self.assertEqual(batcher.unit_vector([0.0, 0.0]), [0.0, 0.0])
+
+    def test_a_record_keeps_9_significant_digits_enough_for_every_float32(self) -> None:
+        item = batcher.Input("a:1", "a")
+        line = batcher.record_line(item, [0.0066913045, -0.123456789012, 3.0, 1e-05, 1 / 3])
+        self.assertIn('"embedding": [0.0066913045, -0.123456789, 3.0, 1e-05, 0.333333333]}', line)
+        rng = random.Random(5)
+        values = [struct.unpack("f", struct.pack("f", rng.gauss(0, 0.05)))[0] for _ in range(1000)]
+        written = json.loads(batcher.record_line(item, values))["embedding"]
+        self.assertEqual([struct.pack("f", v) for v in written], [struct.pack("f", v) for v in values])
+        self.assertIn('"embedding": [NaN, Infinity]', batcher.record_line(item, [math.nan, math.inf]))
 
     async def test_a_resume_with_normalization_changed_is_refused(self) -> None:
         self.write_corpus(5)
