@@ -2183,8 +2183,8 @@ class CorpusCommandLineTest(unittest.TestCase):
             proc.kill()
             proc.wait()
         self.assertLess(len(self.output.read_bytes().splitlines()), 5000)  # killed part way
-        result = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0", "--quiet")
-        self.assertEqual(result.returncode, 0, result.stderr)  # and not refused: kill -9 left no lock behind
+        status, _, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl", "--quiet")
+        self.assertEqual(status, 0, err)  # and not refused: kill -9 left no lock behind
         self.assert_each_line_once(5000)
 
     def test_sigterm_drains_prints_the_summary_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
@@ -2200,8 +2200,8 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 143, err)
         self.assertIn("interrupted (SIGTERM)", err)
         self.assertIn("Summary:", out)
-        result = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0", "--quiet")
-        self.assertEqual(result.returncode, 0, result.stderr)
+        status, _, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl", "--quiet")
+        self.assertEqual(status, 0, err)
         self.assert_each_line_once(5000)
 
     def test_a_second_run_on_the_same_output_is_refused(self) -> None:
@@ -2253,8 +2253,8 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.assertIn("API key not valid", line)
         self.assertNotIn("secret-bad-key", result.stdout + result.stderr)
         self.assertNotIn("Failed:", result.stdout)  # nothing is reported failed: it is left for the rerun
-        result = self.run_script(*args, "--fake-latency", "0")
-        self.assertEqual(result.returncode, 0, result.stderr)
+        status, _, err = self.run_in_process(*args)  # offline: the simulated client
+        self.assertEqual(status, 0, err)
         self.assert_each_line_once(100)
 
 
