@@ -688,18 +688,20 @@ POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (o
 
 @dataclass
 class Job:
-    """A Batch API job, as the manifest records it: the API's name, the file in the output
-    folder that holds its prompts (id, prompt, metadata), and which attempt it is for them."""
+    """A Batch API job, as the manifest records it: the API's name ("" until the create returns),
+    the file in the output folder that holds its prompts (id, prompt, metadata), which attempt it
+    is for them, and its display name, unique to it (see BatchJobs.submit)."""
 
     name: str
     prompts: str  # relative to the output folder: batch/job_00001.jsonl
     attempt: int = 1
+    display_name: str = ""
 
 
 class JobBook:
     """The output folder's live Batch API jobs, kept in its manifest. Creating a job is not
-    idempotent and every job is billed, so a job is recorded (one atomic manifest write) as soon
-    as create returns; a re-run waits on the recorded jobs and never submits their prompts again.
+    idempotent and every job is billed, so a job is recorded (one atomic manifest write) before
+    create is called; a re-run waits on the recorded jobs and never submits their prompts again.
     A job leaves the book (and its prompts file goes) once its results are written: drop_collected,
     at the end of the run. states: the last state seen of each job, for the progress line."""
 
@@ -719,8 +721,8 @@ class JobBook:
     def new_path(self) -> Path:
         return self.output_dir / BATCH_DIR / f"job_{next(self._numbers):05d}.jsonl"
 
-    def job(self, name: str, path: Path, attempt: int) -> Job:
-        return Job(name, str(path.relative_to(self.output_dir)), attempt)
+    def job(self, name: str, path: Path, attempt: int, display_name: str) -> Job:
+        return Job(name, str(path.relative_to(self.output_dir)), attempt, display_name)
 
     def path_of(self, job: Job) -> Path:
         return self.output_dir / job.prompts
@@ -885,8 +887,12 @@ async def cancel_jobs(run: Run, jobs: JobBook) -> int:
     client, retrier = run.client, run.retrier
     for job in list(jobs.live):
         try:
-            await retrier.call(functools.partial(client.aio.batches.cancel, name=job.name))
-            print(f"cancelled {job.name}")
+            found = None if job.name else await find_job(retrier, client, job.display_name)  # recorded before create
+            if not (name := job.name or (str(found.name) if found else "")):
+                print(f"{job.display_name}: never created; forgotten")
+            else:
+                await retrier.call(functools.partial(client.aio.batches.cancel, name=name))
+                print(f"cancelled {name}")
         except Stopped:
             break
         except Exception as exc:
@@ -1249,6 +1255,7 @@ JOB_ENDED = frozenset(
      "JOB_STATE_EXPIRED"}
 )  # fmt: skip
 JOB_DONE = ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED")  # ended with results to collect
+NOT_CREATED = "NOT_CREATED"  # a job recorded before its create, which the API does not list: never made
 CHUNK_BYTES = 1 << 20  # files are read this much at a time, not a line at a time
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark that Windows editors put first
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # spaces, controls, format characters
@@ -1791,10 +1798,14 @@ class BatchJobs(Generic[Item]):
         await self.kind.end()
 
     async def submit(self, files: ItemFiles[Item], attempt: int, replacing: Job | None = None) -> None:
-        """Uploads and creates the job of `files`, records it and waits on it; if the run stops
-        first, or the API refuses, its files go (nothing names them)."""
+        """Uploads and creates the job of `files`, records it and waits on it. If the run stops
+        before the create, or the upload is refused, its files go (nothing names them). From the
+        create on, the job is recorded by its display name alone until the API names it: a kill, a
+        stop or an error meanwhile leaves a job that may exist, which the next run looks for
+        (settle) instead of paying for its items twice."""
         await files.flush()
         display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
+        pending: Job | None = None
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
             if self.shutdown.requested:
                 raise Stopped("not sent: the run is stopping")
@@ -1802,10 +1813,13 @@ class BatchJobs(Generic[Item]):
             uploaded = await self.retrier.call(
                 lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
             )
+            pending = self.book.job("", files.path, attempt, display_name)
+            await self.book.record(pending, replacing=replacing)
             create = functools.partial(self.kind.create, str(uploaded.name), display_name)
             created = await create_job(self.retrier, self.client, create, display_name)
         except Exception as exc:
-            await asyncio.to_thread(files.path.unlink, missing_ok=True)
+            if pending is None:
+                await asyncio.to_thread(files.path.unlink, missing_ok=True)
             if isinstance(exc, Stopped):
                 return
             if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
@@ -1814,8 +1828,8 @@ class BatchJobs(Generic[Item]):
             return
         finally:
             await asyncio.to_thread(files.requests_path.unlink, missing_ok=True)  # what stays: the items' file
-        job = self.book.job(str(created.name), files.path, attempt)
-        await self.book.record(job, replacing=replacing)  # before anything else: it is billed
+        job = self.book.job(str(created.name), files.path, attempt, display_name)
+        await self.book.record(job, replacing=pending)  # before anything else: it is billed
         self.stats.batch_jobs += 1
         log.info("batch job %s created: %s (attempt %d)", job.name, plural(files.count, self.kind.noun), attempt)
         self.waiting.append(job)
@@ -1839,11 +1853,12 @@ class BatchJobs(Generic[Item]):
                 self.waiting.remove(job)
                 if state in JOB_DONE:
                     pass
-                elif job.attempt < self.max_attempts and items:
+                elif items and (state == NOT_CREATED or job.attempt < self.max_attempts):
                     files = self.kind.files(self.book.new_path())
                     for item in items.values():
                         await files.add(item)
-                    await self.submit(files, job.attempt + 1, replacing=job)
+                    again = job.attempt if state == NOT_CREATED else job.attempt + 1  # a job never made: no attempt
+                    await self.submit(files, again, replacing=job)
                 else:
                     reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
                     for item in items.values():
@@ -1856,11 +1871,31 @@ class BatchJobs(Generic[Item]):
 
     async def look_at(self, job: Job) -> types.BatchJob | str | None:
         """The job once it has ended (or why the API does not know it); else None."""
+        if not job.name:
+            return await self.settle(job)
         batch_job = await look_at_job(self.retrier, self.client, job.name, self.shutdown)
         if not isinstance(batch_job, types.BatchJob):
             return batch_job
         self.book.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
         return batch_job if state in JOB_ENDED else None
+
+    async def settle(self, job: Job) -> str | None:
+        """A job recorded before its create returned: the job of its display name, if the create
+        made it, is recorded and waited on (None); if not, NOT_CREATED, and its items are sent."""
+        try:
+            found = await find_job(self.retrier, self.client, job.display_name)
+        except Exception as exc:
+            if not (isinstance(exc, Stopped) or is_transient(exc)):
+                if not (isinstance(exc, errors.APIError) or is_auth_error(exc)):
+                    raise
+                self.shutdown.fail(f"cannot list the batch jobs ({describe(exc)}); {job.display_name} stays recorded")
+            return None  # looked for again next time, or the run stops
+        if found is None:
+            return NOT_CREATED
+        named = self.book.job(str(found.name), self.book.path_of(job), job.attempt, job.display_name)
+        await self.book.record(named, replacing=job)
+        self.waiting[self.waiting.index(job)] = named
+        return None
 
     async def read_items(self, job: Job) -> dict[str, Item]:
         """A job's items by id, but those already done."""
@@ -1896,18 +1931,19 @@ async def create_job(
     the retrier. A create is not idempotent and every job is billed: after an attempt whose outcome
     is unknown (a timeout, a 5xx, a dropped connection) the job may exist, so before trying again
     the jobs are listed and one of that name is adopted. The Developer API refuses a list filter
-    (the SDK raises ValueError): the names are matched here."""
+    (the SDK raises ValueError): the names are matched here (find_job)."""
+    return await retrier.call(create, before_retry=functools.partial(find_job, retrier, client, display_name))
 
-    async def find() -> types.BatchJob | None:
-        pager = await retrier.call(lambda: client.aio.batches.list(config={"page_size": 100}))
-        job: types.BatchJob
-        async for job in pager:
-            if job.display_name == display_name:
-                log.warning("batch job %s was created after all (its answer was lost): adopted", job.name)
-                return job
-        return None
 
-    return await retrier.call(create, before_retry=find)
+async def find_job(retrier: Retrier, client: Client, display_name: str) -> types.BatchJob | None:
+    """The batch job of this display name, if the API lists one (a create whose answer was lost)."""
+    pager = await retrier.call(lambda: client.aio.batches.list(config={"page_size": 100}))
+    job: types.BatchJob
+    async for job in pager:
+        if job.display_name == display_name:
+            log.warning("batch job %s was created after all (its answer was lost): adopted", job.name)
+            return job
+    return None
 
 
 async def look_at_job(retrier: Retrier, client: Client, name: str, shutdown: Shutdown) -> types.BatchJob | str | None:

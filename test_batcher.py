@@ -130,6 +130,13 @@ async def feed(queue: asyncio.Queue[Any], items: list[Any], gaps_s: Callable[[],
     await queue.put(None)
 
 
+class Killed(BaseException):
+    """kill -9 at a chosen moment, in process: nothing after it runs but cleanup."""
+
+
+KILLED = (Killed, BaseExceptionGroup)  # as it leaves main(): alone, or in its TaskGroup's group
+
+
 class AsyncTestCase(unittest.IsolatedAsyncioTestCase):
     """unittest's event loop without asyncio's debug mode, in which the scripts never run: its
     checks on every callback cost the suite a fifth of its time."""
@@ -1643,6 +1650,39 @@ class BatchSeamTest(CorpusTestCase):
             listed = [p for m, p, _ in stub.requests if m == "GET" and p.endswith("/batches?pageSize=100")]
             self.assertEqual(len(listed), 1, stub.requests)
         self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_a_kill_between_create_and_its_record_adopts_the_job_and_pays_once(self) -> None:
+        texts = self.write_corpus(4)
+        record = batcher.JobBook.record
+
+        async def killed_once_created(book: batcher.JobBook, job: batcher.Job, *, replacing: Any = None) -> None:
+            if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
+                raise Killed
+            await record(book, job, replacing=replacing)
+
+        with batch_server() as (url, stub):
+            with mock.patch.object(batcher.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+                await self.run_batch(url)
+            [pending] = self.manifest()["jobs"]
+            self.assertEqual((pending["name"], stub.created()), ("", 1))  # made at Google, not named here
+            self.assertEqual(pending["display_name"], stub.jobs["batches/1"]["display_name"])
+            status, out = await self.run_batch(url)
+            self.assertEqual(status, 0, out)
+            self.assertEqual(stub.created(), 1)  # adopted by its display name: never paid twice
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        self.assertEqual(self.manifest()["jobs"], [])
+
+    async def test_a_kill_before_a_recorded_create_reached_the_api_sends_the_texts_once_on_the_next_run(self) -> None:
+        texts = self.write_corpus(4)
+        with batch_server() as (url, stub):
+            with mock.patch.object(batcher.EmbedJobs, "create", side_effect=Killed), self.assertRaises(KILLED):
+                await self.run_batch(url)
+            self.assertEqual([(job["name"], job["attempt"]) for job in self.manifest()["jobs"]], [("", 1)])
+            status, out = await self.run_batch(url, max_attempts=1)  # a job never made is not an attempt
+            self.assertEqual(status, 0, out)
+            self.assertEqual(stub.created(), 1)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+        self.assertFalse(self.batch_folder().exists())
 
     async def test_a_failing_download_is_retried_and_a_gone_results_file_resends_the_texts(self) -> None:
         texts = self.write_corpus(4)

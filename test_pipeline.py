@@ -126,6 +126,13 @@ def records(folder: Path, name: str = "shard_*.jsonl") -> list[dict[str, Any]]:
     return [json.loads(line) for path in sorted(folder.glob(name)) for line in path.read_text().splitlines()]
 
 
+class Killed(BaseException):
+    """kill -9 at a chosen moment, in process: nothing after it runs but cleanup."""
+
+
+KILLED = (Killed, BaseExceptionGroup)  # as it leaves main(): alone, or in its TaskGroup's group
+
+
 class AsyncTestCase(unittest.IsolatedAsyncioTestCase):
     """unittest's event loop without asyncio's debug mode, in which the scripts never run: its
     checks on every callback cost the suite a fifth of its time."""
@@ -1568,6 +1575,28 @@ class BatchApiTest(PipelineTestCase):
             )
         self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["jobs"], [])
         self.assertEqual((await self.run_pipeline(SpyClient(), batch_api=False))[0], 0)  # the prompts, done now
+
+    async def test_a_kill_between_create_and_its_record_leaves_a_job_batch_cancel_finds_and_cancels(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        record = pipeline.JobBook.record
+
+        async def killed_once_created(book: pipeline.JobBook, job: pipeline.Job, *, replacing: Any = None) -> None:
+            if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
+                raise Killed
+            await record(book, job, replacing=replacing)
+
+        with batch_server() as (url, stub):
+            stub.polls_to_end = 10**9
+            with mock.patch.object(pipeline.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+                await self.run_batch(url)
+            [pending] = pipeline.read_manifest(self.outputs)["jobs"]  # type: ignore[index]
+            self.assertEqual((pending["name"], stub.created()), ("", 1))
+            status, out = await self.run_batch(url, batch_cancel=True)
+            self.assertEqual(status, 0, out)
+            self.assertIn("cancelled batches/1", out)  # found by its display name
+        self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["jobs"], [])
+        self.assertEqual((await self.run_pipeline(SpyClient(), batch_api=False))[0], 0)  # the prompts, done now
+        self.assertEqual(len(records(self.outputs)), 2)
 
 
 class JsonlInputTest(PipelineTestCase):
