@@ -2134,21 +2134,82 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
-    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
+class Number:
+    """A setting's bounds, checked once: as an argparse type on a flag's text, and by Config
+    (check_settings) on a value given to it directly. A finite int or float in low..high (> low
+    with above=True)."""
 
-    def parse(text: str) -> Any:
+    def __init__(self, kind: type[int] | type[float], low: float, high: float = math.inf, *, above: bool = False):
+        self.kind, self.low, self.high, self.above = kind, low, high, above
+
+    def __call__(self, text: str) -> Any:
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+            expected = "an integer" if self.kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
-            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        if (problem := self.problem(value, text)) is not None:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
-    return parse
+    def problem(self, value: float, shown: str = "") -> str | None:
+        low, high = self.low, self.high
+        if not ((value > low if self.above else value >= low) and value <= high and math.isfinite(value)):
+            bound = f"> {low:g}" if self.above else f"{low:g}..{high:g}" if high < math.inf else f">= {low:g}"
+            return f"must be {bound}, got {shown or value}"
+        return None
+
+
+POSITIVE, COUNT = Number(float, 0, above=True), Number(int, 1)  # the bounds most settings have
+
+
+def flag(
+    default: Any, help: str, *, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:  # fmt: skip
+    """A Config field that is also a command-line flag (see add_flags). parse turns the flag's
+    text into the value, or refuses it (argparse.ArgumentTypeError); a Number is checked on a
+    value given to Config too, as choices are."""
+    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar, "choices": choices})
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """A flag for each field of `config` made with flag(): --NAME, the field's name with dashes and
+    no unit suffix (request_timeout_s: --request-timeout); a field true by default is --no-NAME."""
+    for setting in fields(config):
+        if "help" not in (meta := setting.metadata):
+            continue
+        name = "--" + setting.name.removesuffix("_s").replace("_", "-")
+        if isinstance(setting.default, bool):
+            on = not setting.default
+            parser.add_argument(name if on else name.replace("--", "--no-", 1), dest=setting.name,
+                                action="store_true" if on else "store_false", help=meta["help"])  # fmt: skip
+        else:
+            parser.add_argument(name, dest=setting.name, type=meta["parse"], default=setting.default,
+                                metavar=meta["metavar"], choices=meta["choices"], help=meta["help"])  # fmt: skip
+
+
+def check_settings(config: Any) -> None:
+    """Raises ValueError naming the first setting whose value its flag would refuse."""
+    for setting in fields(config):
+        if (value := getattr(config, setting.name)) is None:
+            continue
+        check, choices = setting.metadata.get("parse"), setting.metadata.get("choices")
+        if isinstance(check, Number) and (problem := check.problem(value)) is not None:
+            raise ValueError(f"{setting.name} {problem}")
+        if choices and value not in choices:
+            raise ValueError(f"{setting.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def config_from(config: Any, args: argparse.Namespace) -> Any:
+    """The `config` (a Config) the flags describe; a setting that contradicts another is one line
+    (UsageError)."""
+    try:
+        return config(
+            **{setting.name: getattr(args, setting.name) for setting in fields(config) if setting.name in args}
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -2234,7 +2295,23 @@ class SimulatedBatchAPI:
 
     async def create_embeddings(self, *, model: str, src: dict[str, str], config: Any = None) -> types.BatchJob:
         name = f"batches/{time.time_ns()}-{src['file_name'].removeprefix('files/')}"
-        return types.BatchJob(name=name, state=types.JobState.JOB_STATE_PENDING)
+        return await asyncio.to_thread(self._create, name, config)
+
+    def _create(self, name: str, config: dict[str, str] | None) -> types.BatchJob:
+        """A job, kept as a file that holds its display name, for list."""
+        display_name = (config or {}).get("display_name", "")
+        (self._store / f"{name.removeprefix('batches/')}.job").write_text(display_name)
+        return types.BatchJob(name=name, display_name=display_name, state=types.JobState.JOB_STATE_PENDING)
+
+    async def list(self, *, config: Any = None) -> AsyncIterator[types.BatchJob]:
+        """The jobs kept, as the SDK's pager gives them: `async for job in await batches.list()`."""
+        kept = await asyncio.to_thread(lambda: [(p.stem, p.read_text()) for p in self._store.glob("*.job")])
+
+        async def pager() -> AsyncIterator[types.BatchJob]:
+            for name, display_name in kept:
+                yield types.BatchJob(name=f"batches/{name}", display_name=display_name)
+
+        return pager()
 
     async def get(self, *, name: str) -> types.BatchJob:
         created_ns, _, file_name = name.removeprefix("batches/").partition("-")
@@ -2280,31 +2357,61 @@ def fake_vector(text: str, dimensions: int) -> list[float]:
 # === The command line ===
 
 
-@dataclass(frozen=True)
-class Config:
-    """The batcher's settings: one per command-line flag, checked when made."""
+def task_type(text: str) -> str:
+    """An argparse type: one of TASK_NAMES, in any case."""
+    if (name := text.strip().upper()) not in TASK_NAMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TASK_NAMES)}, got {text!r}")
+    return name
 
-    num_inputs: int = 100
-    batch_size: int = 8
-    timeout_s: float = 1.0
-    input_delay_s: float = 0.3
-    concurrency: int = 4
-    max_attempts: int = 5
-    request_timeout_s: float = REQUEST_TIMEOUT_S
-    rpm: float | None = None
-    tpm: float | None = None
-    model: str = "gemini-embedding-001"
-    dimensions: int = 3
-    task_type: str | None = None
-    normalize: bool = True  # unit vectors (see unit_vector)
-    adaptive: bool = False
-    input: Path | None = None  # a corpus file; Path("-") is stdin; None runs the document's demo
-    input_format: Literal["auto", "text", "jsonl"] = "auto"  # auto: JSONL_SUFFIXES are JSONL, the rest text
-    output: Path | None = None  # a JSONL file of embeddings
-    batch_api: bool = False  # stages 2 and 3 through Google's Batch API: see BatchJobs
-    batch_job_size: int = JOB_TEXTS
-    poll_interval_s: float = POLL_INTERVAL_S
-    quiet: bool = False
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The batcher's settings, one per command-line flag (make_parser builds them from these
+    fields), each checked once, when made, naming the bad value."""
+
+    input: Path | None = flag(None, "embed this file, one text per non-blank line ('-': stdin)", parse=Path,
+                              metavar="PATH")  # fmt: skip
+    input_format: Literal["auto", "text", "jsonl"] = flag(
+        "auto", 'text, jsonl (rows {"text", "id"?, "title"?, ...}) or auto: jsonl for .jsonl and .ndjson',
+        metavar="FORMAT", choices=("auto", "text", "jsonl"),
+    )  # fmt: skip
+    output: Path | None = flag(None, "append {id, text, embedding} JSONL here; a re-run resumes", parse=Path,
+                               metavar="PATH")  # fmt: skip
+    num_inputs: int = flag(100, "demo: inputs to enqueue", parse=Number(int, 0), metavar="N")
+    batch_size: int = flag(8, "texts per call, 1..100", parse=Number(int, 1, MAX_BATCH_SIZE), metavar="N")
+    timeout_s: float = flag(1.0, "from a batch's first item", parse=POSITIVE, metavar="SECONDS")
+    input_delay_s: float = flag(0.3, "demo: the longest gap between inputs", parse=Number(float, 0), metavar="SECONDS")
+    concurrency: int = flag(4, "API calls in flight", parse=COUNT, metavar="N")
+    max_attempts: int = flag(5, "calls per batch, retries included", parse=COUNT, metavar="N")
+    request_timeout_s: float = flag(REQUEST_TIMEOUT_S, "per attempt", parse=POSITIVE,
+                                    metavar="SECONDS")  # fmt: skip
+    rpm: float | None = flag(None, "cap on call starts per minute, evenly spaced", parse=POSITIVE,
+                             metavar="N")  # fmt: skip
+    tpm: float | None = flag(None, "cap on tokens per minute (characters / 4), call starts spaced",
+                             parse=POSITIVE, metavar="N")  # fmt: skip
+    dimensions: int = flag(3, "output_dimensionality", parse=COUNT, metavar="N")
+    task_type: str | None = flag(None, f"what the vectors are for: {', '.join(TASK_NAMES)}", parse=task_type,
+                                 metavar="TASK")  # fmt: skip
+    normalize: bool = flag(True, "keep the API's vectors, not unit length")  # --no-normalize; see unit_vector
+    model: str = flag("gemini-embedding-001", "embedding model", parse=model_name, metavar="NAME")
+    batch_api: bool = flag(False, "with --input/--output: through Google's Batch API, half price, within 24 h; "
+                           "a re-run resumes")  # fmt: skip
+    batch_job_size: int = flag(JOB_TEXTS, f"texts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; "
+                               "Google takes 2 GB)", parse=COUNT, metavar="N")  # fmt: skip
+    poll_interval_s: float = flag(POLL_INTERVAL_S, f"between looks at Batch API jobs (offline, the default is "
+                                  f"{SIMULATED_POLL_INTERVAL_S:g})", parse=POSITIVE,
+                                  metavar="SECONDS")  # fmt: skip
+    adaptive: bool = flag(
+        False, "fit batches to arrivals: flush early when slow, grow up to 100 when calls fall behind"
+    )
+    offline: bool = flag(False, "use the simulated client even with a key")
+    fake_latency_s: float = flag(0.2, "simulated API latency", parse=Number(float, 0), metavar="SECONDS")
+    seed: int | None = flag(None, "random seed, for repeatable runs", parse=int, metavar="N")
+    quiet: bool = flag(False, "only the summary and run-level problems")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        self.embedding  # noqa: B018 (checks the model name and task type)
 
     @property
     def embedding(self) -> EmbedSettings:
@@ -2320,71 +2427,12 @@ class Config:
         same ones. Settings that only shape the run (batch size, concurrency, rpm, ...) are not here."""
         return {name: getattr(self.embedding, name) for name in ("model", "dimensions", "normalize", "task_type")}
 
-    def __post_init__(self) -> None:
-        """Checks the settings no stage owns; Batcher, Retrier, EmbedSettings and embed_content
-        check theirs."""
-        for name, low in (("num_inputs", 0), ("input_delay_s", 0), ("concurrency", 1), ("batch_job_size", 1)):
-            if not getattr(self, name) >= low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        self.embedding  # noqa: B018 (checks model, dimensions and task_type)
-
-
-def task_type(text: str) -> str:
-    """An argparse type: one of TASK_NAMES, in any case."""
-    if (name := text.strip().upper()) not in TASK_NAMES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TASK_NAMES)}, got {text!r}")
-    return name
-
 
 def make_parser() -> argparse.ArgumentParser:
-    """The flags; each one's dest is the name of its Config field."""
-    p = _Parser(prog="batcher.py", description=__doc__, formatter_class=HelpFormatter)
-    add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
-    add("--input", type=Path, metavar="PATH", help="embed this file, one text per non-blank line ('-': stdin)")
-    add("--input-format", choices=("auto", "text", "jsonl"), default="auto", metavar="FORMAT",
-        help='text, jsonl (rows {"text", "id"?, "title"?, ...}) or auto: jsonl for .jsonl and .ndjson')  # fmt: skip
-    add("--output", type=Path, metavar="PATH", help="append {id, text, embedding} JSONL here; a re-run resumes")
-    add("--num-inputs", type=number(int, 0), default=100, metavar="N", help="demo: inputs to enqueue")
-    add("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=8, metavar="N", help="texts per call, 1..100")
-    add("--timeout", dest="timeout_s", type=positive, default=1.0, metavar="SECONDS", help="from a batch's first item")
-    add("--input-delay", dest="input_delay_s", type=number(float, 0), default=0.3, metavar="SECONDS",
-        help="demo: the longest gap between inputs")  # fmt: skip
-    add("--concurrency", type=count, default=4, metavar="N", help="API calls in flight")
-    add("--max-attempts", type=count, default=5, metavar="N", help="calls per batch, retries included")
-    add("--request-timeout", dest="request_timeout_s", type=positive, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
-        help="per attempt")  # fmt: skip
-    add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, evenly spaced")
-    add("--tpm", type=positive, metavar="N", help="cap on tokens per minute (characters / 4), call starts spaced")
-    add("--dimensions", type=count, default=3, metavar="N", help="output_dimensionality")
-    add("--task-type", type=task_type, metavar="TASK", help=f"what the vectors are for: {', '.join(TASK_NAMES)}")
-    add("--no-normalize", dest="normalize", action="store_false", help="keep the API's vectors, not unit length")
-    add("--model", type=model_name, default="gemini-embedding-001", metavar="NAME", help="embedding model")
-    add(
-        "--batch-api",
-        action="store_true",
-        help="with --input/--output: through Google's Batch API, half price, within 24 h; a re-run resumes",
-    )
-    add(
-        "--batch-job-size",
-        type=count,
-        default=JOB_TEXTS,
-        metavar="N",
-        help=f"texts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; Google takes 2 GB)",
-    )
-    add(
-        "--poll-interval",
-        dest="poll_interval_s",
-        type=positive,
-        metavar="SECONDS",
-        help=f"between looks at Batch API jobs; none: {POLL_INTERVAL_S:g}, offline {SIMULATED_POLL_INTERVAL_S:g}",
-    )
-    add("--adaptive", action="store_true",
-        help="fit batches to arrivals: flush early when slow, grow up to 100 when calls fall behind")  # fmt: skip
-    add("--offline", action="store_true", help="use the simulated client even with a key")
-    add("--fake-latency", type=number(float, 0), default=0.2, metavar="SECONDS", help="simulated API latency")
-    add("--seed", type=int, metavar="N", help="random seed, for repeatable runs")
-    add("--quiet", action="store_true", help="only the summary and run-level problems")
-    return p
+    """A flag for each Config field, its dest the field's name."""
+    parser = _Parser(prog="batcher.py", description=__doc__, formatter_class=HelpFormatter)
+    add_flags(parser, Config)
+    return parser
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -2394,21 +2442,19 @@ def run_cli(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)
-    settings = {setting.name: getattr(args, setting.name) for setting in fields(Config)}  # dest = field name
-    config = Config(**settings | {"poll_interval_s": args.poll_interval_s or POLL_INTERVAL_S})
 
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
+            config = config_from(Config, args)
             client = make_client(
-                offline=args.offline, fake_latency_s=args.fake_latency, request_timeout_s=args.request_timeout_s,
-                connections=args.concurrency,
+                offline=config.offline, fake_latency_s=config.fake_latency_s,
+                request_timeout_s=config.request_timeout_s, connections=config.concurrency,
             )  # fmt: skip
-            polled = config
-            if args.poll_interval_s is None and isinstance(client, SimulatedClient):
-                polled = replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)
+            if config.poll_interval_s == POLL_INTERVAL_S and isinstance(client, SimulatedClient):
+                config = replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)
             try:
-                return await main(polled, client, shutdown=shutdown)
+                return await main(config, client, shutdown=shutdown)
             finally:
                 if isinstance(client, genai.Client):
                     await client.aio.aclose()  # the kept-alive connections

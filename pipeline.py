@@ -476,7 +476,7 @@ class Run:
     def __post_init__(self) -> None:
         c = self.config
         self.retrier = Retrier(
-            max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s,
+            max_attempts=c.max_attempts, request_timeout_s=c.attempt_timeout_s,
             rpm=None if c.batch_api else c.rpm, tpm=None if c.batch_api else c.tpm,  # the Batch API has its own quota
             base_delay_s=c.base_delay_s, shutdown=self.shutdown,
         )  # fmt: skip
@@ -2055,21 +2055,82 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def number(kind: Callable[[str], Any], low: float, high: float = math.inf, *, above: bool = False) -> Any:
-    """An argparse type: a finite `kind` in low..high (> low with above=True)."""
+class Number:
+    """A setting's bounds, checked once: as an argparse type on a flag's text, and by Config
+    (check_settings) on a value given to it directly. A finite int or float in low..high (> low
+    with above=True)."""
 
-    def parse(text: str) -> Any:
+    def __init__(self, kind: type[int] | type[float], low: float, high: float = math.inf, *, above: bool = False):
+        self.kind, self.low, self.high, self.above = kind, low, high, above
+
+    def __call__(self, text: str) -> Any:
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            expected = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+            expected = "an integer" if self.kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if (value <= low if above else value < low) or value > high or not math.isfinite(value):
-            bound = f"> {low}" if above else f"{low}..{high}" if high < math.inf else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        if (problem := self.problem(value, text)) is not None:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
-    return parse
+    def problem(self, value: float, shown: str = "") -> str | None:
+        low, high = self.low, self.high
+        if not ((value > low if self.above else value >= low) and value <= high and math.isfinite(value)):
+            bound = f"> {low:g}" if self.above else f"{low:g}..{high:g}" if high < math.inf else f">= {low:g}"
+            return f"must be {bound}, got {shown or value}"
+        return None
+
+
+POSITIVE, COUNT = Number(float, 0, above=True), Number(int, 1)  # the bounds most settings have
+
+
+def flag(
+    default: Any, help: str, *, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:  # fmt: skip
+    """A Config field that is also a command-line flag (see add_flags). parse turns the flag's
+    text into the value, or refuses it (argparse.ArgumentTypeError); a Number is checked on a
+    value given to Config too, as choices are."""
+    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar, "choices": choices})
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """A flag for each field of `config` made with flag(): --NAME, the field's name with dashes and
+    no unit suffix (request_timeout_s: --request-timeout); a field true by default is --no-NAME."""
+    for setting in fields(config):
+        if "help" not in (meta := setting.metadata):
+            continue
+        name = "--" + setting.name.removesuffix("_s").replace("_", "-")
+        if isinstance(setting.default, bool):
+            on = not setting.default
+            parser.add_argument(name if on else name.replace("--", "--no-", 1), dest=setting.name,
+                                action="store_true" if on else "store_false", help=meta["help"])  # fmt: skip
+        else:
+            parser.add_argument(name, dest=setting.name, type=meta["parse"], default=setting.default,
+                                metavar=meta["metavar"], choices=meta["choices"], help=meta["help"])  # fmt: skip
+
+
+def check_settings(config: Any) -> None:
+    """Raises ValueError naming the first setting whose value its flag would refuse."""
+    for setting in fields(config):
+        if (value := getattr(config, setting.name)) is None:
+            continue
+        check, choices = setting.metadata.get("parse"), setting.metadata.get("choices")
+        if isinstance(check, Number) and (problem := check.problem(value)) is not None:
+            raise ValueError(f"{setting.name} {problem}")
+        if choices and value not in choices:
+            raise ValueError(f"{setting.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def config_from(config: Any, args: argparse.Namespace) -> Any:
+    """The `config` (a Config) the flags describe; a setting that contradicts another is one line
+    (UsageError)."""
+    try:
+        return config(
+            **{setting.name: getattr(args, setting.name) for setting in fields(config) if setting.name in args}
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -2175,9 +2236,23 @@ class SimulatedBatchAPI:
         return name, path.stat().st_size
 
     async def create(self, *, model: str, src: str, config: Any = None) -> types.BatchJob:
-        return types.BatchJob(
-            name=f"batches/{time.time_ns()}-{src.removeprefix('files/')}", state=types.JobState.JOB_STATE_PENDING
-        )
+        return await asyncio.to_thread(self._create, f"batches/{time.time_ns()}-{src.removeprefix('files/')}", config)
+
+    def _create(self, name: str, config: dict[str, str] | None) -> types.BatchJob:
+        """A job, kept as a file that holds its display name, for list."""
+        display_name = (config or {}).get("display_name", "")
+        (self._store / f"{name.removeprefix('batches/')}.job").write_text(display_name)
+        return types.BatchJob(name=name, display_name=display_name, state=types.JobState.JOB_STATE_PENDING)
+
+    async def list(self, *, config: Any = None) -> AsyncIterator[types.BatchJob]:
+        """The jobs kept, as the SDK's pager gives them: `async for job in await batches.list()`."""
+        kept = await asyncio.to_thread(lambda: [(p.stem, p.read_text()) for p in self._store.glob("*.job")])
+
+        async def pager() -> AsyncIterator[types.BatchJob]:
+            for name, display_name in kept:
+                yield types.BatchJob(name=f"batches/{name}", display_name=display_name)
+
+        return pager()
 
     async def get(self, *, name: str) -> types.BatchJob:
         created_ns, _, file_name = name.removeprefix("batches/").partition("-")
@@ -2226,57 +2301,88 @@ def fake_instance(schema: Any, text: str) -> Any:
 THINKING_LEVELS = ("minimal", "low", "medium", "high")  # Gemini 3's ThinkingConfig(thinking_level=...)
 
 
-@dataclass(frozen=True)
-class Config:
-    """The pipeline's settings: one per command-line flag, checked when made."""
+def setting_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the setting
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
-    inputs: Path = Path("inputs")
-    outputs: Path = Path("outputs")
-    workers: int = 5
-    readers: int = 1
-    writers: int = 1
-    queue_size: int = 5
-    shard_size: int = SHARD_SIZE
-    max_attempts: int = 5
-    request_timeout_s: float = REQUEST_TIMEOUT_S
-    base_delay_s: float = 0.5
-    rpm: float | None = None
-    tpm: float | None = None
-    model: str = "gemini-flash-latest"
-    system_instruction: str | None = None
-    temperature: float | None = None
-    max_output_tokens: int | None = None
-    thinking_level: str | None = None
-    thinking_budget: int | None = None
-    json_schema: dict[str, Any] | None = None
-    service_tier: str | None = None  # None: the API's default (standard)
-    retry_errors: bool = False
-    word_count: bool = False
-    batch_api: bool = False  # stage 2 through Google's Batch API: see BatchJobs
-    batch_job_size: int = JOB_PROMPTS
-    poll_interval_s: float = POLL_INTERVAL_S
-    batch_cancel: bool = False
-    quiet: bool = False  # no per-item lines, and no progress line
+
+def instruction(text: str) -> str:
+    """An argparse type: the system instruction, or the file it names with @PATH."""
+    return setting_file(Path(text[1:])) if text.startswith("@") else text
+
+
+def json_schema(text: str) -> dict[str, Any]:
+    """An argparse type: the JSON Schema object in the file at text."""
+    try:
+        schema = json.loads(setting_file(Path(text)))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{text} is not a JSON Schema object")
+    return schema
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The pipeline's settings, one per command-line flag (make_parser builds them from these
+    fields), each checked once, when made, naming the bad value."""
+
+    inputs: Path = flag(Path("inputs"), "folder of *.txt and *.jsonl inputs", parse=Path, metavar="PATH")
+    outputs: Path = flag(Path("outputs"), "folder for shards, errors.jsonl, manifest", parse=Path, metavar="PATH")
+    workers: int = flag(5, "concurrent model calls", parse=COUNT, metavar="N")
+    readers: int = flag(1, "reader tasks; they split the files", parse=COUNT, metavar="N")
+    writers: int = flag(1, "writer tasks; each owns its shards", parse=COUNT, metavar="N")
+    queue_size: int = flag(5, "bound of each queue", parse=COUNT, metavar="N")
+    shard_size: int = flag(SHARD_SIZE, "records per output shard at most", parse=COUNT, metavar="N")
+    max_attempts: int = flag(5, "calls per prompt, retries included", parse=COUNT, metavar="N")
+    request_timeout_s: float | None = flag(
+        None, f"per attempt; an answer with thinking can take minutes (default: {REQUEST_TIMEOUT_S:g}, or "
+        f"{FLEX_REQUEST_TIMEOUT_S:g} with --service-tier flex)", parse=POSITIVE, metavar="SECONDS",
+    )  # fmt: skip
+    base_delay_s: float = 0.5  # the first retry's backoff, doubled each time (not a flag: tests shorten it)
+    rpm: float | None = flag(None, "cap on call starts per minute, all workers together", parse=POSITIVE, metavar="N")
+    tpm: float | None = flag(None, "cap on tokens per minute, all workers together", parse=POSITIVE, metavar="N")
+    model: str = flag("gemini-flash-latest", "model", parse=model_name, metavar="NAME")
+    system_instruction: str | None = flag(None, "system instruction, or @PATH to read it from a file",
+                                          parse=instruction, metavar="TEXT")  # fmt: skip
+    temperature: float | None = flag(None, "sampling temperature, 0..2", parse=Number(float, 0, 2), metavar="T")
+    max_output_tokens: int | None = flag(None, "cap on each answer's tokens", parse=COUNT, metavar="N")
+    thinking_level: str | None = flag(None, "Gemini 3 and later: how much the model thinks", choices=THINKING_LEVELS)
+    thinking_budget: int | None = flag(None, "Gemini 2.5: thinking tokens per answer (0: off where allowed; -1: auto)",
+                                       parse=Number(int, -1), metavar="N")  # fmt: skip
+    json_schema: dict[str, Any] | None = flag(None, "ask for JSON matching this JSON Schema file; parse it",
+                                              parse=json_schema, metavar="PATH")  # fmt: skip
+    service_tier: str | None = flag(None, "flex: half price, slower, may be shed (503s are retried)",
+                                    choices=SERVICE_TIERS)  # fmt: skip
+    retry_errors: bool = flag(False, f"retry the prompts in {ERRORS_NAME}")
+    batch_api: bool = flag(False, "through Google's Batch API: half price, its own quota, results within 24 h; a "
+                           "re-run resumes waiting")  # fmt: skip
+    batch_job_size: int = flag(JOB_PROMPTS, f"prompts per Batch API job (and at most {JOB_BYTES >> 20} MiB of "
+                               "requests; Google takes 2 GB)", parse=COUNT, metavar="N")  # fmt: skip
+    poll_interval_s: float = flag(POLL_INTERVAL_S, f"between looks at a Batch API job (offline, the default is "
+                                  f"{SIMULATED_POLL_INTERVAL_S:g})", parse=POSITIVE, metavar="SECONDS")  # fmt: skip
+    batch_cancel: bool = flag(False, "cancel the Batch API jobs recorded in --outputs, and forget them")
+    word_count: bool = flag(False, "add word_count, computed in a process pool")
+    offline: bool = flag(False, "use the simulated model even with a key")
+    fake_latency_s: float = flag(0.1, "simulated latency", parse=Number(float, 0), metavar="SECONDS")
+    fake_failure_rate: float = flag(0.0, "simulated 503s, 0..1", parse=Number(float, 0, 1), metavar="SHARE")
+    seed: int | None = flag(None, "random seed, for repeatable runs", parse=int, metavar="N")
+    quiet: bool = flag(False, "only the summary and run-level problems on stderr")
 
     def __post_init__(self) -> None:
-        counts = ("workers", "readers", "writers", "queue_size", "shard_size", "max_attempts", "max_output_tokens",
-                  "batch_job_size")  # fmt: skip
-        for name in counts:
-            if (value := getattr(self, name)) is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("request_timeout_s", "rpm", "tpm", "poll_interval_s"):
-            if (value := getattr(self, name)) is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise ValueError(f"temperature must be 0..2, got {self.temperature}")
-        if self.thinking_budget is not None and self.thinking_budget < -1:
-            raise ValueError(f"thinking_budget must be >= -1 (-1: the model decides), got {self.thinking_budget}")
-        if self.thinking_level not in (None, *THINKING_LEVELS):
-            raise ValueError(f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, got {self.thinking_level!r}")
-        if self.thinking_level is not None and self.thinking_budget is not None:  # the API rejects both at once
-            raise ValueError("thinking_level and thinking_budget cannot both be set: choose one")
+        check_settings(self)
+        if self.thinking_level is not None and self.thinking_budget is not None:
+            raise ValueError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
         if self.batch_api and (self.service_tier is not None or self.word_count):
-            raise ValueError("batch_api takes neither service_tier (it is a price of its own) nor word_count")
+            raise ValueError("--batch-api takes neither --service-tier (the batch price is its own) nor --word-count")
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """--request-timeout, or by default what the tier needs: Flex answers may wait in a queue."""
+        flex = FLEX_REQUEST_TIMEOUT_S if self.service_tier == "flex" else REQUEST_TIMEOUT_S
+        return self.request_timeout_s or flex
 
     def generation(self) -> types.GenerateContentConfig | None:
         """The one GenerateContentConfig every call shares, or None for the model's defaults."""
@@ -2300,95 +2406,10 @@ class Config:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The flags; each one's dest is the name of its Config field."""
-    p = _Parser(prog="pipeline.py", description=__doc__, formatter_class=HelpFormatter)
-    add, positive, count = p.add_argument, number(float, 0, above=True), number(int, 1)
-    add("--inputs", type=Path, default=Path("inputs"), metavar="PATH", help="folder of *.txt and *.jsonl inputs")
-    add(
-        "--outputs",
-        type=Path,
-        default=Path("outputs"),
-        metavar="PATH",
-        help="folder for shards, errors.jsonl, manifest",
-    )
-    add("--workers", type=count, default=5, metavar="N", help="concurrent model calls")
-    add("--readers", type=count, default=1, metavar="N", help="reader tasks; they split the files")
-    add("--writers", type=count, default=1, metavar="N", help="writer tasks; each owns its shards")
-    add("--queue-size", type=count, default=5, metavar="N", help="bound of each queue")
-    add("--shard-size", type=count, default=SHARD_SIZE, metavar="N", help="records per output shard at most")
-    add("--max-attempts", type=count, default=5, metavar="N", help="calls per prompt, retries included")
-    add("--request-timeout", dest="request_timeout_s", type=positive, metavar="SECONDS",
-        help=f"per attempt; an answer with thinking can take minutes (default: {REQUEST_TIMEOUT_S:g}, or "
-        f"{FLEX_REQUEST_TIMEOUT_S:g} with --service-tier flex)")  # fmt: skip
-    add("--rpm", type=positive, metavar="N", help="cap on call starts per minute, all workers together")
-    add("--tpm", type=positive, metavar="N", help="cap on tokens per minute, all workers together")
-    add("--model", type=model_name, default="gemini-flash-latest", metavar="NAME", help="model")
-    add("--system-instruction", metavar="TEXT", help="system instruction, or @PATH to read it from a file")
-    add("--temperature", type=number(float, 0, 2), metavar="T", help="sampling temperature, 0..2")
-    add("--max-output-tokens", type=count, metavar="N", help="cap on each answer's tokens")
-    add("--thinking-level", choices=THINKING_LEVELS, help="Gemini 3 and later: how much the model thinks")
-    add("--thinking-budget", type=number(int, -1), metavar="N",
-        help="Gemini 2.5: thinking tokens per answer (0: off where allowed; -1: auto)")  # fmt: skip
-    add("--json-schema", type=Path, metavar="PATH", help="ask for JSON matching this JSON Schema file; parse it")
-    add("--service-tier", choices=SERVICE_TIERS, help="flex: half price, slower, may be shed (503s are retried)")
-    add("--retry-errors", action="store_true", help=f"retry the prompts in {ERRORS_NAME}")
-    add(
-        "--batch-api",
-        action="store_true",
-        help="through Google's Batch API: half price, its own quota, results within 24 h; a re-run resumes waiting",
-    )
-    add(
-        "--batch-job-size",
-        type=count,
-        default=JOB_PROMPTS,
-        metavar="N",
-        help=f"prompts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; Google takes 2 GB)",
-    )
-    add(
-        "--poll-interval",
-        dest="poll_interval_s",
-        type=positive,
-        metavar="SECONDS",
-        help=f"between looks at a Batch API job (default: {POLL_INTERVAL_S:g}; offline {SIMULATED_POLL_INTERVAL_S:g})",
-    )
-    add("--batch-cancel", action="store_true", help="cancel the Batch API jobs recorded in --outputs, and forget them")
-    add("--word-count", action="store_true", help="add word_count, computed in a process pool")
-    add("--offline", action="store_true", help="use the simulated model even with a key")
-    add("--fake-latency", type=number(float, 0), default=0.1, metavar="SECONDS", help="simulated latency")
-    add("--fake-failure-rate", type=number(float, 0, 1), default=0.0, metavar="SHARE", help="simulated 503s, 0..1")
-    add("--seed", type=int, metavar="N", help="random seed, for repeatable runs")
-    add("--quiet", action="store_true", help="only the summary and run-level problems on stderr")
-    return p
-
-
-def read_setting_file(path: Path, flag: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the setting
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def config_from(args: argparse.Namespace) -> Config:
-    """The Config the flags describe. Raises UsageError for an unreadable file or a bad schema."""
-    settings = {setting.name: getattr(args, setting.name) for setting in fields(Config) if setting.name in args}
-    if (instruction := args.system_instruction or "").startswith("@"):
-        settings["system_instruction"] = read_setting_file(Path(instruction[1:]), "--system-instruction")
-    if args.json_schema is not None:
-        try:
-            settings["json_schema"] = schema = json.loads(read_setting_file(args.json_schema, "--json-schema"))
-        except ValueError as exc:
-            raise UsageError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
-        if not isinstance(schema, dict):
-            raise UsageError(f"--json-schema: {args.json_schema} is not a JSON Schema object")
-    if args.thinking_level is not None and args.thinking_budget is not None:
-        raise UsageError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
-    if args.request_timeout_s is None:
-        settings["request_timeout_s"] = FLEX_REQUEST_TIMEOUT_S if args.service_tier == "flex" else REQUEST_TIMEOUT_S
-    if args.poll_interval_s is None:
-        settings["poll_interval_s"] = POLL_INTERVAL_S
-    if args.batch_api and (args.service_tier is not None or args.word_count):
-        raise UsageError("--batch-api takes neither --service-tier (the batch price is its own) nor --word-count")
-    return Config(**settings)
+    """A flag for each Config field, its dest the field's name."""
+    parser = _Parser(prog="pipeline.py", description=__doc__, formatter_class=HelpFormatter)
+    add_flags(parser, Config)
+    return parser
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -2402,12 +2423,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     async def run() -> int:
         shutdown = Shutdown()
         with signals_handled(shutdown):
-            config = config_from(args)
+            config = config_from(Config, args)
             client = make_client(
-                offline=args.offline, fake_latency_s=args.fake_latency, fake_failure_rate=args.fake_failure_rate,
-                request_timeout_s=config.request_timeout_s, connections=config.workers,
+                offline=config.offline, fake_latency_s=config.fake_latency_s,
+                fake_failure_rate=config.fake_failure_rate, request_timeout_s=config.attempt_timeout_s,
+                connections=config.workers,
             )  # fmt: skip
-            if args.poll_interval_s is None and isinstance(client, SimulatedClient):
+            if config.poll_interval_s == POLL_INTERVAL_S and isinstance(client, SimulatedClient):
                 config = dataclasses.replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)
             try:
                 return await main(config, client, shutdown=shutdown)

@@ -488,7 +488,8 @@ class InputEdgeCaseTest(PipelineTestCase):
         (self.inputs / "a.txt").write_text(bom + "What is two times 3?\n", encoding="utf-8")
         (self.inputs / "b.jsonl").write_text(bom + '{"id": "r1", "prompt": "What is two times 4?"}\n', encoding="utf-8")
         (self.tmp / "system.txt").write_text(bom + "Be brief.", encoding="utf-8")
-        config = pipeline.config_from(pipeline.parse_args(["--system-instruction", f"@{self.tmp / 'system.txt'}"]))
+        args = pipeline.parse_args(["--system-instruction", f"@{self.tmp / 'system.txt'}"])
+        config: Config = pipeline.config_from(Config, args)
         self.assertEqual(config.system_instruction, "Be brief.")
         client = SpyClient()
         status, _ = await self.run_pipeline(client)
@@ -1511,10 +1512,10 @@ class BatchApiTest(PipelineTestCase):
         prompts = write_inputs(self.inputs, 2, 3)
         shutdown = Shutdown()
 
-        def recorded() -> None:  # a job in the manifest: the run waits on it
+        def recorded() -> None:  # a job in the manifest, named by the API: the run waits on it
             deadline = time.monotonic() + 10
             manifest = self.outputs / "manifest.json"
-            while not (manifest.exists() and json.loads(manifest.read_text()).get("jobs")):
+            while not (manifest.exists() and [job["name"] for job in json.loads(manifest.read_text()).get("jobs", [])]):
                 assert time.monotonic() < deadline, "no job was recorded"
                 time.sleep(0.005)
 
@@ -1534,6 +1535,23 @@ class BatchApiTest(PipelineTestCase):
         # The first run's job (4 prompts: jobs of 4) collected by the second, which sent the other 2 alone.
         self.assertIn("4 skipped", summary)
         self.assertIn("1 Batch API job created", summary)
+
+    async def test_offline_a_kill_between_create_and_its_record_is_adopted_from_the_simulated_list(self) -> None:
+        prompts = write_inputs(self.inputs, 1, 3)
+        record = pipeline.JobBook.record
+
+        async def killed_once_created(book: pipeline.JobBook, job: pipeline.Job, *, replacing: Any = None) -> None:
+            if job.name and replacing is not None and not replacing.name:
+                raise Killed
+            await record(book, job, replacing=replacing)
+
+        with mock.patch.object(pipeline, "SIMULATED_JOB_S", 0.0):
+            with mock.patch.object(pipeline.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+                await self.run_pipeline(pipeline.SimulatedClient(), poll_interval_s=0.01)
+            status, summary = await self.run_pipeline(pipeline.SimulatedClient(), poll_interval_s=0.01)
+        self.assertEqual(status, 0, summary)
+        self.assertIn("0 Batch API jobs created", summary)  # the first run's, adopted
+        self.assertEqual(sorted(r["prompt"] for r in records(self.outputs)), sorted(prompts))
 
     async def test_off_a_terminal_the_progress_line_shows_the_jobs_by_state_and_the_time_elapsed(self) -> None:
         write_inputs(self.inputs, 1, 2)
@@ -2002,7 +2020,8 @@ class CommandLineTest(unittest.TestCase):
 
     def test_flex_waits_longer_for_an_answer_unless_told(self) -> None:
         def timeout_of(*argv: str) -> float:
-            return pipeline.config_from(pipeline.parse_args(list(argv))).request_timeout_s
+            config: Config = pipeline.config_from(Config, pipeline.parse_args(list(argv)))
+            return config.attempt_timeout_s
 
         self.assertEqual(timeout_of(), pipeline.REQUEST_TIMEOUT_S)
         self.assertEqual(timeout_of("--service-tier", "flex"), pipeline.FLEX_REQUEST_TIMEOUT_S)
