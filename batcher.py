@@ -417,8 +417,11 @@ async def embed_call(
 
     async def attempt(part: list[str]) -> list[types.ContentEmbedding | Exception] | Exception:
         """One call, retried: the embeddings, or the error that ended it."""
+        tokens = estimated_tokens(part)
         try:
-            return list(await retrier.call(lambda: request(part), tokens=estimated_tokens(part)))
+            embeddings = await retrier.call(lambda: request(part), tokens=tokens, cost_usd=retrier.cost.of(tokens))
+            retrier.cost.pay(tokens)
+            return list(embeddings)
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, errors.APIError) or is_auth_error(exc)):
                 raise  # a bug, not a fault of this batch: let it surface
@@ -585,10 +588,11 @@ class Run:
 
     def __post_init__(self) -> None:
         c = self.config
+        self.stats.cost = Cost(c.price, half_price="Batch API" if c.batch_api else "", max_usd=c.max_cost_usd)
         self.retrier = Retrier(
             max_attempts=c.max_attempts, request_timeout_s=c.request_timeout_s,
             rpm=None if c.batch_api else c.rpm, tpm=None if c.batch_api else c.tpm,  # the Batch API has its own quota
-            shutdown=self.shutdown,
+            shutdown=self.shutdown, cost=self.stats.cost,
         )  # fmt: skip
 
 
@@ -603,6 +607,7 @@ class RunStats:
     succeeded: int = 0
     failed: int = 0
     batch_jobs: int = 0  # Batch API jobs created (--batch-api)
+    cost: Cost = field(default_factory=lambda: Cost())  # the dollars of the texts embedded, and the budget
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -634,7 +639,7 @@ def summary(
             f"{plural(retrier.retries, 'retry', 'retries')}, {stats.succeeded} embedded, "
             f"{plural(stats.failed, 'failed item')}"
         )
-    lines.append(f"  {latency}wall time {wall_s:.2f}s")
+    lines += [stats.cost.summary(), f"  {latency}wall time {wall_s:.2f}s"]
     if stopped:
         left = stats.enqueued - stats.succeeded - stats.failed
         lines.append(f"  left for the next run: {plural(left, 'item')} read but not done, and those not read")
@@ -675,6 +680,8 @@ async def show_progress(stats: RunStats, *, tty: bool) -> None:
             await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
             line = f"{done} done, {stats.failed} failed, {stats.enqueued - done} in flight, {done / elapsed:.0f}/s"
+            if stats.cost.prices is not None:
+                line += f", {dollars(stats.cost.spent_usd)} spent"
             print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
@@ -905,6 +912,7 @@ class JobFiles:
     def __init__(self, path: Path, settings: EmbedSettings) -> None:
         self.path, self.requests_path = path, path.with_suffix(".requests.jsonl")
         self.count = self.size = 0
+        self.input_tokens, self.output_tokens = 0.0, 0.0  # estimated (see estimated_tokens): no output
         self._settings = settings
         self._held: list[Input] = []
 
@@ -912,6 +920,7 @@ class JobFiles:
         self._held.append(item)
         self.count += 1
         self.size += len(item.text) + 200
+        self.input_tokens += len(item.text) / 4
         if len(self._held) == WRITE_EVERY:
             await self.flush()
 
@@ -957,6 +966,7 @@ class EmbedJobs:
 
     def __init__(self, run: Run, output_queue: asyncio.Queue[Outputs | None]) -> None:
         self.client, self.settings, self.output_queue = run.client, run.config.embedding, output_queue
+        self.cost = run.stats.cost
 
     def files(self, path: Path) -> JobFiles:
         return JobFiles(path, self.settings)
@@ -973,7 +983,9 @@ class EmbedJobs:
         return row["id"], Input(row["id"], row["text"], row["title"], row["metadata"])
 
     async def deliver(self, item: Input, row: dict[str, Any], job: Job) -> None:
-        await self.output_queue.put([(item, batch_embedding(row, self.settings.normalize))])
+        if not isinstance(embedding := batch_embedding(row, self.settings.normalize), Exception):
+            self.cost.pay(estimated_tokens([item.text]))
+        await self.output_queue.put([(item, embedding)])
 
     async def fail(self, item: Input, reason: str, job: Job) -> None:
         await self.output_queue.put([(item, MalformedReply(f"batch: {reason}"))])
@@ -1506,6 +1518,61 @@ class Gate:
             self._moved = asyncio.Event()
 
 
+class Cost:
+    """What a run's tokens cost in US dollars, and its budget. prices: dollars per 1M input and
+    output tokens (--price; thinking tokens bill as output; embeddings bill input tokens only),
+    None: not known. half_price names the tier that pays half of them ("Flex", "Batch API"), if
+    any. Each call is admitted against max_usd (--max-cost) before it starts (see Retrier): only
+    if what was spent, the estimates of the calls in flight and its own estimate stay within it."""
+
+    def __init__(
+        self, prices: tuple[float, ...] | None = None, *, half_price: str = "", max_usd: float | None = None
+    ) -> None:
+        self.prices, self.half_price, self.max_usd = prices, half_price, max_usd
+        self.factor = 0.5 if half_price else 1.0
+        self.spent_usd = self.held_usd = 0.0
+
+    def of(self, input_tokens: float, output_tokens: float = 0.0) -> float:
+        """The dollars of these tokens, at this run's prices and tier."""
+        if self.prices is None:
+            return 0.0
+        output_price = self.prices[1] if len(self.prices) > 1 else 0.0  # embeddings: input only
+        return (input_tokens * self.prices[0] + output_tokens * output_price) * self.factor / 1e6
+
+    def admit(self, estimate_usd: float) -> str | None:
+        """Holds a call's estimate while it runs (release it after), or says why it may not start."""
+        if self.max_usd is not None and self.spent_usd + self.held_usd + estimate_usd > self.max_usd:
+            held = f", {dollars(self.held_usd)} held by calls or jobs in flight" if self.held_usd else ""
+            left = dollars(max(0.0, self.max_usd - self.spent_usd - self.held_usd))
+            return (
+                f"the budget of {dollars(self.max_usd)} is reached: {dollars(self.spent_usd)} spent{held}, {left} left"
+            )
+        self.held_usd += estimate_usd
+        return None
+
+    def release(self, estimate_usd: float) -> None:
+        self.held_usd = max(0.0, self.held_usd - estimate_usd)
+
+    def pay(self, input_tokens: float, output_tokens: float = 0.0) -> None:
+        """Counts the tokens of an answered call (or a Batch API result) as spent."""
+        self.spent_usd += self.of(input_tokens, output_tokens)
+
+    def summary(self) -> str:
+        """The summary's line on dollars: what was spent, or how to see it."""
+        if self.prices is None:
+            return "  cost: give --price (US dollars per 1M tokens, from Google's pricing page) to see it in dollars"
+        tier = f" ({self.half_price}: half the given price)" if self.half_price else ""
+        budget = f" of a budget of {dollars(self.max_usd)}" if self.max_usd is not None else ""
+        return f"  cost: {dollars(self.spent_usd)}{budget} at --price {','.join(f'{p:g}' for p in self.prices)}{tier}"
+
+
+def dollars(usd: float) -> str:
+    """$12.34; below a cent, two significant digits ($0.0042, $0.000051)."""
+    if usd >= 0.01 or usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
+        return f"${max(usd, 0.0):,.2f}"
+    return f"${usd:.2g}" if usd >= 1e-4 else f"${usd:.6f}"
+
+
 class Retrier:
     """Runs API calls with retries, and counts calls and retries.
 
@@ -1517,12 +1584,13 @@ class Retrier:
     starts, and the one in flight (or waiting its turn) gets the shutdown's grace: call() raises
     Stopped (None: never, as in BatchedEmbedder, whose owner cancels it instead). before_retry,
     if given, runs before each retry; what it returns, if not None, is the call's outcome (a
-    create whose outcome was unknown may have made the job: see create_job).
+    create whose outcome was unknown may have made the job: see create_job). An attempt whose
+    estimate, cost_usd, would pass the budget (see Cost) is not made: the run stops.
     """
 
     def __init__(
         self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
-        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
+        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None, cost: Cost | None = None,
     ) -> None:  # fmt: skip
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -1533,10 +1601,11 @@ class Retrier:
         self.base_delay_s = base_delay_s
         self.calls = self.retries = 0
         self.gate = Gate(rpm=rpm, tpm=tpm)
+        self.cost = cost or Cost()
         self._shutdown = shutdown
 
     async def call(
-        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0,
+        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0, cost_usd: float = 0.0,
         before_retry: Callable[[], Awaitable[T | None]] | None = None,
     ) -> T:  # fmt: skip
         shutdown = self._shutdown
@@ -1546,8 +1615,15 @@ class Retrier:
                     await self.gate.wait_turn(tokens)
                     if shutdown is not None and shutdown.requested:
                         raise Stopped("not sent: the run is stopping")
+                    if (over := self.cost.admit(cost_usd)) is not None:
+                        if shutdown is not None:
+                            shutdown.fail(over)
+                        raise Stopped(f"not sent: {over}")
                     self.calls += 1
-                    return await bounded(fn(), self.request_timeout_s)
+                    try:
+                        return await bounded(fn(), self.request_timeout_s)
+                    finally:
+                        self.cost.release(cost_usd)
             except Stopped:
                 raise
             except Exception as exc:
@@ -1815,6 +1891,8 @@ class ItemFiles(Protocol[ItemIn]):
     requests_path: Path
     count: int  # items
     size: int  # bytes of requests, about
+    input_tokens: float  # estimated (characters / 4), for the budget
+    output_tokens: float
 
     async def add(self, item: ItemIn) -> None: ...
     async def flush(self) -> None: ...
@@ -1849,7 +1927,9 @@ class BatchJobs(Generic[Item]):
     item already in the output (resume.done: a run killed after writing a job's outcomes, before
     the job left the book) is not delivered again. After a shutdown request nothing is submitted
     and waiting stops at once: the jobs go on at Google, and the next run collects them. A resubmit
-    that does not happen (the run stops) leaves its items undone, for the next run to read again."""
+    that does not happen (the run stops) leaves its items undone, for the next run to read again.
+    A job whose estimate (its items' characters / 4, and the output expected) would pass the
+    budget is not submitted: the run stops (see Cost)."""
 
     def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
         self.client, self.retrier, self.shutdown = run.client, run.retrier, run.shutdown
@@ -1857,6 +1937,7 @@ class BatchJobs(Generic[Item]):
         self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
         self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
         self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.estimates: dict[str, float] = {}  # the cost held for each job this run submitted, by its file
         self.submitted = asyncio.Event()  # set once no new item can come
 
     async def run(self, input_queue: asyncio.Queue[Item | None]) -> None:
@@ -1885,9 +1966,14 @@ class BatchJobs(Generic[Item]):
         await files.flush()
         display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         pending: Job | None = None
+        estimate = self.retrier.cost.of(files.input_tokens, files.output_tokens)
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
             if self.shutdown.requested:
                 raise Stopped("not sent: the run is stopping")
+            if (over := self.retrier.cost.admit(estimate)) is not None:  # held until the job ends
+                self.shutdown.fail(over)
+                raise Stopped(f"not sent: {over}")
+            self.estimates[files.path.name] = estimate
             upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
             uploaded = await self.retrier.call(
                 lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
@@ -1930,6 +2016,7 @@ class BatchJobs(Generic[Item]):
                         log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
                         state = collected
                 self.waiting.remove(job)
+                self.retrier.cost.release(self.estimates.pop(self.book.path_of(job).name, 0.0))
                 if state in JOB_DONE:
                     pass
                 elif items and (state == NOT_CREATED or job.attempt < self.max_attempts):
@@ -2163,6 +2250,13 @@ class Number:
 POSITIVE, COUNT = Number(float, 0, above=True), Number(int, 1)  # the bounds most settings have
 
 
+def price(text: str) -> tuple[float, ...]:
+    """An argparse type: --price IN[,OUT], US dollars per 1M tokens, each a number >= 0."""
+    if len(parts := text.split(",")) > 2:
+        raise argparse.ArgumentTypeError(f"expected IN[,OUT], dollars per 1M tokens, got {text!r}")
+    return tuple(Number(float, 0)(part.strip()) for part in parts)
+
+
 def flag(
     default: Any, help: str, *, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
@@ -2175,11 +2269,12 @@ def flag(
 
 def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
     """A flag for each field of `config` made with flag(): --NAME, the field's name with dashes and
-    no unit suffix (request_timeout_s: --request-timeout); a field true by default is --no-NAME."""
+    no unit suffix (request_timeout_s: --request-timeout, max_cost_usd: --max-cost); a field true by
+    default is --no-NAME."""
     for setting in fields(config):
         if "help" not in (meta := setting.metadata):
             continue
-        name = "--" + setting.name.removesuffix("_s").replace("_", "-")
+        name = "--" + setting.name.removesuffix("_s").removesuffix("_usd").replace("_", "-")
         if isinstance(setting.default, bool):
             on = not setting.default
             parser.add_argument(name if on else name.replace("--", "--no-", 1), dest=setting.name,
@@ -2407,10 +2502,20 @@ class Config:
     offline: bool = flag(False, "use the simulated client even with a key")
     fake_latency_s: float = flag(0.2, "simulated API latency", parse=Number(float, 0), metavar="SECONDS")
     seed: int | None = flag(None, "random seed, for repeatable runs", parse=int, metavar="N")
+    price: tuple[float, ...] | None = flag(
+        None, "US dollars per 1M input tokens, from Google's pricing page: the summary and progress line show "
+        "the cost (embeddings bill input only; --batch-api pays half)", parse=price, metavar="USD",
+    )  # fmt: skip
+    max_cost_usd: float | None = flag(None, "stop before this run's cost would pass this many US dollars (needs "
+                                      "--price)", parse=POSITIVE, metavar="USD")  # fmt: skip
     quiet: bool = flag(False, "only the summary and run-level problems")
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.price is not None and len(self.price) != 1:
+            raise ValueError("--price takes one number for embeddings: dollars per 1M input tokens (no output)")
+        if self.max_cost_usd is not None and self.price is None:
+            raise ValueError("--max-cost needs --price: the cost is counted at that price")
         self.embedding  # noqa: B018 (checks the model name and task type)
 
     @property

@@ -260,11 +260,12 @@ async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateConte
     None: the prompt is left for the next run, as on Stopped (the run stopping), which propagates."""
     client, config, retrier, stats, shutdown = run.client, run.config, run.retrier, run.stats, run.shutdown
     prompt_id, text, metadata = prompt
-    estimate = 0.0
-    if config.tpm:  # characters / 4 for the prompt, and the answer we expect: the mean seen so far
-        expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
-        expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
-        estimate = (len(text) + len(config.system_instruction or "")) / 4 + expected
+    # For --tpm and --max-cost: characters / 4 for the prompt, and the answer we expect (the mean seen
+    # so far; before any, --max-output-tokens or a guess).
+    expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
+    expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
+    input_tokens = (len(text) + len(config.system_instruction or "")) / 4
+    estimate, cost_usd = input_tokens + expected, stats.cost.of(input_tokens, expected)
     attempts = 0
 
     async def attempt() -> Result:
@@ -288,7 +289,7 @@ async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateConte
             retrier.gate.settle(estimate, used)  # the tokens it used, not the guess: the next call may start
 
     try:
-        return await retrier.call(attempt, tokens=estimate)
+        return await retrier.call(attempt, tokens=estimate, cost_usd=cost_usd)
     except Stopped:
         raise
     except Exception as exc:
@@ -475,10 +476,12 @@ class Run:
 
     def __post_init__(self) -> None:
         c = self.config
+        half_price = "Batch API" if c.batch_api else "Flex" if c.service_tier == "flex" else ""
+        self.stats.cost = Cost(c.price, half_price=half_price, max_usd=c.max_cost_usd)
         self.retrier = Retrier(
             max_attempts=c.max_attempts, request_timeout_s=c.attempt_timeout_s,
             rpm=None if c.batch_api else c.rpm, tpm=None if c.batch_api else c.tpm,  # the Batch API has its own quota
-            base_delay_s=c.base_delay_s, shutdown=self.shutdown,
+            base_delay_s=c.base_delay_s, shutdown=self.shutdown, cost=self.stats.cost,
         )  # fmt: skip
 
 
@@ -499,6 +502,7 @@ class Stats:
     answers: int = 0  # answered calls
     batch_jobs: int = 0  # Batch API jobs created (--batch-api): their tokens are billed at half price
     batch_api: bool = False
+    cost: Cost = field(default_factory=lambda: Cost())  # the dollars of the tokens above, and the budget
     started: float = field(default_factory=time.perf_counter)  # the run's start: made before the resume scan
 
     def summary(self, errors_held: int, *, stopped: bool) -> str:
@@ -516,6 +520,7 @@ class Stats:
                 if self.batch_api
                 else f"{plural(self.calls, 'call')}, {self.answers} answered"
             ),
+            self.cost.summary(),
             f"  wall time {wall_s:.2f}s, {done / wall_s if wall_s else 0:.0f} prompts/s; "
             f"{plural(errors_held, 'failed prompt')} in {ERRORS_NAME}",
         ]
@@ -543,6 +548,8 @@ async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: Job
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
             eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
             line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
+            if stats.cost.prices is not None:
+                line += f", {dollars(stats.cost.spent_usd)} spent"
             if jobs is not None:  # --batch-api: the jobs' states instead
                 states = Counter(state.removeprefix("JOB_STATE_").lower() for state in jobs.states.values())
                 shown_states = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none yet"
@@ -612,6 +619,7 @@ def add_usage(
     stats.output_tokens += usage["output_tokens"]
     stats.thinking_tokens += usage.get("thinking_tokens", 0)
     stats.answers += 1
+    stats.cost.pay(usage["input_tokens"], usage["output_tokens"] + usage.get("thinking_tokens", 0))
     return usage
 
 
@@ -774,16 +782,19 @@ class JobFiles:
     input ({"key": id, "request": ...} per line: requests_path, to upload). Both are appended to
     through aiofiles every WRITE_EVERY prompts, so a job of any size holds that many in memory."""
 
-    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], tokens_each: tuple[float, float]) -> None:
         self.path, self.requests_path = path, path.with_suffix(".requests.jsonl")
         self.count = self.size = 0  # prompts, and bytes of requests (about)
-        self._settings = settings
+        self.input_tokens = self.output_tokens = 0.0  # estimated: see generate_one
+        self._settings, self._tokens_each = settings, tokens_each  # the system instruction's, the answer's
         self._held: list[Prompt] = []
 
     async def add(self, prompt: Prompt) -> None:
         self._held.append(prompt)
         self.count += 1
         self.size += len(prompt[1]) + 200  # the request's JSON around the prompt: about 200 bytes
+        self.input_tokens += len(prompt[1]) / 4 + self._tokens_each[0]
+        self.output_tokens += self._tokens_each[1]
         if len(self._held) == WRITE_EVERY:
             await self.flush()
 
@@ -845,7 +856,8 @@ class GenerateJobs:
         self.settings = batch_request(run.config)
 
     def files(self, path: Path) -> JobFiles:
-        return JobFiles(path, self.settings)
+        system_tokens = len(self.config.system_instruction or "") / 4
+        return JobFiles(path, self.settings, (system_tokens, self.config.max_output_tokens or OUTPUT_TOKENS_GUESS))
 
     async def create(self, file_name: str, display_name: str) -> types.BatchJob:
         created: types.BatchJob = await self.client.aio.batches.create(
@@ -1427,6 +1439,61 @@ class Gate:
             self._moved = asyncio.Event()
 
 
+class Cost:
+    """What a run's tokens cost in US dollars, and its budget. prices: dollars per 1M input and
+    output tokens (--price; thinking tokens bill as output; embeddings bill input tokens only),
+    None: not known. half_price names the tier that pays half of them ("Flex", "Batch API"), if
+    any. Each call is admitted against max_usd (--max-cost) before it starts (see Retrier): only
+    if what was spent, the estimates of the calls in flight and its own estimate stay within it."""
+
+    def __init__(
+        self, prices: tuple[float, ...] | None = None, *, half_price: str = "", max_usd: float | None = None
+    ) -> None:
+        self.prices, self.half_price, self.max_usd = prices, half_price, max_usd
+        self.factor = 0.5 if half_price else 1.0
+        self.spent_usd = self.held_usd = 0.0
+
+    def of(self, input_tokens: float, output_tokens: float = 0.0) -> float:
+        """The dollars of these tokens, at this run's prices and tier."""
+        if self.prices is None:
+            return 0.0
+        output_price = self.prices[1] if len(self.prices) > 1 else 0.0  # embeddings: input only
+        return (input_tokens * self.prices[0] + output_tokens * output_price) * self.factor / 1e6
+
+    def admit(self, estimate_usd: float) -> str | None:
+        """Holds a call's estimate while it runs (release it after), or says why it may not start."""
+        if self.max_usd is not None and self.spent_usd + self.held_usd + estimate_usd > self.max_usd:
+            held = f", {dollars(self.held_usd)} held by calls or jobs in flight" if self.held_usd else ""
+            left = dollars(max(0.0, self.max_usd - self.spent_usd - self.held_usd))
+            return (
+                f"the budget of {dollars(self.max_usd)} is reached: {dollars(self.spent_usd)} spent{held}, {left} left"
+            )
+        self.held_usd += estimate_usd
+        return None
+
+    def release(self, estimate_usd: float) -> None:
+        self.held_usd = max(0.0, self.held_usd - estimate_usd)
+
+    def pay(self, input_tokens: float, output_tokens: float = 0.0) -> None:
+        """Counts the tokens of an answered call (or a Batch API result) as spent."""
+        self.spent_usd += self.of(input_tokens, output_tokens)
+
+    def summary(self) -> str:
+        """The summary's line on dollars: what was spent, or how to see it."""
+        if self.prices is None:
+            return "  cost: give --price (US dollars per 1M tokens, from Google's pricing page) to see it in dollars"
+        tier = f" ({self.half_price}: half the given price)" if self.half_price else ""
+        budget = f" of a budget of {dollars(self.max_usd)}" if self.max_usd is not None else ""
+        return f"  cost: {dollars(self.spent_usd)}{budget} at --price {','.join(f'{p:g}' for p in self.prices)}{tier}"
+
+
+def dollars(usd: float) -> str:
+    """$12.34; below a cent, two significant digits ($0.0042, $0.000051)."""
+    if usd >= 0.01 or usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
+        return f"${max(usd, 0.0):,.2f}"
+    return f"${usd:.2g}" if usd >= 1e-4 else f"${usd:.6f}"
+
+
 class Retrier:
     """Runs API calls with retries, and counts calls and retries.
 
@@ -1438,12 +1505,13 @@ class Retrier:
     starts, and the one in flight (or waiting its turn) gets the shutdown's grace: call() raises
     Stopped (None: never, as in BatchedEmbedder, whose owner cancels it instead). before_retry,
     if given, runs before each retry; what it returns, if not None, is the call's outcome (a
-    create whose outcome was unknown may have made the job: see create_job).
+    create whose outcome was unknown may have made the job: see create_job). An attempt whose
+    estimate, cost_usd, would pass the budget (see Cost) is not made: the run stops.
     """
 
     def __init__(
         self, *, max_attempts: int = 5, request_timeout_s: float = REQUEST_TIMEOUT_S, rpm: float | None = None,
-        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None,
+        tpm: float | None = None, base_delay_s: float = 0.5, shutdown: Shutdown | None = None, cost: Cost | None = None,
     ) -> None:  # fmt: skip
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -1454,10 +1522,11 @@ class Retrier:
         self.base_delay_s = base_delay_s
         self.calls = self.retries = 0
         self.gate = Gate(rpm=rpm, tpm=tpm)
+        self.cost = cost or Cost()
         self._shutdown = shutdown
 
     async def call(
-        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0,
+        self, fn: Callable[[], Awaitable[T]], *, tokens: float = 0.0, cost_usd: float = 0.0,
         before_retry: Callable[[], Awaitable[T | None]] | None = None,
     ) -> T:  # fmt: skip
         shutdown = self._shutdown
@@ -1467,8 +1536,15 @@ class Retrier:
                     await self.gate.wait_turn(tokens)
                     if shutdown is not None and shutdown.requested:
                         raise Stopped("not sent: the run is stopping")
+                    if (over := self.cost.admit(cost_usd)) is not None:
+                        if shutdown is not None:
+                            shutdown.fail(over)
+                        raise Stopped(f"not sent: {over}")
                     self.calls += 1
-                    return await bounded(fn(), self.request_timeout_s)
+                    try:
+                        return await bounded(fn(), self.request_timeout_s)
+                    finally:
+                        self.cost.release(cost_usd)
             except Stopped:
                 raise
             except Exception as exc:
@@ -1736,6 +1812,8 @@ class ItemFiles(Protocol[ItemIn]):
     requests_path: Path
     count: int  # items
     size: int  # bytes of requests, about
+    input_tokens: float  # estimated (characters / 4), for the budget
+    output_tokens: float
 
     async def add(self, item: ItemIn) -> None: ...
     async def flush(self) -> None: ...
@@ -1770,7 +1848,9 @@ class BatchJobs(Generic[Item]):
     item already in the output (resume.done: a run killed after writing a job's outcomes, before
     the job left the book) is not delivered again. After a shutdown request nothing is submitted
     and waiting stops at once: the jobs go on at Google, and the next run collects them. A resubmit
-    that does not happen (the run stops) leaves its items undone, for the next run to read again."""
+    that does not happen (the run stops) leaves its items undone, for the next run to read again.
+    A job whose estimate (its items' characters / 4, and the output expected) would pass the
+    budget is not submitted: the run stops (see Cost)."""
 
     def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
         self.client, self.retrier, self.shutdown = run.client, run.retrier, run.shutdown
@@ -1778,6 +1858,7 @@ class BatchJobs(Generic[Item]):
         self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
         self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
         self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.estimates: dict[str, float] = {}  # the cost held for each job this run submitted, by its file
         self.submitted = asyncio.Event()  # set once no new item can come
 
     async def run(self, input_queue: asyncio.Queue[Item | None]) -> None:
@@ -1806,9 +1887,14 @@ class BatchJobs(Generic[Item]):
         await files.flush()
         display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         pending: Job | None = None
+        estimate = self.retrier.cost.of(files.input_tokens, files.output_tokens)
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
             if self.shutdown.requested:
                 raise Stopped("not sent: the run is stopping")
+            if (over := self.retrier.cost.admit(estimate)) is not None:  # held until the job ends
+                self.shutdown.fail(over)
+                raise Stopped(f"not sent: {over}")
+            self.estimates[files.path.name] = estimate
             upload_config = types.UploadFileConfig(mime_type="jsonl", display_name=files.path.name)
             uploaded = await self.retrier.call(
                 lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
@@ -1851,6 +1937,7 @@ class BatchJobs(Generic[Item]):
                         log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
                         state = collected
                 self.waiting.remove(job)
+                self.retrier.cost.release(self.estimates.pop(self.book.path_of(job).name, 0.0))
                 if state in JOB_DONE:
                     pass
                 elif items and (state == NOT_CREATED or job.attempt < self.max_attempts):
@@ -2084,6 +2171,13 @@ class Number:
 POSITIVE, COUNT = Number(float, 0, above=True), Number(int, 1)  # the bounds most settings have
 
 
+def price(text: str) -> tuple[float, ...]:
+    """An argparse type: --price IN[,OUT], US dollars per 1M tokens, each a number >= 0."""
+    if len(parts := text.split(",")) > 2:
+        raise argparse.ArgumentTypeError(f"expected IN[,OUT], dollars per 1M tokens, got {text!r}")
+    return tuple(Number(float, 0)(part.strip()) for part in parts)
+
+
 def flag(
     default: Any, help: str, *, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
@@ -2096,11 +2190,12 @@ def flag(
 
 def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
     """A flag for each field of `config` made with flag(): --NAME, the field's name with dashes and
-    no unit suffix (request_timeout_s: --request-timeout); a field true by default is --no-NAME."""
+    no unit suffix (request_timeout_s: --request-timeout, max_cost_usd: --max-cost); a field true by
+    default is --no-NAME."""
     for setting in fields(config):
         if "help" not in (meta := setting.metadata):
             continue
-        name = "--" + setting.name.removesuffix("_s").replace("_", "-")
+        name = "--" + setting.name.removesuffix("_s").removesuffix("_usd").replace("_", "-")
         if isinstance(setting.default, bool):
             on = not setting.default
             parser.add_argument(name if on else name.replace("--", "--no-", 1), dest=setting.name,
@@ -2356,6 +2451,12 @@ class Config:
                                               parse=json_schema, metavar="PATH")  # fmt: skip
     service_tier: str | None = flag(None, "flex: half price, slower, may be shed (503s are retried)",
                                     choices=SERVICE_TIERS)  # fmt: skip
+    price: tuple[float, ...] | None = flag(
+        None, "US dollars per 1M input and output tokens (thinking bills as output), from Google's pricing page: "
+        "the summary and progress line show the cost; Flex and --batch-api pay half", parse=price, metavar="IN,OUT",
+    )  # fmt: skip
+    max_cost_usd: float | None = flag(None, "stop before this run's cost would pass this many US dollars (needs "
+                                      "--price)", parse=POSITIVE, metavar="USD")  # fmt: skip
     retry_errors: bool = flag(False, f"retry the prompts in {ERRORS_NAME}")
     batch_api: bool = flag(False, "through Google's Batch API: half price, its own quota, results within 24 h; a "
                            "re-run resumes waiting")  # fmt: skip
@@ -2375,6 +2476,10 @@ class Config:
         check_settings(self)
         if self.thinking_level is not None and self.thinking_budget is not None:
             raise ValueError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
+        if self.price is not None and len(self.price) != 2:
+            raise ValueError("--price takes IN,OUT for the pipeline: dollars per 1M input and per 1M output tokens")
+        if self.max_cost_usd is not None and self.price is None:
+            raise ValueError("--max-cost needs --price: the cost is counted at that price")
         if self.batch_api and (self.service_tier is not None or self.word_count):
             raise ValueError("--batch-api takes neither --service-tier (the batch price is its own) nor --word-count")
 

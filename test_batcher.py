@@ -1734,6 +1734,65 @@ class BatchSeamTest(CorpusTestCase):
         self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
 
 
+class CostTest(CorpusTestCase):
+    """--price and --max-cost. An embedding's tokens are its characters / 4 (the Developer API
+    reports none): texts of 400 characters are 100 tokens each, however they are batched."""
+
+    def write_texts(self, n: int) -> list[str]:
+        texts = [f"{i:04d}" + "x" * 396 for i in range(n)]
+        self.corpus.write_text("".join(text + "\n" for text in texts))
+        return texts
+
+    async def test_the_summary_names_the_cost_to_the_cent_interactive_and_batch_api(self) -> None:
+        self.write_texts(10)  # 1,000 tokens: $1.00 at $1,000 per 1M tokens
+        with stub_server() as (base_url, _):
+            client = real_client(base_url)
+            self.addAsyncCleanup(client.aio.aclose)
+            status, out = await self.run_main(client, price=(1000.0,))
+        self.assertEqual(status, 0, out)
+        self.assertIn("  cost: $1.00 at --price 1000\n", out)
+        self.output.unlink()
+        batcher.manifest_path(self.output).unlink()
+        with batch_server() as (url, _):
+            status, out = await self.run_batch(url, price=(1000.0,))
+        self.assertEqual(status, 0, out)
+        self.assertIn("  cost: $0.50 at --price 1000 (Batch API: half the given price)\n", out)
+        status, out = await self.run_main(SpyClient())  # no --price: a hint, not a sum
+        self.assertIn("cost: give --price", out)
+
+    async def run_batch(self, url: str, **changes: Any) -> tuple[int, str]:
+        client = real_client(url)
+        try:
+            return await self.run_main(client, batch_api=True, poll_interval_s=0.01, batch_job_size=4, **changes)
+        finally:
+            await client.aio.aclose()
+
+    async def test_max_cost_stops_within_the_budget_and_a_rerun_without_it_embeds_each_text_once(self) -> None:
+        texts = self.write_texts(50)  # $0.01 a text at $100 per 1M tokens: calls of 2, $0.02 each
+        client = SpyClient(latency_s=0.01)
+        with contextlib.redirect_stderr(err := io.StringIO()):
+            status, out = await self.run_main(client, price=(100.0,), max_cost_usd=0.1, batch_size=2, concurrency=2)
+        self.assertEqual(status, 2, out)
+        [line] = err.getvalue().splitlines()
+        self.assertRegex(
+            line, r"^batcher\.py: error: the budget of \$0\.10 is reached: \$0\.0\d spent, .*\$0\.0\d left"
+        )
+        self.assertLessEqual(len(self.written()), 10)  # $0.10: 10 texts at most, estimates being exact here
+        self.assertGreaterEqual(len(self.written()), 8)  # and not far under it
+        self.assertIn("cost: $0.", out)
+        status, out = await self.run_main(SpyClient())
+        self.assertEqual(status, 0, out)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_a_batch_api_job_past_the_budget_is_not_submitted(self) -> None:
+        self.write_texts(12)  # jobs of 4 texts: $0.04 each at $100 per 1M tokens, half price: $0.02
+        with batch_server() as (url, stub), contextlib.redirect_stderr(err := io.StringIO()):
+            status, out = await self.run_batch(url, price=(100.0,), max_cost_usd=0.05)
+            self.assertEqual(status, 2, out)
+            self.assertIn("$0.04 held by calls or jobs in flight, $0.01 left", err.getvalue())
+            self.assertEqual(stub.created(), 2)  # a third would hold $0.06
+
+
 class UnitVectorTest(CorpusTestCase):
     async def test_vectors_are_unit_length_unless_no_normalize_in_corpus_mode_the_demo_and_embedder(self) -> None:
         self.write_corpus(12)
@@ -2107,6 +2166,10 @@ class CorpusCommandLineTest(unittest.TestCase):
             (["--input", "corpus.txt", "--output", "corpus.txt"], "output is the input file: corpus.txt"),
             (["--request-timeout", "0"], "argument --request-timeout: must be > 0, got 0"),
             (["--rpm", "-1"], "argument --rpm: must be > 0, got -1"),
+            (["--price", "-1"], "argument --price: must be >= 0, got -1"),
+            (["--price", "abc"], "argument --price: expected a number, got 'abc'"),
+            (["--price", "1,2"], "--price takes one number for embeddings: dollars per 1M input tokens (no output)"),
+            (["--max-cost", "5"], "--max-cost needs --price: the cost is counted at that price"),
         ]
         for args, message in cases:  # in this process: a child per case would cost a second each
             out, err = io.StringIO(), io.StringIO()
