@@ -510,18 +510,20 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_exit(keep_file_error)  # first in, so last out: after the output's close
-        output, resume, size = None, Resume(), 0
+        output, resume, size, dry = None, Resume(), 0, config.dry_run
         if config.output is not None:
-            try:
-                output = await stack.enter_async_context(open_file(config.output, "ab"))
-            except OSError as exc:  # a read-only file system, a dangling symlink, no permission
-                raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
-            lock_output(output, config.output)  # before reading it: another run may be writing
-            resume = run.resume = await resume_output(config.output, config)
-            size = os.fstat(output.fileno()).st_size
+            if not (dry and not config.output.exists()):  # a dry run makes no file
+                try:
+                    output = await stack.enter_async_context(open_file(config.output, "rb" if dry else "ab"))
+                except OSError as exc:  # a read-only file system, a dangling symlink, no permission
+                    raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
+                lock_output(output, config.output)  # before reading it: another run may be writing
+                resume = run.resume = await resume_output(config.output, config, dry_run=dry)
+                size = os.fstat(output.fileno()).st_size
+                output = None if dry else output  # written to only by a real run
             if resume.done:
                 log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
-            jobs = JobBook(config.output, resume.manifest)  # the manifest read once, by resume_output
+            jobs = JobBook(config.output, resume.manifest, tidy=not dry)  # the manifest read once, by resume_output
             if jobs.live and not config.batch_api:
                 raise UsageError(
                     f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
@@ -536,8 +538,10 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         else:
             path = None if config.input == STDIN else config.input
             source = read_corpus(run, path, input_queue, output_queue)
-        stages = [source]
-        if config.batch_api:  # the Batch API batches and embeds: one stage in place of two
+        stages, tally = [source], Tally[Input](lambda item: len(item.text))
+        if dry:  # a tally in place of stages 2 and 3: nothing is called
+            stages.append(tally.run(input_queue, output_queue))
+        elif config.batch_api:  # the Batch API batches and embeds: one stage in place of two
             stages.append(BatchJobs(run, jobs, EmbedJobs(run, output_queue)).run(input_queue))
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
@@ -551,7 +555,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         quiet = config.quiet or (output is None and not per_item_lines)
         stages.append(log_outputs(output_queue, stats=stats, quiet=quiet, output=output))
         progress = None
-        if not config.quiet and (not per_item_lines or not tty):
+        if not (config.quiet or dry) and (not per_item_lines or not tty):
             progress = asyncio.create_task(show_progress(stats, tty=tty))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -564,6 +568,12 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 progress.cancel()
         if resume.changed:
             await refuse_changed_input(output, config.output or STDIN, resume, size)
+        if dry:
+            calls = math.ceil(tally.items / config.batch_size)
+            print(estimate("text", sent=tally.items, skipped=stats.skipped, calls=calls,
+                           input_tokens=tally.characters / 4, output_tokens=None, config=config,
+                           half_price="with the Batch API"))  # fmt: skip
+            return 0
         if config.batch_api and not file_errors:  # the records of collected jobs are written
             await jobs.drop_collected()
     stopped = shutdown.requested or bool(file_errors)
@@ -848,7 +858,7 @@ class JobBook:
     files are named relative to the batch folder, so a re-run from any folder finds them; files
     no recorded job names (a kill between writing and recording, say) are removed when it opens."""
 
-    def __init__(self, output: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, output: Path, manifest: dict[str, Any], *, tidy: bool = True) -> None:
         self.output, self.folder = output, output.with_name(output.name + BATCH_SUFFIX)
         self.label = output.name  # in each job's display name, as AI Studio lists it
         self.manifest = manifest
@@ -857,7 +867,8 @@ class JobBook:
         self.collected: list[Job] = []
         named = {self.path_of(job).name.split(".")[0] for job in self.live}
         for orphan in (p for p in self.folder.glob("job_*") if p.name.split(".")[0] not in named):
-            orphan.unlink()
+            if tidy:  # (not in a dry run, which changes nothing)
+                orphan.unlink()
         numbers = [int(m.group(1)) for p in self.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
         self._lock = asyncio.Lock()
@@ -1221,12 +1232,14 @@ async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, in
     return done, None
 
 
-async def resume_output(path: Path, config: Config) -> Resume:
+async def resume_output(path: Path, config: Config, *, dry_run: bool = False) -> Resume:
     """What the output file holds, once it is known to be ours and made with these settings
-    (else UsageError, and nothing is changed); then cuts a torn last line and writes the manifest."""
+    (else UsageError, and nothing is changed); then, unless dry_run, cuts a torn last line and
+    writes the manifest."""
     manifest = await asyncio.to_thread(read_manifest, path)
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
-    async with open_file(path, "rb+") as f:
+    written = (manifest or {"written_by": "batcher.py"}) | {"settings": settings}
+    async with open_file(path, "rb" if dry_run else "rb+") as f:
         done, cut = await scan_output(f, path, strict=manifest is None)  # no manifest: every line must be ours
         if manifest is not None and (done or manifest.get("jobs")):  # records or live jobs: their settings stay
             for name, value in settings.items():
@@ -1236,10 +1249,11 @@ async def resume_output(path: Path, config: Config) -> Resume:
                         f"{setting} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
                         "--output, or the same setting"
                     )
+        if dry_run:
+            return Resume(done, manifest=written)
         if cut is not None:
             log.warning("%s: cutting off a torn last line (%d bytes)", path, await f.seek(0, os.SEEK_END) - cut)
             await f.truncate(cut)
-    written = (manifest or {"written_by": "batcher.py"}) | {"settings": settings}
     await asyncio.to_thread(write_manifest, path, written)
     return Resume(done, manifest=written, manifest_created=manifest is None)
 
@@ -1258,7 +1272,8 @@ async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: in
     """The input changed under ids already embedded: the output goes back to `size` bytes (what
     it held at the start; the manifest too) and the run is refused with one line."""
     assert resume.first_changed is not None
-    await output.truncate(size)
+    if output is not None:  # (a dry run wrote nothing)
+        await output.truncate(size)
     if resume.manifest_created:
         manifest_path(path).unlink()
     new = resume.first_changed
@@ -1566,11 +1581,49 @@ class Cost:
         return f"  cost: {dollars(self.spent_usd)}{budget} at --price {','.join(f'{p:g}' for p in self.prices)}{tier}"
 
 
+class Tally(Generic[Item]):
+    """--dry-run's stage in place of the calls: counts the items it takes, and their characters
+    (size(item)), until the sentinel; then ends each queue in `ends` with one."""
+
+    def __init__(self, size: Callable[[Item], int]) -> None:
+        self.size, self.items, self.characters = size, 0, 0
+
+    async def run(self, queue: asyncio.Queue[Item | None], *ends: asyncio.Queue[Any]) -> None:
+        while (item := await queue.get()) is not None:
+            self.items, self.characters = self.items + 1, self.characters + self.size(item)
+        for end in ends:
+            await end.put(None)
+
+
+def estimate(
+    noun: str, *, sent: int, skipped: int, calls: int, input_tokens: float, output_tokens: float | None,
+    config: Any, half_price: str,
+) -> str:  # fmt: skip
+    """What --dry-run prints: what the run would send, its tokens (input: characters / 4; output: a
+    bound, when one is set), their dollars at each tier (with --price), and the time the quota
+    (--rpm, --tpm) makes it take."""
+    lines = [
+        f"Dry run: {plural(sent, noun)} to send, {skipped} skipped (done, or waiting in a recorded Batch API job); "
+        "nothing was called or written",
+        f"  input tokens: about {input_tokens:,.0f} (characters / 4)"
+        + ("" if output_tokens is None else f"; output tokens: at most {output_tokens:,.0f} (--max-output-tokens)"),
+    ]
+    if config.price is not None:
+        full = Cost(config.price).of(input_tokens, output_tokens or 0)
+        what = "" if output_tokens is not None or len(config.price) < 2 else ", the input only: no bound on output"
+        lines.append(f"  cost: {dollars(full)} interactive, {dollars(full / 2)} {half_price} (half price){what}")
+    if config.rpm or config.tpm:
+        tokens = input_tokens + (output_tokens or 0)
+        seconds = max(calls * 60 / (config.rpm or math.inf), tokens * 60 / (config.tpm or math.inf))
+        lines.append(f"  the quota (--rpm, --tpm) makes it take at least {seconds:,.0f} s ({seconds / 3600:.1f} h)")
+    return "\n".join(lines)
+
+
 def dollars(usd: float) -> str:
     """$12.34; below a cent, two significant digits ($0.0042, $0.000051)."""
     if usd >= 0.01 or usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
         return f"${max(usd, 0.0):,.2f}"
-    return f"${usd:.2g}" if usd >= 1e-4 else f"${usd:.6f}"
+    return f"${usd:.{1 - math.floor(math.log10(usd))}f}"
 
 
 class Retrier:
@@ -2502,6 +2555,7 @@ class Config:
     offline: bool = flag(False, "use the simulated client even with a key")
     fake_latency_s: float = flag(0.2, "simulated API latency", parse=Number(float, 0), metavar="SECONDS")
     seed: int | None = flag(None, "random seed, for repeatable runs", parse=int, metavar="N")
+    dry_run: bool = flag(False, "call nothing, write nothing: print what the run would send, its tokens and cost")
     price: tuple[float, ...] | None = flag(
         None, "US dollars per 1M input tokens, from Google's pricing page: the summary and progress line show "
         "the cost (embeddings bill input only; --batch-api pays half)", parse=price, metavar="USD",
@@ -2514,6 +2568,8 @@ class Config:
         check_settings(self)
         if self.price is not None and len(self.price) != 1:
             raise ValueError("--price takes one number for embeddings: dollars per 1M input tokens (no output)")
+        if self.dry_run and self.input is None:
+            raise ValueError("--dry-run estimates a corpus: give --input (the demo is free)")
         if self.max_cost_usd is not None and self.price is None:
             raise ValueError("--max-cost needs --price: the cost is counted at that price")
         self.embedding  # noqa: B018 (checks the model name and task type)

@@ -395,11 +395,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
         print(f"pipeline: {notice}", file=sys.stderr)
-    with locked(config.outputs):
+    with locked(config.outputs, dry_run=config.dry_run):
         # Every check comes before any change: a refused run leaves the folder as it was.
         resume, manifest = await asyncio.to_thread(open_outputs, config)
         run = Run(config, client, stats=stats, shutdown=shutdown, resume=resume)
-        jobs = JobBook(config.outputs, manifest)
+        jobs = JobBook(config.outputs, manifest, tidy=not config.dry_run)
         if config.batch_cancel:
             return await cancel_jobs(run, jobs)
         if jobs.live and not config.batch_api:
@@ -409,6 +409,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             )
         resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
         await check_inputs(files, resume, config.outputs)
+        if config.dry_run:
+            return await dry_run(run, files)
         await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
         if config.batch_api:
             (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
@@ -579,6 +581,8 @@ def check_paths(config: Config) -> list[Path]:
     files = input_files(config.inputs)
     if not files:
         raise UsageError(f"no .txt, .jsonl or .ndjson files in the input folder: {config.inputs}")
+    if config.dry_run and not config.outputs.exists():
+        return files  # nothing there yet, and a dry run makes nothing
     try:
         config.outputs.mkdir(parents=True, exist_ok=True)
         probe = config.outputs / f".write-test-{os.getpid()}"
@@ -590,10 +594,14 @@ def check_paths(config: Config) -> list[Path]:
 
 
 @contextlib.contextmanager
-def locked(output_dir: Path) -> Iterator[None]:
+def locked(output_dir: Path, *, dry_run: bool = False) -> Iterator[None]:
     """An exclusive OS lock on the output folder for the whole run: a second run on it is
-    refused at once. The OS releases the lock however the process ends (kill -9 too)."""
-    with (output_dir / LOCK_NAME).open("ab") as lock:
+    refused at once. The OS releases the lock however the process ends (kill -9 too). A dry run
+    takes it only if a run made the lock file: it makes no file."""
+    if dry_run and not (output_dir / LOCK_NAME).exists():
+        yield
+        return
+    with (output_dir / LOCK_NAME).open("rb" if dry_run else "ab") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -713,7 +721,7 @@ class JobBook:
     A job leaves the book (and its prompts file goes) once its results are written: drop_collected,
     at the end of the run. states: the last state seen of each job, for the progress line."""
 
-    def __init__(self, output_dir: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, manifest: dict[str, Any], *, tidy: bool = True) -> None:
         self.output_dir, self.manifest = output_dir, manifest
         self.label = output_dir.name  # in each job's display name, as AI Studio lists it
         self.live = [Job(**job) for job in manifest.get("jobs", [])]
@@ -721,7 +729,8 @@ class JobBook:
         self.collected: list[Job] = []
         named = {Path(job.prompts).name.split(".")[0] for job in self.live}
         for orphan in (p for p in (output_dir / BATCH_DIR).glob("job_*") if p.name.split(".")[0] not in named):
-            orphan.unlink()  # a kill between writing a job's files and recording the job: nothing names it
+            if tidy:  # (not in a dry run, which changes nothing)
+                orphan.unlink()  # a kill between writing a job's files and recording the job: nothing names it
         numbers = [int(m.group(1)) for p in (output_dir / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
         self._lock = asyncio.Lock()  # one manifest write at a time
@@ -891,6 +900,30 @@ def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
                 row = strict_json(line)
                 queued[row["id"]] = hash(row["prompt"])
     return queued
+
+
+async def dry_run(run: Run, files: list[Path]) -> int:
+    """--dry-run: the readers, exactly as a run has them (what is done, failed or waiting in a
+    recorded job is skipped), into a Tally in place of the model and the writers; then prints
+    what the run would send and cost (see estimate). Nothing is called or written."""
+    config, system = run.config, len(run.config.system_instruction or "")
+    input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
+    error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
+    tally: Tally[Prompt] = Tally(lambda prompt: len(prompt[1]) + system)
+
+    async def bad_lines() -> None:  # a line that cannot be a prompt fails without a call: not counted
+        while await error_queue.get() is not None:
+            pass
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(read_inputs(run, files, input_queue, error_queue, consumers=1))
+        tg.create_task(tally.run(input_queue, error_queue))
+        tg.create_task(bad_lines())
+    bound = None if config.max_output_tokens is None else config.max_output_tokens * tally.items
+    print(estimate("prompt", sent=tally.items, skipped=run.stats.skipped, calls=tally.items,
+                   input_tokens=tally.characters / 4, output_tokens=bound, config=config,
+                   half_price="with Flex or the Batch API"))  # fmt: skip
+    return 0
 
 
 async def cancel_jobs(run: Run, jobs: JobBook) -> int:
@@ -1487,11 +1520,49 @@ class Cost:
         return f"  cost: {dollars(self.spent_usd)}{budget} at --price {','.join(f'{p:g}' for p in self.prices)}{tier}"
 
 
+class Tally(Generic[Item]):
+    """--dry-run's stage in place of the calls: counts the items it takes, and their characters
+    (size(item)), until the sentinel; then ends each queue in `ends` with one."""
+
+    def __init__(self, size: Callable[[Item], int]) -> None:
+        self.size, self.items, self.characters = size, 0, 0
+
+    async def run(self, queue: asyncio.Queue[Item | None], *ends: asyncio.Queue[Any]) -> None:
+        while (item := await queue.get()) is not None:
+            self.items, self.characters = self.items + 1, self.characters + self.size(item)
+        for end in ends:
+            await end.put(None)
+
+
+def estimate(
+    noun: str, *, sent: int, skipped: int, calls: int, input_tokens: float, output_tokens: float | None,
+    config: Any, half_price: str,
+) -> str:  # fmt: skip
+    """What --dry-run prints: what the run would send, its tokens (input: characters / 4; output: a
+    bound, when one is set), their dollars at each tier (with --price), and the time the quota
+    (--rpm, --tpm) makes it take."""
+    lines = [
+        f"Dry run: {plural(sent, noun)} to send, {skipped} skipped (done, or waiting in a recorded Batch API job); "
+        "nothing was called or written",
+        f"  input tokens: about {input_tokens:,.0f} (characters / 4)"
+        + ("" if output_tokens is None else f"; output tokens: at most {output_tokens:,.0f} (--max-output-tokens)"),
+    ]
+    if config.price is not None:
+        full = Cost(config.price).of(input_tokens, output_tokens or 0)
+        what = "" if output_tokens is not None or len(config.price) < 2 else ", the input only: no bound on output"
+        lines.append(f"  cost: {dollars(full)} interactive, {dollars(full / 2)} {half_price} (half price){what}")
+    if config.rpm or config.tpm:
+        tokens = input_tokens + (output_tokens or 0)
+        seconds = max(calls * 60 / (config.rpm or math.inf), tokens * 60 / (config.tpm or math.inf))
+        lines.append(f"  the quota (--rpm, --tpm) makes it take at least {seconds:,.0f} s ({seconds / 3600:.1f} h)")
+    return "\n".join(lines)
+
+
 def dollars(usd: float) -> str:
     """$12.34; below a cent, two significant digits ($0.0042, $0.000051)."""
     if usd >= 0.01 or usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
         return f"${max(usd, 0.0):,.2f}"
-    return f"${usd:.2g}" if usd >= 1e-4 else f"${usd:.6f}"
+    return f"${usd:.{1 - math.floor(math.log10(usd))}f}"
 
 
 class Retrier:
@@ -2465,6 +2536,7 @@ class Config:
     poll_interval_s: float = flag(POLL_INTERVAL_S, f"between looks at a Batch API job (offline, the default is "
                                   f"{SIMULATED_POLL_INTERVAL_S:g})", parse=POSITIVE, metavar="SECONDS")  # fmt: skip
     batch_cancel: bool = flag(False, "cancel the Batch API jobs recorded in --outputs, and forget them")
+    dry_run: bool = flag(False, "call nothing, write nothing: print what the run would send, its tokens and cost")
     word_count: bool = flag(False, "add word_count, computed in a process pool")
     offline: bool = flag(False, "use the simulated model even with a key")
     fake_latency_s: float = flag(0.1, "simulated latency", parse=Number(float, 0), metavar="SECONDS")
@@ -2478,6 +2550,8 @@ class Config:
             raise ValueError("--thinking-level and --thinking-budget cannot be used together (the API rejects both)")
         if self.price is not None and len(self.price) != 2:
             raise ValueError("--price takes IN,OUT for the pipeline: dollars per 1M input and per 1M output tokens")
+        if self.dry_run and self.batch_cancel:
+            raise ValueError("--dry-run and --batch-cancel cannot be used together: a dry run cancels nothing")
         if self.max_cost_usd is not None and self.price is None:
             raise ValueError("--max-cost needs --price: the cost is counted at that price")
         if self.batch_api and (self.service_tier is not None or self.word_count):

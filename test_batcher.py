@@ -874,6 +874,12 @@ class CorpusTestCase(AsyncTestCase):
     def written(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.output.read_text().splitlines()]
 
+    def write_texts(self, n: int) -> list[str]:
+        """n texts of 400 characters: 100 tokens each for --tpm and --price, however they are batched."""
+        texts = [f"{i:04d}" + "x" * 396 for i in range(n)]
+        self.corpus.write_text("".join(text + "\n" for text in texts))
+        return texts
+
 
 class CorpusTest(CorpusTestCase):
     async def test_a_corpus_is_embedded_to_jsonl_through_the_real_client(self) -> None:
@@ -1738,11 +1744,6 @@ class CostTest(CorpusTestCase):
     """--price and --max-cost. An embedding's tokens are its characters / 4 (the Developer API
     reports none): texts of 400 characters are 100 tokens each, however they are batched."""
 
-    def write_texts(self, n: int) -> list[str]:
-        texts = [f"{i:04d}" + "x" * 396 for i in range(n)]
-        self.corpus.write_text("".join(text + "\n" for text in texts))
-        return texts
-
     async def test_the_summary_names_the_cost_to_the_cent_interactive_and_batch_api(self) -> None:
         self.write_texts(10)  # 1,000 tokens: $1.00 at $1,000 per 1M tokens
         with stub_server() as (base_url, _):
@@ -1791,6 +1792,40 @@ class CostTest(CorpusTestCase):
             self.assertEqual(status, 2, out)
             self.assertIn("$0.04 held by calls or jobs in flight, $0.01 left", err.getvalue())
             self.assertEqual(stub.created(), 2)  # a third would hold $0.06
+
+
+class DryRunTest(CorpusTestCase):
+    async def test_a_dry_run_calls_nothing_writes_nothing_and_counts_only_what_is_left(self) -> None:
+        texts = self.write_texts(10)
+        self.corpus.write_text("".join(text + "\n" for text in texts[:4]))
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)
+        self.corpus.write_text("".join(text + "\n" for text in texts))  # 6 more, of 100 tokens each
+        before = {path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}
+        with stub_server() as (base_url, requests):
+            client = real_client(base_url)
+            self.addAsyncCleanup(client.aio.aclose)
+            status, out = await self.run_main(client, dry_run=True, price=(0.15,), rpm=60, batch_size=4)
+            self.assertEqual((status, requests), (0, []))
+        self.assertEqual({path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}, before)
+        self.assertEqual(out.splitlines(), [
+            "Dry run: 6 texts to send, 4 skipped (done, or waiting in a recorded Batch API job); nothing was called "
+            "or written",
+            "  input tokens: about 600 (characters / 4)",
+            "  cost: $0.000090 interactive, $0.000045 with the Batch API (half price)",
+            "  the quota (--rpm, --tpm) makes it take at least 2 s (0.0 h)",  # 2 calls of 4 texts at most
+        ])  # fmt: skip
+
+    async def test_a_dry_run_refuses_what_a_run_refuses_and_makes_no_file(self) -> None:
+        self.write_texts(3)
+        status, out = await self.run_main(SpyClient(), dry_run=True)
+        self.assertEqual(status, 0)
+        self.assertIn("3 texts to send, 0 skipped", out)
+        self.assertEqual(sorted(path.name for path in self.tmp.iterdir()), [self.corpus.name])
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)
+        before = {path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}
+        with self.assertRaisesRegex(batcher.UsageError, "--dimensions was 3 for the records"):
+            await self.run_main(SpyClient(), dry_run=True, dimensions=5)
+        self.assertEqual({path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}, before)
 
 
 class UnitVectorTest(CorpusTestCase):

@@ -1716,6 +1716,38 @@ class CostTest(PipelineTestCase):
         self.assert_exactly_once(prompts)
 
 
+class DryRunTest(PipelineTestCase):
+    async def test_a_dry_run_calls_nothing_writes_nothing_and_counts_only_what_is_left(self) -> None:
+        write_inputs(self.inputs, 1, 4)
+        self.assertEqual((await self.run_pipeline(SpyClient(), max_output_tokens=50))[0], 0)
+        (self.inputs / "more.txt").write_text("".join(f"{'x' * 36} {i:03d}\n" for i in range(6)))  # 10 tokens each
+        before = snapshot(self.outputs)
+        with scripted_client(lambda body, n: answer("ok")) as (client, bodies):
+            status, out = await self.run_pipeline(client, dry_run=True, price=(2.0, 10.0), max_output_tokens=50,
+                                                  rpm=60)  # fmt: skip
+        self.assertEqual((status, bodies), (0, []))
+        self.assertEqual(snapshot(self.outputs), before)
+        self.assertEqual(out.splitlines(), [
+            "Dry run: 6 prompts to send, 4 skipped (done, or waiting in a recorded Batch API job); nothing was called "
+            "or written",
+            "  input tokens: about 60 (characters / 4); output tokens: at most 300 (--max-output-tokens)",
+            "  cost: $0.0031 interactive, $0.0016 with Flex or the Batch API (half price)",  # 60 x $2 + 300 x $10
+            "  the quota (--rpm, --tpm) makes it take at least 6 s (0.0 h)",
+        ])  # fmt: skip
+
+    async def test_a_dry_run_refuses_what_a_run_refuses_and_makes_no_folder(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        status, out = await self.run_pipeline(SpyClient(), dry_run=True)
+        self.assertEqual(status, 0)
+        self.assertIn("2 prompts to send, 0 skipped", out)
+        self.assertFalse(self.outputs.exists())  # not even the folder, nor a lock file
+        self.assertEqual((await self.run_pipeline(SpyClient()))[0], 0)
+        before = snapshot(self.outputs)
+        with self.assertRaisesRegex(pipeline.UsageError, "--temperature was .none. for the records"):
+            await self.run_pipeline(SpyClient(), dry_run=True, temperature=0.5)
+        self.assertEqual(snapshot(self.outputs), before)
+
+
 class GenerationSettingsTest(PipelineTestCase):
     async def test_every_setting_reaches_the_request_body(self) -> None:
         write_inputs(self.inputs, 1, 1)
