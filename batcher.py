@@ -8,6 +8,7 @@ Gemini embed_content API, several calls at a time; results reach a logger, or a 
     python batcher.py --input corpus.txt --output embeddings.jsonl --rpm 2900   # your corpus
     python batcher.py --input chunks.jsonl --output index.jsonl \\
         --task-type RETRIEVAL_DOCUMENT --dimensions 768 --tpm 950000   # JSONL rows {"text", "id"?, ...}
+    python batcher.py --input corpus.txt --output e.jsonl --price 0.15 --dry-run   # its size and cost
     python batcher.py --help               # every flag
 
 The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
@@ -22,8 +23,9 @@ Application code that wants one embedding per await uses BatchedEmbedder instead
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
 API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Resume and manifest, the input
-formats); the runtime shared byte for byte with pipeline.py (errors, Retrier and Gate, Shutdown,
-files, the client, the Batch API stage BatchJobs); the offline simulation; the command line.
+formats); the runtime shared byte for byte with pipeline.py (errors, Retrier, Gate and Cost,
+Shutdown, files, the client, the Batch API stage BatchJobs, --dry-run's Tally, the flags); the
+offline simulation; the command line (Config: one field per flag).
 """
 
 from __future__ import annotations
@@ -690,8 +692,7 @@ async def show_progress(stats: RunStats, *, tty: bool) -> None:
             await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
             line = f"{done} done, {stats.failed} failed, {stats.enqueued - done} in flight, {done / elapsed:.0f}/s"
-            if stats.cost.prices is not None:
-                line += f", {dollars(stats.cost.spent_usd)} spent"
+            line += stats.cost.progress()
             print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
@@ -1571,6 +1572,12 @@ class Cost:
     def pay(self, input_tokens: float, output_tokens: float = 0.0) -> None:
         """Counts the tokens of an answered call (or a Batch API result) as spent."""
         self.spent_usd += self.of(input_tokens, output_tokens)
+
+    def progress(self) -> str:
+        """What the progress line adds: the dollars spent so far, if known."""
+        if self.prices is None:
+            return ""
+        return f", {dollars(self.spent_usd)} spent" + (f" ({self.half_price}: half price)" if self.half_price else "")
 
     def summary(self) -> str:
         """The summary's line on dollars: what was spent, or how to see it."""

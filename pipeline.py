@@ -3,6 +3,7 @@
     ./make_inputs.sh && python pipeline.py        # offline: a simulated model, no key needed
     python pipeline.py --batch-api                # through the Batch API: half price, within 24 h
     GEMINI_API_KEY=... python pipeline.py         # the real API through genai.Client()
+    python pipeline.py --price 0.5,3 --dry-run    # what it would send and cost; --max-cost caps a run
     python pipeline.py --help                     # every flag
 
 The stages, in order, joined by bounded asyncio queues. Each stage ends its own output
@@ -23,10 +24,10 @@ already written and carries on where it stopped. outputs/manifest.json records t
 shaped the records; a re-run with other settings, or other prompts under done ids, is refused.
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
-API's GenerateJobs, the word-count pool); safe re-runs (the folder's Resume and manifest, the
-input formats); the runtime shared byte for byte with batcher.py (errors, Retrier and Gate,
-Shutdown, files, the client, the Batch API stage BatchJobs); the offline simulation; the command
-line.
+API's GenerateJobs, --dry-run, --batch-cancel, the word-count pool); safe re-runs (the folder's
+Resume and manifest, the input formats); the runtime shared byte for byte with batcher.py
+(errors, Retrier, Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs, the
+flags); the offline simulation; the command line (Config: one field per flag).
 """
 
 from __future__ import annotations
@@ -550,12 +551,12 @@ async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: Job
             done, elapsed = stats.succeeded + stats.failed, time.perf_counter() - stats.started
             eta = f"{max(0, total - stats.skipped - done) * elapsed / done:.0f}s" if done else "?"
             line = f"{done} done, {stats.failed} failed, {stats.in_flight} in flight, {done / elapsed:.0f}/s, ETA {eta}"
-            if stats.cost.prices is not None:
-                line += f", {dollars(stats.cost.spent_usd)} spent"
+            line += stats.cost.progress()
             if jobs is not None:  # --batch-api: the jobs' states instead
                 states = Counter(state.removeprefix("JOB_STATE_").lower() for state in jobs.states.values())
                 shown_states = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none yet"
                 line = f"batch jobs: {shown_states}; {elapsed:.0f}s elapsed; {done} done, {stats.failed} failed"
+                line += stats.cost.progress()
             print(f"\r{line}   " if tty else f"progress: {line}", end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if tty:
@@ -1510,6 +1511,12 @@ class Cost:
     def pay(self, input_tokens: float, output_tokens: float = 0.0) -> None:
         """Counts the tokens of an answered call (or a Batch API result) as spent."""
         self.spent_usd += self.of(input_tokens, output_tokens)
+
+    def progress(self) -> str:
+        """What the progress line adds: the dollars spent so far, if known."""
+        if self.prices is None:
+            return ""
+        return f", {dollars(self.spent_usd)} spent" + (f" ({self.half_price}: half price)" if self.half_price else "")
 
     def summary(self) -> str:
         """The summary's line on dollars: what was spent, or how to see it."""

@@ -365,6 +365,20 @@ class FaultTest(PipelineTestCase):
         self.assertIn(len(redraws), (2, 3))  # at most 4 a second
         self.assertRegex(redraws[-1], r"^6 done, 1 failed, 0 in flight, \d+/s, ETA \d+s")
 
+    async def test_with_a_price_the_progress_line_adds_the_dollars_spent_and_the_tier(self) -> None:
+        write_inputs(self.inputs, 1, 2)
+        stats = pipeline.Stats(succeeded=1)
+        stats.cost = pipeline.Cost((2.0, 10.0), half_price="Flex")
+        stats.cost.pay(1_000_000, 100_000)  # $2 + $1, halved
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            progress = asyncio.create_task(pipeline.show_progress(stats, sorted(self.inputs.glob("*.txt")), tty=True))
+            await asyncio.sleep(0.3)
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        self.assertIn(", $1.50 spent (Flex: half price)", err.getvalue().split("\r")[-1])
+
     def test_on_a_terminal_a_log_line_clears_the_progress_line_first(self) -> None:
         class Terminal(io.StringIO):
             def isatty(self) -> bool:
