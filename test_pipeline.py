@@ -582,7 +582,7 @@ def assert_help_shows_defaults(test: unittest.TestCase, parser: Any) -> None:
         if "(default: " in (action.help or ""):  # stated in the help itself (it depends on another flag)
             expected = action.help.partition("(default: ")[2].rpartition(")")[0]
         # The flag, a readable metavar (SECONDS, N, PATH, or the choices), its help, and its default.
-        found = re.search(rf"{flag} (\{{[a-z,]+\}}|[A-Z]+) .*?\(default: (.*?)\)", options)
+        found = re.search(rf"{flag} (\{{[a-z,]+\}}|[A-Z,]+) .*?\(default: (.*?)\)", options)
         test.assertIsNotNone(found, flag)
         assert found is not None
         test.assertEqual(found.group(2), expected, flag)
