@@ -347,7 +347,7 @@ async def embed_content(
                 async with shutdown.abandonable():
                     results = await embed_batch(client, texts, settings=settings, retrier=retrier, titles=titles)
             except (TimeoutError, Stopped):
-                log.warning("a batch of %d abandoned as the run stops; the next run redoes it", len(batch))
+                log.info("a batch of %d abandoned as the run stops; the next run redoes it", len(batch))
                 continue
             failures = [result for result in results if isinstance(result, Exception)]
             if failures and (reason := stop_reason(failures[0], settings.model)) is not None:
@@ -2605,8 +2605,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()])
+    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details. force:
+    # each call logs to the stderr of its moment (a test may run several in one process).
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()], force=True)
     log.setLevel(logging.WARNING if args.quiet or args.input is not None else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)

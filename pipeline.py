@@ -230,7 +230,7 @@ async def generate_content(
                 async with shutdown.abandonable():
                     result = await generate_one(run, prompt, generation)
             except (TimeoutError, Stopped):
-                log.warning("%s: abandoned as the run stops; the next run redoes it", prompt[0])
+                log.info("%s: abandoned as the run stops; the next run redoes it", prompt[0])
                 continue
             finally:
                 stats.in_flight -= 1
@@ -2600,8 +2600,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()])
+    # Other libraries stay at WARNING: an HTTP client's INFO lines could show request details. force:
+    # each call logs to the stderr of its moment (a test may run several in one process).
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[LineHandler()], force=True)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.seed is not None:
         random.seed(args.seed)

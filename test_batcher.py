@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import io
 import itertools
@@ -15,6 +16,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import statistics
 import struct
 import subprocess
@@ -42,6 +44,16 @@ from batcher import BatchedEmbedder, Batcher, Retrier, embed_content, log_output
 from bench import run_virtual  # an event loop on a virtual clock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def setUpModule() -> None:
+    """Each genai.Client loads the CA bundle into two SSL contexts (100 ms here) that the loopback
+    stubs, plain HTTP, never use: this module's clients share them, one per set of arguments."""
+    shared = mock.patch.object(ssl, "create_default_context", functools.cache(ssl.create_default_context))
+    shared.start()
+    unittest.addModuleCleanup(shared.stop)
+
+
 TOLERANCE_S = 0.05  # scheduling slack allowed on timing assertions
 logging.getLogger("batcher").setLevel(logging.CRITICAL)  # retries are expected here: keep the output clean
 
@@ -2350,9 +2362,9 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.addCleanup(first.kill)
         assert first.stderr is not None
         wait_until_locked(self.output)
-        second = self.run_script("--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0")
-        self.assertEqual(second.returncode, 2)
-        self.assertIn("batcher.py: error: another run is using out.jsonl", second.stderr)
+        status, _, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl")
+        self.assertEqual(status, 2)
+        self.assertIn("batcher.py: error: another run is using out.jsonl", err)
 
     def test_a_bad_key_stops_the_run_with_one_line_and_a_rerun_does_everything(self) -> None:
         self.write_corpus(100)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import io
 import itertools
@@ -16,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,16 @@ import pipeline
 from pipeline import Config, Shutdown
 
 HERE = Path(__file__).resolve().parent
+
+
+def setUpModule() -> None:
+    """Each genai.Client loads the CA bundle into two SSL contexts (100 ms here) that the loopback
+    stubs, plain HTTP, never use: this module's clients share them, one per set of arguments."""
+    shared = mock.patch.object(ssl, "create_default_context", functools.cache(ssl.create_default_context))
+    shared.start()
+    unittest.addModuleCleanup(shared.stop)
+
+
 logging.getLogger("pipeline").setLevel(logging.CRITICAL)  # failures and retries are expected here
 
 
@@ -2161,10 +2173,10 @@ class CommandLineTest(unittest.TestCase):
         self.addCleanup(first.kill)
         wait_until_locked(self.tmp / "outputs" / pipeline.LOCK_NAME)
         started = time.monotonic()
-        second = self.run_script("--fake-latency", "0")
+        status, err = self.run_in_process()
         self.assertLess(time.monotonic() - started, 10)
-        self.assertEqual(second.returncode, 2)
-        self.assertIn("pipeline.py: error: another run is using the output folder outputs", second.stderr)
+        self.assertEqual(status, 2)
+        self.assertIn("pipeline.py: error: another run is using the output folder outputs", err)
         self.assertEqual(list((self.tmp / "outputs").glob("shard_*")), [])
         first.kill()  # kill -9: the OS releases the lock, and nothing stale refuses the next run
         first.communicate()
@@ -2225,23 +2237,22 @@ class CommandLineTest(unittest.TestCase):
         good = json.dumps({"id": "shard_0.txt:1", "prompt": prompts[0], "response": "0"})
         (outputs / "shard_00000.jsonl").write_bytes(b"\xff\xfe not utf-8\n" + good.encode() + b"\n{not json\n")
         (outputs / "errors.jsonl").write_bytes(b"\xff bad\n[1, 2]\n")
-        result = self.run_script("--fake-latency", "0")  # (a child: the warnings go through logging)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("skipping an unreadable line", result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
+        status, err = self.run_in_process()
+        self.assertEqual(status, 0, err)
+        self.assertIn("skipping an unreadable line", err)
+        self.assertNotIn("Traceback", err)
         ids = [r["id"] for r in [json.loads(line) for line in (outputs / "shard_00001.jsonl").read_text().splitlines()]]
         self.assertEqual(sorted(ids), ["shard_0.txt:2", "shard_0.txt:3"])  # :1 was done already
 
     def test_quiet_leaves_only_the_summary_and_run_level_lines(self) -> None:
         write_inputs(self.tmp / "inputs", 4, 30)
         (self.tmp / "inputs" / "bad.txt").write_bytes(b"not \xff utf-8\n")
-        # (a child: per-item lines would go through logging)
-        result = self.run_script("--quiet", "--fake-latency", "0", "--fake-failure-rate", "1", "--max-attempts", "1")
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual([line for line in result.stderr.splitlines() if "simulated" not in line], [])
+        status, err = self.run_in_process("--quiet", "--fake-failure-rate", "1", "--max-attempts", "1")
+        self.assertEqual(status, 1)
+        self.assertEqual([line for line in err.splitlines() if "simulated" not in line], [])
         self.assertEqual(len(records(self.tmp / "outputs", "errors.jsonl")), 121)
-        loud = self.run_script("--fake-latency", "0", "--retry-errors", "--outputs", "loud")
-        self.assertGreater(len(loud.stderr.splitlines()), 120)  # without --quiet: a line per item
+        _, loud = self.run_in_process("--retry-errors", "--outputs", "loud")
+        self.assertGreater(len(loud.splitlines()), 120)  # without --quiet: a line per item
 
     def test_the_command_with_a_key_uses_the_real_client_and_never_prints_the_key(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
