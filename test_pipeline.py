@@ -2153,7 +2153,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("Traceback", err)
         self.assertIn("Summary:", out)
         self.assertLess(len(records(self.tmp / "outputs")), len(prompts))  # stopped part way
-        status, err = self.run_in_process("--quiet", "--workers", "20", *extra)  # the resume: in this process
+        status, err = self.run_in_process("--quiet", "--workers", "20")  # the resume: in this process, no pool
         self.assertEqual(status, 0, err)
         self.assertEqual(sorted(r["prompt"] for r in records(self.tmp / "outputs")), sorted(prompts))
 
