@@ -495,7 +495,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     check_paths(config)
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated client (latency {client.latency_s}s)"
-        print(f"batcher: {notice}", file=sys.stderr)
+        log.warning(notice)
     batcher: Batcher[Input] = Batcher(config.batch_size, timedelta(seconds=config.timeout_s), adaptive=config.adaptive)
     run = Run(config, client, shutdown=shutdown)
     stats, retrier, tty = run.stats, run.retrier, sys.stderr.isatty()
@@ -1727,7 +1727,7 @@ class Shutdown:
             sys.stdout.flush()
             os._exit(128 + signum)
         name = signal.Signals(signum).name
-        print(f"{PROG}: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        log.warning("interrupted (%s): finishing calls in flight (Ctrl-C again to quit now)", name)
         self.signal, self.requested = signum, True
         self._stopping.set()
         self._end_in_flight()

@@ -395,7 +395,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     files = check_paths(config)
     if isinstance(client, SimulatedClient):
         notice = f"no GEMINI_API_KEY, or --offline: using the simulated model (latency {client.latency_s}s)"
-        print(f"pipeline: {notice}", file=sys.stderr)
+        log.warning(notice)
     with locked(config.outputs, dry_run=config.dry_run):
         # Every check comes before any change: a refused run leaves the folder as it was.
         resume, manifest = await asyncio.to_thread(open_outputs, config)
@@ -1666,7 +1666,7 @@ class Shutdown:
             sys.stdout.flush()
             os._exit(128 + signum)
         name = signal.Signals(signum).name
-        print(f"{PROG}: interrupted ({name}): finishing calls in flight (Ctrl-C again to quit now)", file=sys.stderr)
+        log.warning("interrupted (%s): finishing calls in flight (Ctrl-C again to quit now)", name)
         self.signal, self.requested = signum, True
         self._stopping.set()
         self._end_in_flight()
