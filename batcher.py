@@ -1556,8 +1556,9 @@ class Cost:
         return (input_tokens * self.prices[0] + output_tokens * output_price) * self.factor / 1e6
 
     def admit(self, estimate_usd: float) -> str | None:
-        """Holds a call's estimate while it runs (release it after), or says why it may not start."""
-        if self.max_usd is not None and self.spent_usd + self.held_usd + estimate_usd > self.max_usd:
+        """Holds a call's estimate while it runs (release it after), or says why it may not start.
+        A call that costs nothing (a look at a Batch API job, a download) always may."""
+        if estimate_usd and self.max_usd is not None and self.spent_usd + self.held_usd + estimate_usd > self.max_usd:
             held = f", {dollars(self.held_usd)} held by calls or jobs in flight" if self.held_usd else ""
             left = dollars(max(0.0, self.max_usd - self.spent_usd - self.held_usd))
             return (

@@ -1742,6 +1742,19 @@ class CostTest(PipelineTestCase):
         self.assert_exactly_once(prompts)
 
 
+    async def test_past_the_budget_jobs_already_submitted_are_still_collected(self) -> None:
+        prompts = write_inputs(self.inputs, 2, 4)  # jobs of 4: each held at $0.010, each costs $0.020
+        with batch_server() as (url, stub):  # (its results bill 10 input tokens, twice the estimate)
+            client = real_batch_client(url)
+            self.addAsyncCleanup(client.aio.aclose)
+            status, summary = await self.run_pipeline(client, price=(1000.0, 1.0), max_cost_usd=0.025, batch_api=True,
+                                                      poll_interval_s=0.01, batch_job_size=4)  # fmt: skip
+            self.assertEqual(stub.created(), 2)
+        self.assertEqual(status, 0, self.stderr)  # looking at a job and downloading it cost nothing
+        self.assertIn("cost: $0.04 of a budget of $0.03", summary)  # (the estimates fell short: see README)
+        self.assert_exactly_once(prompts)
+
+
 class DryRunTest(PipelineTestCase):
     async def test_a_dry_run_calls_nothing_writes_nothing_and_counts_only_what_is_left(self) -> None:
         write_inputs(self.inputs, 1, 4)
