@@ -1741,7 +1741,6 @@ class CostTest(PipelineTestCase):
         self.assertEqual(status, 0, self.stderr)
         self.assert_exactly_once(prompts)
 
-
     async def test_past_the_budget_jobs_already_submitted_are_still_collected(self) -> None:
         prompts = write_inputs(self.inputs, 2, 4)  # jobs of 4: each held at $0.010, each costs $0.020
         with batch_server() as (url, stub):  # (its results bill 10 input tokens, twice the estimate)
