@@ -1541,7 +1541,9 @@ class BatchApiTest(PipelineTestCase):
         def recorded() -> None:  # a job in the manifest, named by the API: the run waits on it
             deadline = time.monotonic() + 10
             manifest = self.outputs / "manifest.json"
-            while not (manifest.exists() and [job["name"] for job in json.loads(manifest.read_text()).get("jobs", [])]):
+            while not (
+                manifest.exists() and any(job["name"] for job in json.loads(manifest.read_text()).get("jobs", []))
+            ):
                 assert time.monotonic() < deadline, "no job was recorded"
                 time.sleep(0.005)
 
