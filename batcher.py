@@ -1561,8 +1561,10 @@ class Cost:
         if estimate_usd and self.max_usd is not None and self.spent_usd + self.held_usd + estimate_usd > self.max_usd:
             held = f", {dollars(self.held_usd)} held by calls or jobs in flight" if self.held_usd else ""
             left = dollars(max(0.0, self.max_usd - self.spent_usd - self.held_usd))
+            spent, next_usd = dollars(self.spent_usd), dollars(estimate_usd)
             return (
-                f"the budget of {dollars(self.max_usd)} is reached: {dollars(self.spent_usd)} spent{held}, {left} left"
+                f"the budget of {dollars(self.max_usd)} is reached: {spent} spent{held}, {left} left, and the next "
+                f"call or job would cost about {next_usd}"
             )
         self.held_usd += estimate_usd
         return None

@@ -1788,7 +1788,9 @@ class CostTest(CorpusTestCase):
         self.assertEqual(status, 2, out)
         [line] = err.getvalue().splitlines()
         self.assertRegex(
-            line, r"^batcher\.py: error: the budget of \$0\.10 is reached: \$0\.0\d spent, .*\$0\.0\d left"
+            line,
+            r"^batcher\.py: error: the budget of \$0\.10 is reached: \$0\.0\d spent, .*\$0\.0\d left, and the next "
+            r"call or job would cost about \$0\.02;",
         )
         self.assertLessEqual(len(self.written()), 10)  # $0.10: 10 texts at most, estimates being exact here
         self.assertGreaterEqual(len(self.written()), 8)  # and not far under it
