@@ -75,8 +75,8 @@ QUEUE_SIZE = 256  # bound of the item queues: backpressure instead of unbounded 
 # --adaptive: 0.54 s with 4, 0.36 s with 1); with --adaptive, the one waiting batch keeps growing.
 BATCH_QUEUE_SIZE = 1
 # The embed stage hands over each batch's outputs at once: a queue handoff per text cost as much as
-# writing its record (through the SDK: 0.89 of a bare loop's speed with it, 0.93 without). At most
-# 8 batches wait for the logger, so memory stays bounded at 3,072 dimensions too.
+# writing its record (the README's SDK figures). At most 8 batches wait for the logger, so memory
+# stays bounded at 3,072 dimensions too.
 OUTPUT_QUEUE_SIZE = 8
 # The SDK sends requests with no timeout at all, so one unanswered call would hang a run.
 # An embed call of 100 texts is answered in about a second: 60 s is far past any healthy reply.
