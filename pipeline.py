@@ -409,7 +409,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 f"{config.outputs}: run with --batch-api to collect them, or --batch-cancel"
             )
         resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
-        await check_inputs(files, resume, config.outputs)
+        total = await check_inputs(files, resume, config.outputs)  # the prompts, if it read the inputs
         if config.dry_run:
             return await dry_run(run, files)
         await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
@@ -427,7 +427,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         progress = None
         if not config.quiet:
             progress = asyncio.create_task(
-                show_progress(stats, files, tty=tty, jobs=jobs if config.batch_api else None)
+                show_progress(stats, files, total, tty=tty, jobs=jobs if config.batch_api else None)
             )
         if config.batch_api:  # the one stage that changes: submit, wait, collect
             generator = BatchJobs(run, jobs, GenerateJobs(run, output_queue, error_queue)).run(input_queue)
@@ -540,11 +540,14 @@ def json_line(record: dict[str, Any]) -> str:
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 
 
-async def show_progress(stats: Stats, files: list[Path], *, tty: bool, jobs: JobBook | None = None) -> None:
+async def show_progress(
+    stats: Stats, files: list[Path], total: int | None = None, *, tty: bool, jobs: JobBook | None = None
+) -> None:
     """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
     flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
-    PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence."""
-    total = await asyncio.to_thread(count_lines, files)
+    PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence. The ETA's
+    total: the prompts, when a resume counted them (check_inputs), else the files' lines."""
+    total = await asyncio.to_thread(count_lines, files) if total is None else total
     try:
         while True:
             await asyncio.sleep(0.25 if tty else PROGRESS_EVERY_S)
@@ -1116,17 +1119,19 @@ def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
     return resume, (manifest or {"written_by": "pipeline.py"}) | {"settings": settings}
 
 
-async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> None:
+async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> int | None:
     """Refuses (UsageError) a resume whose inputs changed under ids already answered: a record
-    answers one prompt. Reads the inputs once more, only when something is done."""
+    answers one prompt. Reads the inputs once more, only when something is done, and then
+    returns how many prompts they hold (the progress line's total: no third read)."""
     if not (resume.done or resume.queued):
-        return
+        return None
     first: tuple[str, str] | None = None  # the first changed id, and its prompt now
-    changed, seen, reserved = 0, set[str](), {path.name for path in files}
+    changed, total, seen, reserved = 0, 0, set[str](), {path.name for path in files}
     for path in files:
         async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
             async for prompts in blocks:
                 for prompt_id, text, _, _ in prompts:
+                    total += 1
                     digest = resume.done.get(prompt_id, resume.queued.get(prompt_id))
                     if digest is not None and digest != hash(text):
                         changed += 1
@@ -1144,6 +1149,7 @@ async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> N
             f"the input of {first_id} changed since it was answered: {shown(old)} -> {shown(text)}{more}: "
             "use a new --outputs, or restore the inputs"
         )
+    return total
 
 
 def answered_prompt(output_dir: Path, prompt_id: str) -> str:

@@ -481,6 +481,28 @@ class FaultTest(PipelineTestCase):
         self.assertRegex(lines[-1], r"^progress: 6 done, 1 failed, 3 in flight, \d+/s, ETA \d+s$")
         self.assertNotIn("\r", err.getvalue())
 
+    async def test_a_resume_reads_its_inputs_twice_and_counts_the_progress_total_as_it_checks_them(self) -> None:
+        write_inputs(self.inputs, 2, 10)
+        await self.run_pipeline()
+        write_inputs(self.inputs, 3, 10)  # the same two files, and a new one
+        read: list[str] = []
+        real_read_blocks = pipeline.read_blocks
+
+        def read_blocks(path: Path) -> Any:
+            read.append(path.name)
+            return real_read_blocks(path)
+
+        with (
+            mock.patch.object(pipeline, "read_blocks", read_blocks),
+            mock.patch.object(pipeline, "count_lines", side_effect=AssertionError("a third read")),
+            mock.patch.object(pipeline, "show_progress", wraps=pipeline.show_progress) as progress,
+        ):
+            status, summary = await self.run_pipeline(quiet=False)
+        self.assertEqual(status, 0, self.stderr)
+        self.assertEqual(sorted(read), sorted(["shard_0.txt", "shard_1.txt", "shard_2.txt"] * 2))  # check, then run
+        self.assertEqual(progress.call_args.args[2], 30)  # the ETA's total: prompts, counted by the check
+        self.assertIn("30 prompts read, 20 skipped", summary)
+
     async def test_an_undecodable_line_is_recorded_and_the_rest_processed(self) -> None:
         self.inputs.mkdir()
         (self.inputs / "a.txt").write_bytes(b"What is two times 1?\nbad \xff\xfe line\nWhat is two times 3?\n")
