@@ -22,8 +22,8 @@ Application code that wants one embedding per await uses BatchedEmbedder instead
         embedding = await e.embed("some text")
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
-API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Resume and manifest, the input
-formats); the runtime shared byte for byte with pipeline.py (errors, Retrier, Gate and Cost,
+API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Ledger: its manifest, records and
+jobs; the input formats); the runtime shared byte for byte with pipeline.py (errors, Retrier, Gate and Cost,
 Shutdown, files, the client, the Batch API stage BatchJobs, --dry-run's Tally, the flags); the
 offline simulation; the command line (Config: one field per flag).
 """
@@ -145,13 +145,12 @@ async def read_corpus(
     """A real corpus: puts an Input for each non-blank line of the file (None: stdin), as fast as
     the bounded queue takes them. A plain line is one text, stripped, with the id
     "<file name>:<line number>" ("stdin:<n>"); in JSONL (config.jsonl), a line is a row (see
-    parse_row). Ids done in run.resume (already in the output) are passed over. A line that cannot be
-    embedded (not UTF-8, a bad row) goes to output_queue as failed, alone, and reading goes on.
-
-    A done id whose text changed is counted in run.resume and stops the run (shutdown.fail):
-    nothing more is sent, and the rest is read only to count the changed ones.
+    parse_row). What run.ledger says is done, or queued in a live job, is passed over. A line that
+    cannot be embedded (not UTF-8, a bad row) goes to output_queue as failed, alone, and reading
+    goes on. Another text under a done or queued id (the ledger counts it) stops the run
+    (shutdown.fail): nothing more is sent, and the rest is read only to count the changed ones.
     Ends input_queue with the None sentinel (output_queue is ended by embed_content, later)."""
-    jsonl, resume, stats, shutdown = run.config.jsonl, run.resume, run.stats, run.shutdown
+    jsonl, ledger, stats, shutdown = run.config.jsonl, run.ledger, run.stats, run.shutdown
     name, number, seen = source.name if source is not None else "stdin", 0, set[str]()
     async with contextlib.AsyncExitStack() as stack:
         if source is None:
@@ -159,21 +158,17 @@ async def read_corpus(
         else:
             read = (await stack.enter_async_context(open_file(source, "rb"))).read
         async for raw in read_lines(read):
-            if shutdown.signal is not None or (shutdown.requested and not resume.changed):
+            if shutdown.signal is not None or (shutdown.requested and not ledger.changed):
                 break
             number += 1
             if (parsed := parse_line(raw, f"{name}:{number}", name, jsonl=jsonl, seen=seen)) is None:
                 continue  # blank
             item, error = parsed
-            queued = resume.queued.get(item.id)  # a live Batch API job embeds it
-            if (digest := input_hash(queued) if queued else resume.done.get(item.id)) is not None:
-                if digest == input_hash(item):
-                    stats.skipped += 1
-                else:  # another text under a done id: refuse the run, and count the rest
-                    resume.changed += 1
-                    resume.first_changed = resume.first_changed or item
-                    shutdown.fail(f"the input of {item.id} changed")
-            elif resume.changed:
+            if (verdict := ledger.verdict(item)) == "skip":
+                stats.skipped += 1
+            elif verdict == "refuse":  # another text under a done id: the run is refused; count the rest
+                shutdown.fail(f"the input of {item.id} changed")
+            elif ledger.changed:
                 continue  # refused: nothing more is sent
             elif error is not None:
                 stats.enqueued += 1
@@ -512,7 +507,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_exit(keep_file_error)  # first in, so last out: after the output's close
-        output, resume, size, dry = None, Resume(), 0, config.dry_run
+        output, ledger, dry = None, run.ledger, config.dry_run
         if config.output is not None:
             if not (dry and not config.output.exists()):  # a dry run makes no file
                 try:
@@ -520,21 +515,18 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 except OSError as exc:  # a read-only file system, a dangling symlink, no permission
                     raise UsageError(f"cannot write the output file {config.output}: {exc.strerror}") from None
                 lock_output(output, config.output)  # before reading it: another run may be writing
-                resume = run.resume = await resume_output(config.output, config, dry_run=dry)
-                size = os.fstat(output.fileno()).st_size
+                ledger = run.ledger = await open_ledger(config.output, config, dry_run=dry)
                 output = None if dry else output  # written to only by a real run
-            if resume.done:
-                log.warning("resuming: %d texts already in %s", len(resume.done), config.output)
-            jobs = JobBook(config.output, resume.manifest, tidy=not dry)  # the manifest read once, by resume_output
-            if jobs.live and not config.batch_api:
+            if ledger.done:
+                log.warning("resuming: %d texts already in %s", len(ledger.done), config.output)
+            if ledger.live and not config.batch_api:
                 raise UsageError(
-                    f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still embed "
+                    f"{plural(len(ledger.live), 'Batch API job')} of an earlier --batch-api run may still embed "
                     f"texts for {config.output}: run with --batch-api to collect them"
                 )
-            resume.queued = await asyncio.to_thread(queued_texts, jobs)
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
-                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=resume.done,
+                input_queue, num_inputs=config.num_inputs, max_delay_s=config.input_delay_s, skip=ledger.done,
                 stats=stats, shutdown=shutdown,
             )  # fmt: skip
         else:
@@ -544,7 +536,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         if dry:  # a tally in place of stages 2 and 3: nothing is called
             stages.append(tally.run(input_queue, output_queue))
         elif config.batch_api:  # the Batch API batches and embeds: one stage in place of two
-            stages.append(BatchJobs(run, jobs, EmbedJobs(run, output_queue)).run(input_queue))
+            stages.append(BatchJobs(run, EmbedJobs(run, output_queue)).run(input_queue))
         else:
             stages.append(batcher.batch(input_queue, batch_queue))
             stages.append(embed_content(
@@ -568,8 +560,8 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         finally:
             if progress is not None:
                 progress.cancel()
-        if resume.changed:
-            await refuse_changed_input(output, config.output or STDIN, resume, size)
+        if ledger.changed:
+            await ledger.refuse(output)
         if dry:
             calls = math.ceil(tally.items / config.batch_size)
             print(estimate("text", sent=tally.items, skipped=stats.skipped, calls=calls,
@@ -577,11 +569,11 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                            half_price="with the Batch API"))  # fmt: skip
             return 0
         if config.batch_api and not file_errors:  # the records of collected jobs are written
-            await jobs.drop_collected()
+            await ledger.drop_collected()
     stopped = shutdown.requested or bool(file_errors)
     return end_of_run(
         summary(batcher, retrier, stats, stopped=stopped, batch_api=config.batch_api), shutdown=shutdown,
-        file_errors=file_errors, live_jobs=len(jobs.live) if config.batch_api else 0, failed=bool(stats.failed),
+        file_errors=file_errors, live_jobs=len(ledger.live) if config.batch_api else 0, failed=bool(stats.failed),
     )  # fmt: skip
 
 
@@ -589,13 +581,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 class Run:
     """What the stages of one run share, made once by main(): the settings, the client, the
     counts, the shutdown, the Retrier that every call goes through (rpm, tpm and retries as the
-    settings say), and what the output file holds (resume)."""
+    settings say), and what the output file holds (the ledger; the demo's is empty)."""
 
     config: Config
     client: Client = None
     stats: RunStats = field(default_factory=lambda: RunStats())
     shutdown: Shutdown = field(default_factory=lambda: Shutdown())
-    resume: Resume = field(default_factory=lambda: Resume())
+    ledger: Ledger = field(default_factory=lambda: Ledger())
     retrier: Retrier = field(init=False)
 
     def __post_init__(self) -> None:
@@ -839,83 +831,6 @@ JOB_TEXTS = 20_000  # texts per Batch API job at most (--batch-job-size; and JOB
 POLL_INTERVAL_S = 30.0  # between two looks at the waiting jobs, as Google's guide polls (offline: 0.5 s)
 
 
-@dataclass
-class Job:
-    """A Batch API job, as the output's manifest records it: the API's name ("" until the create
-    returns), the file beside the output that holds its texts (id, text, title, metadata), which
-    attempt it is for them, and its display name, unique to it (see BatchJobs.submit)."""
-
-    name: str
-    texts: str  # the file's name in <output>.batch/: job_00001.jsonl
-    attempt: int = 1
-    display_name: str = ""
-
-
-class JobBook:
-    """The output's live Batch API jobs, kept in its manifest. Creating a job is not idempotent and
-    every job is billed, so a job is recorded (one atomic manifest write) before create is called;
-    a re-run waits on the recorded jobs and never submits their texts again. A job leaves the book
-    (and its file goes) once its records are written: drop_collected, at the end of the run. Its
-    files are named relative to the batch folder, so a re-run from any folder finds them; files
-    no recorded job names (a kill between writing and recording, say) are removed when it opens."""
-
-    def __init__(self, output: Path, manifest: dict[str, Any], *, tidy: bool = True) -> None:
-        self.output, self.folder = output, output.with_name(output.name + BATCH_SUFFIX)
-        self.label = output.name  # in each job's display name, as AI Studio lists it
-        self.manifest = manifest
-        self.live = [Job(**job) for job in self.manifest.get("jobs", [])]
-        self.states: dict[str, str] = {}
-        self.collected: list[Job] = []
-        named = {self.path_of(job).name.split(".")[0] for job in self.live}
-        for orphan in (p for p in self.folder.glob("job_*") if p.name.split(".")[0] not in named):
-            if tidy:  # (not in a dry run, which changes nothing)
-                orphan.unlink()
-        numbers = [int(m.group(1)) for p in self.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
-        self._numbers = itertools.count(max(numbers, default=0) + 1)
-        self._lock = asyncio.Lock()
-
-    def new_path(self) -> Path:
-        self.folder.mkdir(exist_ok=True)
-        return self.folder / f"job_{next(self._numbers):05d}.jsonl"
-
-    def job(self, name: str, path: Path, attempt: int, display_name: str) -> Job:
-        return Job(name, path.name, attempt, display_name)
-
-    def path_of(self, job: Job) -> Path:
-        """The file of a job's texts (recorded by name; by a path from the working folder before)."""
-        return self.folder / Path(job.texts).name
-
-    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
-        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
-        self.live = [*(j for j in self.live if j is not replacing), job]
-        await self._write()
-
-    async def drop_collected(self) -> None:
-        self.live = [job for job in self.live if job not in self.collected]
-        await self._write()
-        for job in self.collected:
-            await asyncio.to_thread(self.path_of(job).unlink, missing_ok=True)
-        self.collected = []
-        if not self.live:  # nothing waits any more: no empty folder left behind
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.folder.rmdir)
-
-    async def _write(self) -> None:
-        async with self._lock:
-            self.manifest["jobs"] = [vars(job) for job in self.live]
-            await asyncio.to_thread(write_manifest, self.output, dict(self.manifest))
-
-
-def queued_texts(jobs: JobBook) -> dict[str, Input]:
-    """The texts in live jobs, by id: the readers pass over them, if unchanged."""
-    queued: dict[str, Input] = {}
-    for job in jobs.live:
-        with jobs.path_of(job).open("rb") as f:
-            for row in map(json.loads, f):
-                queued[row["id"]] = Input(row["id"], row["text"], row["title"])
-    return queued
-
-
 class JobFiles:
     """A job being filled: its texts (path, kept until its records are written) and its Batch API
     input ({"key": id, "request": EmbedContentRequest} per line: requests_path, to upload), both
@@ -1122,17 +1037,116 @@ JSON_STRING = json.encoder.encode_basestring_ascii  # json.dumps(a_str), without
 
 
 @dataclass
-class Resume:
-    """What an earlier run left in --output: each id with a record, and a hash of its text, so
-    that an id is done only for the same text. changed counts the ids whose text is not that
-    text (or title) any more (the run is refused); first_changed is the first of them, as it is now."""
+class Job:
+    """A Batch API job, as the output's manifest records it: the API's name ("" until the create
+    returns), the file beside the output that holds its texts (id, text, title, metadata), which
+    attempt it is for them, and its display name, unique to it (see BatchJobs.submit)."""
 
-    done: dict[str, int] = field(default_factory=dict)
-    queued: dict[str, Input] = field(default_factory=dict)  # in a live Batch API job: passed over
+    name: str
+    texts: str  # the file's name in <output>.batch/: job_00001.jsonl
+    attempt: int = 1
+    display_name: str = ""
+
+
+@dataclass
+class Ledger:
+    """The output file's state, in one place, read once when the run starts (open_ledger): the
+    manifest (the settings that shaped its vectors, and the live Batch API jobs), and the ids done
+    (with a record in the output) and queued (in a live job), each with its text and title, or a
+    hash of them: an id is done only for the text its record embeds. verdict() answers, for each
+    text read: send it, skip it (done or queued, unchanged), or refuse the run (another text under
+    that id); a refused run puts the output back as it was (refuse).
+
+    Creating a Batch API job is not idempotent and every job is billed, so a job is recorded (one
+    atomic manifest write) before its create is called (record); a re-run waits on the recorded
+    jobs and never submits their texts again. A job leaves the ledger, and its file goes, once its
+    records are written: drop_collected, at the end of the run. Job files are named relative to
+    the batch folder, so a re-run from any folder finds them."""
+
+    output: Path = Path()  # the demo has none: nothing is done
     manifest: dict[str, Any] = field(default_factory=dict)  # as this run wrote it: settings and jobs
     manifest_created: bool = False  # by this run (so a refused run removes it)
-    changed: int = 0
-    first_changed: Input | None = None
+    size: int = 0  # the output's bytes when the run started: what a refused run leaves
+    done: dict[str, int] = field(default_factory=dict)  # by id: input_hash of its record's text
+    queued: dict[str, Input] = field(default_factory=dict)  # in a live Batch API job
+    changed: int = 0  # texts read that are not the text of their id's record or job any more
+    first_changed: Input | None = None  # the first of them, as it is now
+    live: list[Job] = field(default_factory=list)  # the recorded jobs
+    states: dict[str, str] = field(default_factory=dict)  # each job's last state seen, for the progress line
+    collected: list[Job] = field(default_factory=list)  # jobs whose records are written
+    job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # for new job files
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one manifest write at a time
+
+    def verdict(self, item: Input) -> Literal["send", "skip", "refuse"]:
+        """What to do with a text read: refuse counts it (see refuse), and the run stops."""
+        queued = self.queued.get(item.id)  # a live Batch API job embeds it
+        if (digest := input_hash(queued) if queued else self.done.get(item.id)) is None:
+            return "send"
+        if digest == input_hash(item):
+            return "skip"
+        self.changed += 1
+        self.first_changed = self.first_changed or item
+        return "refuse"
+
+    async def refuse(self, output: Any) -> NoReturn:
+        """The input changed under ids already embedded: the output goes back to what it held at
+        the start (the manifest too), and the run is refused with one line."""
+        assert self.first_changed is not None
+        if output is not None:  # (a dry run wrote nothing)
+            await output.truncate(self.size)
+        if self.manifest_created:
+            manifest_path(self.output).unlink()
+        new = self.first_changed
+        old = (
+            self.queued[new.id]
+            if new.id in self.queued
+            else await asyncio.to_thread(embedded_input, self.output, new.id)
+        )
+        what = "title" if old.text == new.text else "text"
+        more = f", and {self.changed - 1} more" if self.changed > 1 else ""
+        raise UsageError(
+            f"the input of {new.id} changed since it was embedded: {shown(getattr(old, what))} -> "
+            f"{shown(getattr(new, what))}{more}: use a new --output, or restore the input"
+        )
+
+    @property
+    def folder(self) -> Path:
+        return self.output.with_name(self.output.name + BATCH_SUFFIX)
+
+    @property
+    def label(self) -> str:
+        return self.output.name  # in each job's display name, as AI Studio lists it
+
+    def new_path(self) -> Path:
+        self.folder.mkdir(exist_ok=True)
+        return self.folder / f"job_{next(self.job_numbers):05d}.jsonl"
+
+    def job(self, name: str, path: Path, attempt: int, display_name: str) -> Job:
+        return Job(name, path.name, attempt, display_name)
+
+    def path_of(self, job: Job) -> Path:
+        """The file of a job's texts (recorded by name; by a path from the working folder before)."""
+        return self.folder / Path(job.texts).name
+
+    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
+        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
+        self.live = [*(j for j in self.live if j is not replacing), job]
+        await self._write()
+
+    async def drop_collected(self) -> None:
+        self.live = [job for job in self.live if job not in self.collected]
+        await self._write()
+        for job in self.collected:
+            await asyncio.to_thread(self.path_of(job).unlink, missing_ok=True)
+        self.collected = []
+        if not self.live:  # nothing waits any more: no empty folder left behind
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.folder.rmdir)
+
+    async def _write(self) -> None:
+        async with self.lock:
+            self.manifest["jobs"] = [vars(job) for job in self.live]
+            await asyncio.to_thread(write_manifest, self.output, dict(self.manifest))
 
 
 def lock_output(output: Any, path: Path) -> None:
@@ -1233,16 +1247,19 @@ async def scan_output(f: Any, path: Path, *, strict: bool) -> tuple[dict[str, in
     return done, None
 
 
-async def resume_output(path: Path, config: Config, *, dry_run: bool = False) -> Resume:
-    """What the output file holds, once it is known to be ours and made with these settings
-    (else UsageError, and nothing is changed); then, unless dry_run, cuts a torn last line and
-    writes the manifest."""
+async def open_ledger(path: Path, config: Config, *, dry_run: bool = False) -> Ledger:
+    """What the output file holds, once it is known to be ours and made with these settings (else
+    UsageError, and nothing is changed); then, unless dry_run, cuts a torn last line, writes the
+    manifest and removes job files that no recorded job names (a kill between writing and
+    recording, say)."""
     manifest = await asyncio.to_thread(read_manifest, path)
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
     written = (manifest or {"written_by": "batcher.py"}) | {"settings": settings}
+    ledger = Ledger(path, written, manifest_created=manifest is None and not dry_run)
+    ledger.live = [Job(**job) for job in written.get("jobs", [])]
     async with open_file(path, "rb" if dry_run else "rb+") as f:
-        done, cut = await scan_output(f, path, strict=manifest is None)  # no manifest: every line must be ours
-        if manifest is not None and (done or manifest.get("jobs")):  # records or live jobs: their settings stay
+        ledger.done, cut = await scan_output(f, path, strict=manifest is None)  # no manifest: every line ours
+        if manifest is not None and (ledger.done or ledger.live):  # records or live jobs: their settings stay
             for name, value in settings.items():
                 if (old := recorded.get(name)) != value:
                     setting = "normalization (--no-normalize)" if name == "normalize" else f"--{name.replace('_', '-')}"
@@ -1250,13 +1267,29 @@ async def resume_output(path: Path, config: Config, *, dry_run: bool = False) ->
                         f"{setting} was {shown(old)} for the records in {path}, now {shown(value)}: use a new "
                         "--output, or the same setting"
                     )
-        if dry_run:
-            return Resume(done, manifest=written)
-        if cut is not None:
+        if cut is not None and not dry_run:
             log.warning("%s: cutting off a torn last line (%d bytes)", path, await f.seek(0, os.SEEK_END) - cut)
             await f.truncate(cut)
-    await asyncio.to_thread(write_manifest, path, written)
-    return Resume(done, manifest=written, manifest_created=manifest is None)
+        ledger.size = await f.seek(0, os.SEEK_END)
+    await asyncio.to_thread(read_jobs, ledger, tidy=not dry_run)
+    if not dry_run:
+        await asyncio.to_thread(write_manifest, path, written)
+    return ledger
+
+
+def read_jobs(ledger: Ledger, *, tidy: bool) -> None:
+    """Notes in the ledger the texts waiting in its live jobs, and numbers new job files after the
+    folder's; with tidy, removes the files that no recorded job names."""
+    for job in ledger.live:
+        with ledger.path_of(job).open("rb") as f:
+            for row in map(json.loads, f):
+                ledger.queued[row["id"]] = Input(row["id"], row["text"], row["title"])
+    named = {ledger.path_of(job).name.split(".")[0] for job in ledger.live}
+    for orphan in (p for p in ledger.folder.glob("job_*") if p.name.split(".")[0] not in named):
+        if tidy:
+            orphan.unlink()
+    numbers = [int(m.group(1)) for p in ledger.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
+    ledger.job_numbers = itertools.count(max(numbers, default=0) + 1)
 
 
 def embedded_input(path: Path, item_id: str) -> Input:
@@ -1267,24 +1300,6 @@ def embedded_input(path: Path, item_id: str) -> Input:
                 if (found := recorded_input(line, strict=False)).id == item_id:
                     return found
     raise AssertionError(f"no record of {item_id}")
-
-
-async def refuse_changed_input(output: Any, path: Path, resume: Resume, size: int) -> NoReturn:
-    """The input changed under ids already embedded: the output goes back to `size` bytes (what
-    it held at the start; the manifest too) and the run is refused with one line."""
-    assert resume.first_changed is not None
-    if output is not None:  # (a dry run wrote nothing)
-        await output.truncate(size)
-    if resume.manifest_created:
-        manifest_path(path).unlink()
-    new = resume.first_changed
-    old = resume.queued[new.id] if new.id in resume.queued else await asyncio.to_thread(embedded_input, path, new.id)
-    what = "title" if old.text == new.text else "text"
-    more = f", and {resume.changed - 1} more" if resume.changed > 1 else ""
-    raise UsageError(
-        f"the input of {new.id} changed since it was embedded: {shown(getattr(old, what))} -> "
-        f"{shown(getattr(new, what))}{more}: use a new --output, or restore the input"
-    )
 
 
 STDIN = Path("-")
@@ -1981,25 +1996,25 @@ class BatchJobs(Generic[Item]):
     kind.deliver and kind.fail put them, and kind.end ends those queues.
 
     Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a
-    job's files are written, uploaded, the job created (create_job) and recorded in the book at
-    once: it is billed. Wait: one look at every waiting job each config.poll_interval_s
+    job's files are written, uploaded, the job created (create_job) and recorded in the ledger
+    at once: it is billed. Wait: one look at every waiting job each config.poll_interval_s
     (look_at_job). Collect: its results are downloaded (download_results) and matched to the items
     by key, never by position; an item with no result fails. A job that ends FAILED, CANCELLED or
     EXPIRED, or whose results are gone, is resubmitted, up to config.max_attempts jobs for its
     items, which then fail with its state. Jobs an earlier run recorded are waited on too, and an
-    item already in the output (resume.done: a run killed after writing a job's outcomes, before
-    the job left the book) is not delivered again. After a shutdown request nothing is submitted
+    item already in the output (ledger.done: a run killed after writing a job's outcomes, before
+    the job left the ledger) is not delivered again. After a shutdown request nothing is submitted
     and waiting stops at once: the jobs go on at Google, and the next run collects them. A resubmit
     that does not happen (the run stops) leaves its items undone, for the next run to read again.
     A job whose estimate (its items' characters / 4, and the output expected) would pass the
     budget is not submitted: the run stops (see Cost)."""
 
-    def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
+    def __init__(self, run: Run, kind: JobKind[Item]) -> None:
         self.client, self.retrier, self.shutdown = run.client, run.retrier, run.shutdown
-        self.book, self.kind = book, kind
+        self.ledger, self.kind = run.ledger, kind
         self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
-        self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
-        self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.poll_interval_s, self.done = run.config.poll_interval_s, run.ledger.done
+        self.waiting = list(run.ledger.live)  # jobs not ended yet, as far as we know: an earlier run's first
         self.estimates: dict[str, float] = {}  # the cost held for each job this run submitted, by its file
         self.submitted = asyncio.Event()  # set once no new item can come
 
@@ -2010,7 +2025,7 @@ class BatchJobs(Generic[Item]):
             while (item := await input_queue.get()) is not None:
                 if self.shutdown.requested:
                     continue  # drain, so the readers and the sentinel get through
-                filling = filling or self.kind.files(self.book.new_path())
+                filling = filling or self.kind.files(self.ledger.new_path())
                 await filling.add(item)
                 if filling.count == self.job_size or filling.size >= JOB_BYTES:
                     await self.submit(filling, 1)
@@ -2027,7 +2042,7 @@ class BatchJobs(Generic[Item]):
         stop or an error meanwhile leaves a job that may exist, which the next run looks for
         (settle) instead of paying for its items twice."""
         await files.flush()
-        display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
+        display_name = f"{PROG}.py {self.ledger.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         pending: Job | None = None
         estimate = self.retrier.cost.of(files.input_tokens, files.output_tokens)
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
@@ -2041,8 +2056,8 @@ class BatchJobs(Generic[Item]):
             uploaded = await self.retrier.call(
                 lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
             )
-            pending = self.book.job("", files.path, attempt, display_name)
-            await self.book.record(pending, replacing=replacing)
+            pending = self.ledger.job("", files.path, attempt, display_name)
+            await self.ledger.record(pending, replacing=replacing)
             create = functools.partial(self.kind.create, str(uploaded.name), display_name)
             created = await create_job(self.retrier, self.client, create, display_name)
         except Exception as exc:
@@ -2056,8 +2071,8 @@ class BatchJobs(Generic[Item]):
             return
         finally:
             await asyncio.to_thread(files.requests_path.unlink, missing_ok=True)  # what stays: the items' file
-        job = self.book.job(str(created.name), files.path, attempt, display_name)
-        await self.book.record(job, replacing=pending)  # before anything else: it is billed
+        job = self.ledger.job(str(created.name), files.path, attempt, display_name)
+        await self.ledger.record(job, replacing=pending)  # before anything else: it is billed
         self.stats.batch_jobs += 1
         log.info("batch job %s created: %s (attempt %d)", job.name, plural(files.count, self.kind.noun), attempt)
         self.waiting.append(job)
@@ -2079,11 +2094,11 @@ class BatchJobs(Generic[Item]):
                         log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
                         state = collected
                 self.waiting.remove(job)
-                self.retrier.cost.release(self.estimates.pop(self.book.path_of(job).name, 0.0))
+                self.retrier.cost.release(self.estimates.pop(self.ledger.path_of(job).name, 0.0))
                 if state in JOB_DONE:
                     pass
                 elif items and (state == NOT_CREATED or job.attempt < self.max_attempts):
-                    files = self.kind.files(self.book.new_path())
+                    files = self.kind.files(self.ledger.new_path())
                     for item in items.values():
                         await files.add(item)
                     again = job.attempt if state == NOT_CREATED else job.attempt + 1  # a job never made: no attempt
@@ -2092,7 +2107,7 @@ class BatchJobs(Generic[Item]):
                     reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
                     for item in items.values():
                         await self.kind.fail(item, reason, job)
-                self.book.collected.append(job)  # its file goes at the end of the run
+                self.ledger.collected.append(job)  # its file goes at the end of the run
                 if self.shutdown.requested:
                     return
             if await self.shutdown.waited(self.poll_interval_s if self.waiting else 0.05):
@@ -2105,7 +2120,7 @@ class BatchJobs(Generic[Item]):
         batch_job = await look_at_job(self.retrier, self.client, job.name, self.shutdown)
         if not isinstance(batch_job, types.BatchJob):
             return batch_job
-        self.book.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        self.ledger.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
         return batch_job if state in JOB_ENDED else None
 
     async def settle(self, job: Job) -> str | None:
@@ -2121,15 +2136,15 @@ class BatchJobs(Generic[Item]):
             return None  # looked for again next time, or the run stops
         if found is None:
             return NOT_CREATED
-        named = self.book.job(str(found.name), self.book.path_of(job), job.attempt, job.display_name)
-        await self.book.record(named, replacing=job)
+        named = self.ledger.job(str(found.name), self.ledger.path_of(job), job.attempt, job.display_name)
+        await self.ledger.record(named, replacing=job)
         self.waiting[self.waiting.index(job)] = named
         return None
 
     async def read_items(self, job: Job) -> dict[str, Item]:
         """A job's items by id, but those already done."""
         items: dict[str, Item] = {}
-        async with open_file(self.book.path_of(job), "rb") as f:
+        async with open_file(self.ledger.path_of(job), "rb") as f:
             async for line in read_lines(f.read):
                 item_id, item = self.kind.item_of(STRICT_DECODER.decode(line.decode()))
                 if item_id not in self.done:
@@ -2138,7 +2153,7 @@ class BatchJobs(Generic[Item]):
 
     async def collect(self, job: Job, batch_job: types.BatchJob, items: dict[str, Item]) -> bool | str:
         """The job's outcomes delivered: True; or why not (see download_results)."""
-        path = self.book.path_of(job).with_suffix(".results.jsonl")
+        path = self.ledger.path_of(job).with_suffix(".results.jsonl")
         downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
         if downloaded is not True:
             return downloaded

@@ -25,9 +25,9 @@ shaped the records; a re-run with other settings, or other prompts under done id
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
 API's GenerateJobs, --dry-run, --batch-cancel, the word-count pool); safe re-runs (the folder's
-Resume and manifest, the input formats); the runtime shared byte for byte with batcher.py
-(errors, Retrier, Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs, the
-flags); the offline simulation; the command line (Config: one field per flag).
+Ledger: its manifest, records and jobs; the input formats); the runtime shared byte for byte
+with batcher.py (errors, Retrier, Gate and Cost, Shutdown, files, the client, the Batch API
+stage BatchJobs, the flags); the offline simulation; the command line (Config: a field a flag).
 """
 
 from __future__ import annotations
@@ -134,13 +134,13 @@ async def read_inputs(
 ) -> None:  # fmt: skip
     """Puts one Prompt per non-blank line of the files, config.readers tasks splitting the files.
 
-    Prompts that `resume` says are done (or failed, for the same prompt) are passed over. A line
+    Prompts that the ledger says are done (or failed, for the same prompt) are passed over. A line
     that cannot be read (not UTF-8, a bad JSONL row, an id seen before) goes to error_queue as
     failed under its "<file>:<line>", so one id never gets two records. Stops early on a
     shutdown request. Ends input_queue with one sentinel per consumer (error_queue is ended by
     generate_content).
     """
-    readers, resume, stats, shutdown = run.config.readers, run.resume, run.stats, run.shutdown
+    readers, ledger, stats, shutdown = run.config.readers, run.ledger, run.stats, run.shutdown
     seen: set[str] = set()  # the JSONL ids of this run, shared by the readers
     reserved = {path.name for path in files}  # "<name>:<line>" ids belong to these files' lines
 
@@ -149,7 +149,7 @@ async def read_inputs(
             async for prompts in blocks:
                 for prompt_id, text, metadata, error in prompts:
                     stats.read += 1
-                    if resume.skips(prompt_id, text):
+                    if ledger.skips(prompt_id, text):
                         stats.skipped += 1
                         continue
                     if error is not None:
@@ -310,7 +310,7 @@ async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateConte
 
 async def write_outputs(run: Run, output_queue: asyncio.Queue[Result | None], *, shard_numbers: Iterator[int]) -> None:
     """One writer: appends records to shards of at most config.shard_size lines until its sentinel.
-    An id that failed in an earlier run (in resume.failed) is noted in resume.redone once written,
+    An id that failed in an earlier run (in ledger.failed) is noted in ledger.redone once written,
     so its error leaves errors.jsonl without reading the shards again.
 
     Each writer owns the shards it starts, numbered from the shared shard_numbers, and starts
@@ -318,7 +318,7 @@ async def write_outputs(run: Run, output_queue: asyncio.Queue[Result | None], *,
     stays open across batches: a batch costs one write and one flush, not an open and a close.
     """
     output_dir, shard_size, quiet = run.config.outputs, run.config.shard_size, run.config.quiet
-    stats, resume = run.stats, run.resume
+    stats, ledger = run.stats, run.ledger
     async with contextlib.AsyncExitStack() as shard:
         f: Any = None
         path, lines_in_shard = output_dir, shard_size
@@ -344,8 +344,8 @@ async def write_outputs(run: Run, output_queue: asyncio.Queue[Result | None], *,
                     await asyncio.to_thread(remove_if_empty, path)
                     raise
             stats.succeeded += len(results)
-            if resume.failed:
-                resume.redone.update(result.id for result in results if result.id in resume.failed)
+            if ledger.failed:
+                ledger.redone.update(result.id for result in results if result.id in ledger.failed)
             if ended:
                 return
 
@@ -398,39 +398,37 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         log.warning(notice)
     with locked(config.outputs, dry_run=config.dry_run):
         # Every check comes before any change: a refused run leaves the folder as it was.
-        resume, manifest = await asyncio.to_thread(open_outputs, config)
-        run = Run(config, client, stats=stats, shutdown=shutdown, resume=resume)
-        jobs = JobBook(config.outputs, manifest, tidy=not config.dry_run)
+        ledger = await asyncio.to_thread(open_ledger, config)
+        run = Run(config, client, stats=stats, shutdown=shutdown, ledger=ledger)
         if config.batch_cancel:
-            return await cancel_jobs(run, jobs)
-        if jobs.live and not config.batch_api:
+            return await cancel_jobs(run)
+        if ledger.live and not config.batch_api:
             raise UsageError(
-                f"{plural(len(jobs.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts in "
-                f"{config.outputs}: run with --batch-api to collect them, or --batch-cancel"
+                f"{plural(len(ledger.live), 'Batch API job')} of an earlier --batch-api run may still answer prompts "
+                f"in {config.outputs}: run with --batch-api to collect them, or --batch-cancel"
             )
-        resume.queued = await asyncio.to_thread(queued_prompts, config.outputs, jobs.live)
-        total = await check_inputs(files, resume, config.outputs)  # the prompts, if it read the inputs
+        total = await ledger.check(files)  # the prompts, if it read the inputs
         if config.dry_run:
             return await dry_run(run, files)
-        await asyncio.to_thread(commit_outputs, config.outputs, resume, manifest)
+        await asyncio.to_thread(ledger.commit)
         if config.batch_api:
             (config.outputs / BATCH_DIR).mkdir(exist_ok=True)
-        if resume.done or resume.failed:
-            log.info("resuming: %d done and %d failed in earlier runs", len(resume.done), len(resume.failed))
+        if ledger.done or ledger.failed:
+            log.info("resuming: %d done and %d failed in earlier runs", len(ledger.done), len(ledger.failed))
         input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
         output_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
         error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-        shard_numbers = itertools.count(resume.next_shard)
+        shard_numbers = itertools.count(ledger.next_shard)
         spawn = get_context("spawn")  # not fork: a forked child would inherit the event loop and threads
         pool = ProcessPoolExecutor(mp_context=spawn, initializer=ignore_interrupts) if config.word_count else None
         tty = sys.stderr.isatty()
         progress = None
         if not config.quiet:
             progress = asyncio.create_task(
-                show_progress(stats, files, total, tty=tty, jobs=jobs if config.batch_api else None)
+                show_progress(stats, files, total, tty=tty, jobs=ledger if config.batch_api else None)
             )
         if config.batch_api:  # the one stage that changes: submit, wait, collect
-            generator = BatchJobs(run, jobs, GenerateJobs(run, output_queue, error_queue)).run(input_queue)
+            generator = BatchJobs(run, GenerateJobs(run, output_queue, error_queue)).run(input_queue)
         else:
             generator = generate_content(run, input_queue, output_queue, error_queue, word_count_pool=pool)
         stages = [
@@ -452,14 +450,12 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         if not file_errors:  # the results of collected jobs are written: the jobs leave the manifest
-            await jobs.drop_collected()
-        done = resume.done.keys() | resume.redone  # retried ids that succeeded leave errors.jsonl
-        # Errors of ids no longer in the inputs go, once the readers have met every input.
-        gone = resume.failed.keys() - resume.met if not (shutdown.requested or file_errors) else set()
-        errors_held = await asyncio.to_thread(compact_errors, config.outputs, done, gone, rewrite=not file_errors)
+            await ledger.drop_collected()
+        all_read = not (shutdown.requested or file_errors)  # then errors of ids no longer in the inputs go
+        errors_held = await asyncio.to_thread(ledger.compact_errors, all_read=all_read, rewrite=not file_errors)
     return end_of_run(
         stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)), shutdown=shutdown,
-        file_errors=file_errors, live_jobs=len(jobs.live), failed=bool(errors_held),
+        file_errors=file_errors, live_jobs=len(ledger.live), failed=bool(errors_held),
         live_hint=" (or --batch-cancel to stop them)",
     )  # fmt: skip
 
@@ -468,13 +464,13 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
 class Run:
     """What the stages of one run share, made once by main(): the settings, the client, the
     counts, the shutdown, the Retrier that every call goes through (rpm, tpm and retries as the
-    settings say), and what the output folder holds (resume)."""
+    settings say), and what the output folder holds (the ledger; none given: an empty one)."""
 
     config: Config
     client: Client = None
     stats: Stats = field(default_factory=lambda: Stats())
     shutdown: Shutdown = field(default_factory=lambda: Shutdown())
-    resume: Resume = field(default_factory=lambda: Resume())
+    ledger: Ledger = field(default_factory=lambda: Ledger(Path()))
     retrier: Retrier = field(init=False)
 
     def __post_init__(self) -> None:
@@ -541,12 +537,12 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 async def show_progress(
-    stats: Stats, files: list[Path], total: int | None = None, *, tty: bool, jobs: JobBook | None = None
+    stats: Stats, files: list[Path], total: int | None = None, *, tty: bool, jobs: Ledger | None = None
 ) -> None:
     """Until cancelled: on a terminal, one line redrawn 4 times a second (done, failed, in
     flight, rate, ETA); elsewhere (nohup, containers, CI logs) a plain line every
     PROGRESS_EVERY_S, so a stall shows as counts that stop moving, not as silence. The ETA's
-    total: the prompts, when a resume counted them (check_inputs), else the files' lines."""
+    total: the prompts, when a resume counted them (Ledger.check), else the files' lines."""
     total = await asyncio.to_thread(count_lines, files) if total is None else total
     try:
         while True:
@@ -706,69 +702,6 @@ JOB_PROMPTS = 20_000  # prompts per job at most (--batch-job-size; and JOB_BYTES
 POLL_INTERVAL_S = 30.0  # between two looks at a job, as Google's guide polls (offline: 0.5 s)
 
 
-@dataclass
-class Job:
-    """A Batch API job, as the manifest records it: the API's name ("" until the create returns),
-    the file in the output folder that holds its prompts (id, prompt, metadata), which attempt it
-    is for them, and its display name, unique to it (see BatchJobs.submit)."""
-
-    name: str
-    prompts: str  # relative to the output folder: batch/job_00001.jsonl
-    attempt: int = 1
-    display_name: str = ""
-
-
-class JobBook:
-    """The output folder's live Batch API jobs, kept in its manifest. Creating a job is not
-    idempotent and every job is billed, so a job is recorded (one atomic manifest write) before
-    create is called; a re-run waits on the recorded jobs and never submits their prompts again.
-    A job leaves the book (and its prompts file goes) once its results are written: drop_collected,
-    at the end of the run. states: the last state seen of each job, for the progress line."""
-
-    def __init__(self, output_dir: Path, manifest: dict[str, Any], *, tidy: bool = True) -> None:
-        self.output_dir, self.manifest = output_dir, manifest
-        self.label = output_dir.name  # in each job's display name, as AI Studio lists it
-        self.live = [Job(**job) for job in manifest.get("jobs", [])]
-        self.states: dict[str, str] = {}
-        self.collected: list[Job] = []
-        named = {Path(job.prompts).name.split(".")[0] for job in self.live}
-        for orphan in (p for p in (output_dir / BATCH_DIR).glob("job_*") if p.name.split(".")[0] not in named):
-            if tidy:  # (not in a dry run, which changes nothing)
-                orphan.unlink()  # a kill between writing a job's files and recording the job: nothing names it
-        numbers = [int(m.group(1)) for p in (output_dir / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
-        self._numbers = itertools.count(max(numbers, default=0) + 1)
-        self._lock = asyncio.Lock()  # one manifest write at a time
-
-    def new_path(self) -> Path:
-        return self.output_dir / BATCH_DIR / f"job_{next(self._numbers):05d}.jsonl"
-
-    def job(self, name: str, path: Path, attempt: int, display_name: str) -> Job:
-        return Job(name, str(path.relative_to(self.output_dir)), attempt, display_name)
-
-    def path_of(self, job: Job) -> Path:
-        return self.output_dir / job.prompts
-
-    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
-        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
-        self.live = [*(j for j in self.live if j is not replacing), job]
-        await self._write()
-
-    async def drop_collected(self) -> None:
-        self.live = [job for job in self.live if job not in self.collected]
-        await self._write()
-        for job in self.collected:
-            (self.output_dir / job.prompts).unlink(missing_ok=True)
-        self.collected = []
-        if not self.live:  # nothing waits any more: no empty folder left behind
-            with contextlib.suppress(OSError):
-                (self.output_dir / BATCH_DIR).rmdir()
-
-    async def _write(self) -> None:
-        async with self._lock:
-            self.manifest["jobs"] = [vars(job) for job in self.live]
-            await asyncio.to_thread(write_manifest, self.output_dir, dict(self.manifest))
-
-
 def batch_request(config: Config) -> dict[str, Any]:
     """The part of every Batch API request that the run's settings make, in the API's JSON names
     (the file holds REST requests, not SDK objects): the same settings as an interactive call."""
@@ -895,17 +828,6 @@ class GenerateJobs:
         await self.error_queue.put(None)
 
 
-def queued_prompts(output_dir: Path, live: list[Job]) -> dict[str, int]:
-    """The ids of the prompts in live jobs, each with a hash of its prompt (see check_inputs)."""
-    queued: dict[str, int] = {}
-    for job in live:
-        with (output_dir / job.prompts).open("rb") as f:
-            for line in f:
-                row = strict_json(line)
-                queued[row["id"]] = hash(row["prompt"])
-    return queued
-
-
 async def dry_run(run: Run, files: list[Path]) -> int:
     """--dry-run: the readers, exactly as a run has them (what is done, failed or waiting in a
     recorded job is skipped), into a Tally in place of the model and the writers; then prints
@@ -930,10 +852,10 @@ async def dry_run(run: Run, files: list[Path]) -> int:
     return 0
 
 
-async def cancel_jobs(run: Run, jobs: JobBook) -> int:
+async def cancel_jobs(run: Run) -> int:
     """--batch-cancel: cancels every recorded job (through the retrier, as every call) and forgets
     it; its prompts go in the next run. A job that cannot be reached now stays recorded (exit 1)."""
-    client, retrier = run.client, run.retrier
+    client, retrier, jobs = run.client, run.retrier, run.ledger
     for job in list(jobs.live):
         try:
             found = None if job.name else await find_job(retrier, client, job.display_name)  # recorded before create
@@ -989,7 +911,7 @@ async def count_words_in(pool: Executor, text: str) -> int:
 SHARD_NAME = "shard_{:05d}.jsonl"
 SHARD_RE = re.compile(r"shard_(\d+)\.jsonl")
 ERRORS_NAME = "errors.jsonl"
-MANIFEST_NAME = "manifest.json"  # the settings that shaped the records (see Resume)
+MANIFEST_NAME = "manifest.json"  # the settings that shaped the records, and the live jobs (see Ledger)
 LOCK_NAME = ".lock"
 # The settings that shape a record: a resumed run must have the same ones (see Config.recorded).
 RECORDED_SETTINGS = (
@@ -999,22 +921,50 @@ RECORDED_SETTINGS = (
 
 
 @dataclass
-class Resume:
-    """What earlier runs left in the output folder. done and failed map each id to a hash of
-    its prompt: an id is done only for the prompt its record answers."""
+class Job:
+    """A Batch API job, as the manifest records it: the API's name ("" until the create returns),
+    the file in the output folder that holds its prompts (id, prompt, metadata), which attempt it
+    is for them, and its display name, unique to it (see BatchJobs.submit)."""
 
+    name: str
+    prompts: str  # relative to the output folder: batch/job_00001.jsonl
+    attempt: int = 1
+    display_name: str = ""
+
+
+@dataclass
+class Ledger:
+    """The output folder's state, in one place, read once at the start (open_ledger): the manifest
+    (the settings that shaped the records, and the live Batch API jobs), and the ids done (with a
+    record in a shard), failed (in errors.jsonl) and queued (in a live job), each with a hash of its
+    prompt: an id is done only for the prompt its record answers. check() refuses inputs changed
+    under done or queued ids; then skips() says, for each prompt read, whether it is passed over.
+    Nothing in the folder changes before commit().
+
+    Creating a Batch API job is not idempotent and every job is billed, so a job is recorded (one
+    atomic manifest write) before its create is called (record); a re-run waits on the recorded
+    jobs and never submits their prompts again. A job leaves the ledger, and its prompts file goes,
+    once its results are written: drop_collected, at the end of the run."""
+
+    output_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)  # as this run writes it
     done: dict[str, int] = field(default_factory=dict)  # ids with a record in a shard
     failed: dict[str, int] = field(default_factory=dict)  # ids in errors.jsonl, and not done
+    queued: dict[str, int] = field(default_factory=dict)  # ids in a live Batch API job
+    live: list[Job] = field(default_factory=list)  # the recorded jobs
     next_shard: int = 0
     torn: list[tuple[Path, int]] = field(default_factory=list)  # torn last lines: (file, where to cut)
     retry_failed: bool = False  # --retry-errors, or failures made with other settings: run them again
     met: set[str] = field(default_factory=set)  # the failed ids that the readers met in the inputs
-    queued: dict[str, int] = field(default_factory=dict)  # ids in a live Batch API job (see JobBook)
     redone: set[str] = field(default_factory=set)  # failed ids written by this run (see write_outputs)
+    states: dict[str, str] = field(default_factory=dict)  # each job's last state seen, for the progress line
+    collected: list[Job] = field(default_factory=list)  # jobs whose results are written
+    job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # for new job files
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one manifest write at a time
 
     def skips(self, prompt_id: str, text: str) -> bool:
-        """Whether the readers pass over this prompt. A failed prompt runs again if its text
-        changed (the error was about another prompt). check_inputs has refused changed done ones."""
+        """Whether the readers pass over this prompt: done, or queued in a live job. A failed
+        prompt runs again if its text changed (the error was about another prompt)."""
         if (digest := self.failed.get(prompt_id)) is not None:
             self.met.add(prompt_id)  # first: a failed id queued in a live job is still in the inputs
         if prompt_id in self.done or prompt_id in self.queued:
@@ -1022,6 +972,131 @@ class Resume:
         if digest is None:
             return False
         return not self.retry_failed and digest == hash(text)
+
+    async def check(self, files: list[Path]) -> int | None:
+        """Refuses (UsageError) inputs changed under ids answered, or waiting in a live job: a
+        record answers one prompt. Reads the inputs once more, only when something is done or
+        queued, and then returns how many prompts they hold (the progress line's total)."""
+        if not (self.done or self.queued):
+            return None
+        first: tuple[str, str] | None = None  # the first changed id, and its prompt now
+        changed, total, seen, reserved = 0, 0, set[str](), {path.name for path in files}
+        for path in files:
+            async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
+                async for prompts in blocks:
+                    for prompt_id, text, _, _ in prompts:
+                        total += 1
+                        digest = self.done.get(prompt_id, self.queued.get(prompt_id))
+                        if digest is not None and digest != hash(text):
+                            changed += 1
+                            first = first or (prompt_id, text)
+        if first is not None:
+            first_id, text = first
+            if first_id not in self.done:
+                raise UsageError(
+                    f"the input of {first_id} changed since it was sent in a Batch API job: {shown(text)}: restore "
+                    "the inputs, or end the job with --batch-cancel"
+                )
+            old = await asyncio.to_thread(answered_prompt, self.output_dir, first_id)
+            more = f", and {changed - 1} more" if changed > 1 else ""
+            raise UsageError(
+                f"the input of {first_id} changed since it was answered: {shown(old)} -> {shown(text)}{more}: "
+                "use a new --outputs, or restore the inputs"
+            )
+        return total
+
+    def commit(self) -> None:
+        """The run goes ahead: job files that no recorded job names go (a kill between writing a
+        job's files and recording it), torn last lines are cut, and the manifest is written."""
+        named = {Path(job.prompts).name.split(".")[0] for job in self.live}
+        for orphan in (self.output_dir / BATCH_DIR).glob("job_*"):
+            if orphan.name.split(".")[0] not in named:
+                orphan.unlink()
+        for path, offset in self.torn:
+            log.warning("%s: cutting off a torn last line (%d bytes)", path.name, path.stat().st_size - offset)
+            os.truncate(path, offset)
+        write_manifest(self.output_dir, self.manifest)
+
+    @property
+    def label(self) -> str:
+        return self.output_dir.name  # in each job's display name, as AI Studio lists it
+
+    def new_path(self) -> Path:
+        return self.output_dir / BATCH_DIR / f"job_{next(self.job_numbers):05d}.jsonl"
+
+    def job(self, name: str, path: Path, attempt: int, display_name: str) -> Job:
+        return Job(name, str(path.relative_to(self.output_dir)), attempt, display_name)
+
+    def path_of(self, job: Job) -> Path:
+        return self.output_dir / job.prompts
+
+    async def record(self, job: Job, *, replacing: Job | None = None) -> None:
+        """Adds job (in place of `replacing`, in the same write: never both, never neither)."""
+        self.live = [*(j for j in self.live if j is not replacing), job]
+        await self._write()
+
+    async def drop_collected(self) -> None:
+        self.live = [job for job in self.live if job not in self.collected]
+        await self._write()
+        for job in self.collected:
+            (self.output_dir / job.prompts).unlink(missing_ok=True)
+        self.collected = []
+        if not self.live:  # nothing waits any more: no empty folder left behind
+            with contextlib.suppress(OSError):
+                (self.output_dir / BATCH_DIR).rmdir()
+
+    async def _write(self) -> None:
+        async with self.lock:
+            self.manifest["jobs"] = [vars(job) for job in self.live]
+            await asyncio.to_thread(write_manifest, self.output_dir, dict(self.manifest))
+
+    def compact_errors(self, *, all_read: bool, rewrite: bool = True) -> int:
+        """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and none
+        for ids that have since succeeded, or (all_read: the readers met every input) that are no
+        longer in the inputs. Returns how many it holds (and only counts them when not to rewrite:
+        after a disk error)."""
+        path = self.output_dir / ERRORS_NAME
+        if not path.exists():
+            return 0
+        done, gone = self.done.keys() | self.redone, self.failed.keys() - self.met if all_read else set()
+        latest = {
+            record["id"]: record for record in read_records(path, "error", strict=False, torn=[])
+            if record["id"] not in done and record["id"] not in gone
+        }  # fmt: skip
+        data = "".join(map(json_line, latest.values())).encode()
+        if rewrite and path.read_bytes() != data:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return len(latest)
+
+
+def open_ledger(config: Config) -> Ledger:
+    """What the output folder holds. Refuses (UsageError) files that are not ours, and settings
+    that differ from those of the records or live jobs already there. Changes nothing: see
+    Ledger.commit."""
+    manifest = read_manifest(config.outputs)
+    recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
+    ledger = Ledger(config.outputs, (manifest or {"written_by": "pipeline.py"}) | {"settings": settings})
+    ledger.live = [Job(**job) for job in ledger.manifest.get("jobs", [])]
+    scan_outputs(ledger, strict=manifest is None)  # no manifest: every line must be ours
+    if manifest is not None and (ledger.done or ledger.live):  # records or live jobs: their settings stay
+        for name, value in settings.items():
+            if (old := recorded.get(name)) != value:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} was {shown(old)} for the records in {config.outputs}, now "
+                    f"{shown(value)}: use a new --outputs, or the same setting"
+                )
+    # Failures made under other settings (no answer kept them) run again with the new ones.
+    ledger.retry_failed = config.retry_errors or (manifest is not None and recorded != settings)
+    for job in ledger.live:  # the ids waiting in live jobs, with their prompts' hashes (see check)
+        with ledger.path_of(job).open("rb") as f:
+            for line in f:
+                row = strict_json(line)
+                ledger.queued[row["id"]] = hash(row["prompt"])
+    numbers = [int(m.group(1)) for p in (config.outputs / BATCH_DIR).glob("job_*") if (m := JOB_RE.match(p.name))]
+    ledger.job_numbers = itertools.count(max(numbers, default=0) + 1)
+    return ledger
 
 
 def read_records(path: Path, kind: str, *, strict: bool, torn: list[tuple[Path, int]]) -> Iterator[dict[str, Any]]:
@@ -1057,20 +1132,18 @@ def read_records(path: Path, kind: str, *, strict: bool, torn: list[tuple[Path, 
                 log.warning("%s: skipping an unreadable line at byte %d", path.name, offset - len(line))
 
 
-def scan_outputs(output_dir: Path, *, strict: bool) -> Resume:
-    """The ids already answered (in shards) or failed (in errors.jsonl), and the next shard
-    number. strict: see read_records."""
-    resume = Resume()
-    for path in output_dir.glob("shard_*.jsonl"):
+def scan_outputs(ledger: Ledger, *, strict: bool) -> None:
+    """Notes in the ledger the ids already answered (in shards) or failed (in errors.jsonl), and
+    the next shard number. strict: see read_records."""
+    for path in ledger.output_dir.glob("shard_*.jsonl"):
         if match := SHARD_RE.fullmatch(path.name):
-            resume.next_shard = max(resume.next_shard, int(match.group(1)) + 1)
-            records = read_records(path, "response", strict=strict, torn=resume.torn)
-            resume.done.update((record["id"], hash(record["prompt"])) for record in records)
-    if (path := output_dir / ERRORS_NAME).exists():
-        for record in read_records(path, "error", strict=strict, torn=resume.torn):
-            if record["id"] not in resume.done:
-                resume.failed[record["id"]] = hash(record["prompt"])  # the latest one counts
-    return resume
+            ledger.next_shard = max(ledger.next_shard, int(match.group(1)) + 1)
+            records = read_records(path, "response", strict=strict, torn=ledger.torn)
+            ledger.done.update((record["id"], hash(record["prompt"])) for record in records)
+    if (path := ledger.output_dir / ERRORS_NAME).exists():
+        for record in read_records(path, "error", strict=strict, torn=ledger.torn):
+            if record["id"] not in ledger.done:
+                ledger.failed[record["id"]] = hash(record["prompt"])  # the latest one counts
 
 
 def read_manifest(output_dir: Path) -> dict[str, Any] | None:
@@ -1100,58 +1173,6 @@ def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def open_outputs(config: Config) -> tuple[Resume, dict[str, Any]]:
-    """What the output folder holds, and the manifest this run will write. Refuses (UsageError)
-    files that are not ours, and settings that differ from those of the records already there.
-    Changes nothing: see commit_outputs."""
-    manifest = read_manifest(config.outputs)
-    resume = scan_outputs(config.outputs, strict=manifest is None)  # no manifest: every line must be ours
-    recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
-    if manifest is not None and (resume.done or manifest.get("jobs")):  # records or live jobs: their settings stay
-        for name, value in settings.items():
-            if (old := recorded.get(name)) != value:
-                raise UsageError(
-                    f"--{name.replace('_', '-')} was {shown(old)} for the records in {config.outputs}, now "
-                    f"{shown(value)}: use a new --outputs, or the same setting"
-                )
-    # Failures made under other settings (no answer kept them) run again with the new ones.
-    resume.retry_failed = config.retry_errors or (manifest is not None and recorded != settings)
-    return resume, (manifest or {"written_by": "pipeline.py"}) | {"settings": settings}
-
-
-async def check_inputs(files: list[Path], resume: Resume, output_dir: Path) -> int | None:
-    """Refuses (UsageError) a resume whose inputs changed under ids already answered: a record
-    answers one prompt. Reads the inputs once more, only when something is done, and then
-    returns how many prompts they hold (the progress line's total: no third read)."""
-    if not (resume.done or resume.queued):
-        return None
-    first: tuple[str, str] | None = None  # the first changed id, and its prompt now
-    changed, total, seen, reserved = 0, 0, set[str](), {path.name for path in files}
-    for path in files:
-        async with contextlib.aclosing(read_prompts(path, seen=seen, reserved=reserved)) as blocks:  # type: ignore[type-var]
-            async for prompts in blocks:
-                for prompt_id, text, _, _ in prompts:
-                    total += 1
-                    digest = resume.done.get(prompt_id, resume.queued.get(prompt_id))
-                    if digest is not None and digest != hash(text):
-                        changed += 1
-                        first = first or (prompt_id, text)
-    if first is not None:
-        first_id, text = first
-        if first_id not in resume.done:
-            raise UsageError(
-                f"the input of {first_id} changed since it was sent in a Batch API job: {shown(text)}: restore the "
-                "inputs, or end the job with --batch-cancel"
-            )
-        old = await asyncio.to_thread(answered_prompt, output_dir, first_id)
-        more = f", and {changed - 1} more" if changed > 1 else ""
-        raise UsageError(
-            f"the input of {first_id} changed since it was answered: {shown(old)} -> {shown(text)}{more}: "
-            "use a new --outputs, or restore the inputs"
-        )
-    return total
-
-
 def answered_prompt(output_dir: Path, prompt_id: str) -> str:
     """The prompt that the record of prompt_id answers (for a message: it reads every shard)."""
     for path in output_dir.glob("shard_*.jsonl"):
@@ -1159,33 +1180,6 @@ def answered_prompt(output_dir: Path, prompt_id: str) -> str:
             if record["id"] == prompt_id:
                 return str(record["prompt"])
     raise AssertionError(f"no record of {prompt_id}")
-
-
-def commit_outputs(output_dir: Path, resume: Resume, manifest: dict[str, Any]) -> None:
-    """The run goes ahead: cut torn last lines, and write the manifest."""
-    for path, offset in resume.torn:
-        log.warning("%s: cutting off a torn last line (%d bytes)", path.name, path.stat().st_size - offset)
-        os.truncate(path, offset)
-    write_manifest(output_dir, manifest)
-
-
-def compact_errors(output_dir: Path, done: Collection[str], gone: Collection[str] = (), *, rewrite: bool = True) -> int:
-    """Rewrites errors.jsonl (atomically) with one record per failed id, the latest, and none for
-    ids that have since succeeded or are `gone` from the inputs. Returns how many it holds (and
-    only counts them when not to rewrite: after a disk error)."""
-    path = output_dir / ERRORS_NAME
-    if not path.exists():
-        return 0
-    latest = {
-        record["id"]: record for record in read_records(path, "error", strict=False, torn=[])
-        if record["id"] not in done and record["id"] not in gone
-    }  # fmt: skip
-    data = "".join(map(json_line, latest.values())).encode()
-    if rewrite and path.read_bytes() != data:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return len(latest)
 
 
 def strict_json(text: str | bytes) -> Any:
@@ -1926,25 +1920,25 @@ class BatchJobs(Generic[Item]):
     kind.deliver and kind.fail put them, and kind.end ends those queues.
 
     Submit: items go out in jobs of up to config.batch_job_size (or JOB_BYTES of requests): a
-    job's files are written, uploaded, the job created (create_job) and recorded in the book at
-    once: it is billed. Wait: one look at every waiting job each config.poll_interval_s
+    job's files are written, uploaded, the job created (create_job) and recorded in the ledger
+    at once: it is billed. Wait: one look at every waiting job each config.poll_interval_s
     (look_at_job). Collect: its results are downloaded (download_results) and matched to the items
     by key, never by position; an item with no result fails. A job that ends FAILED, CANCELLED or
     EXPIRED, or whose results are gone, is resubmitted, up to config.max_attempts jobs for its
     items, which then fail with its state. Jobs an earlier run recorded are waited on too, and an
-    item already in the output (resume.done: a run killed after writing a job's outcomes, before
-    the job left the book) is not delivered again. After a shutdown request nothing is submitted
+    item already in the output (ledger.done: a run killed after writing a job's outcomes, before
+    the job left the ledger) is not delivered again. After a shutdown request nothing is submitted
     and waiting stops at once: the jobs go on at Google, and the next run collects them. A resubmit
     that does not happen (the run stops) leaves its items undone, for the next run to read again.
     A job whose estimate (its items' characters / 4, and the output expected) would pass the
     budget is not submitted: the run stops (see Cost)."""
 
-    def __init__(self, run: Run, book: JobBook, kind: JobKind[Item]) -> None:
+    def __init__(self, run: Run, kind: JobKind[Item]) -> None:
         self.client, self.retrier, self.shutdown = run.client, run.retrier, run.shutdown
-        self.book, self.kind = book, kind
+        self.ledger, self.kind = run.ledger, kind
         self.stats, self.job_size, self.max_attempts = run.stats, run.config.batch_job_size, run.config.max_attempts
-        self.poll_interval_s, self.done = run.config.poll_interval_s, run.resume.done
-        self.waiting = list(book.live)  # jobs not ended yet, as far as we know: an earlier run's first
+        self.poll_interval_s, self.done = run.config.poll_interval_s, run.ledger.done
+        self.waiting = list(run.ledger.live)  # jobs not ended yet, as far as we know: an earlier run's first
         self.estimates: dict[str, float] = {}  # the cost held for each job this run submitted, by its file
         self.submitted = asyncio.Event()  # set once no new item can come
 
@@ -1955,7 +1949,7 @@ class BatchJobs(Generic[Item]):
             while (item := await input_queue.get()) is not None:
                 if self.shutdown.requested:
                     continue  # drain, so the readers and the sentinel get through
-                filling = filling or self.kind.files(self.book.new_path())
+                filling = filling or self.kind.files(self.ledger.new_path())
                 await filling.add(item)
                 if filling.count == self.job_size or filling.size >= JOB_BYTES:
                     await self.submit(filling, 1)
@@ -1972,7 +1966,7 @@ class BatchJobs(Generic[Item]):
         stop or an error meanwhile leaves a job that may exist, which the next run looks for
         (settle) instead of paying for its items twice."""
         await files.flush()
-        display_name = f"{PROG}.py {self.book.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
+        display_name = f"{PROG}.py {self.ledger.label} {files.path.stem} {time.time_ns()}"  # unique: see create_job
         pending: Job | None = None
         estimate = self.retrier.cost.of(files.input_tokens, files.output_tokens)
         try:  # retried as any call is: transient errors, a server's delay; Stopped: the run stops
@@ -1986,8 +1980,8 @@ class BatchJobs(Generic[Item]):
             uploaded = await self.retrier.call(
                 lambda: self.client.aio.files.upload(file=files.requests_path, config=upload_config)
             )
-            pending = self.book.job("", files.path, attempt, display_name)
-            await self.book.record(pending, replacing=replacing)
+            pending = self.ledger.job("", files.path, attempt, display_name)
+            await self.ledger.record(pending, replacing=replacing)
             create = functools.partial(self.kind.create, str(uploaded.name), display_name)
             created = await create_job(self.retrier, self.client, create, display_name)
         except Exception as exc:
@@ -2001,8 +1995,8 @@ class BatchJobs(Generic[Item]):
             return
         finally:
             await asyncio.to_thread(files.requests_path.unlink, missing_ok=True)  # what stays: the items' file
-        job = self.book.job(str(created.name), files.path, attempt, display_name)
-        await self.book.record(job, replacing=pending)  # before anything else: it is billed
+        job = self.ledger.job(str(created.name), files.path, attempt, display_name)
+        await self.ledger.record(job, replacing=pending)  # before anything else: it is billed
         self.stats.batch_jobs += 1
         log.info("batch job %s created: %s (attempt %d)", job.name, plural(files.count, self.kind.noun), attempt)
         self.waiting.append(job)
@@ -2024,11 +2018,11 @@ class BatchJobs(Generic[Item]):
                         log.warning("batch job %s: %s; its %ss are sent again", job.name, collected, self.kind.noun)
                         state = collected
                 self.waiting.remove(job)
-                self.retrier.cost.release(self.estimates.pop(self.book.path_of(job).name, 0.0))
+                self.retrier.cost.release(self.estimates.pop(self.ledger.path_of(job).name, 0.0))
                 if state in JOB_DONE:
                     pass
                 elif items and (state == NOT_CREATED or job.attempt < self.max_attempts):
-                    files = self.kind.files(self.book.new_path())
+                    files = self.kind.files(self.ledger.new_path())
                     for item in items.values():
                         await files.add(item)
                     again = job.attempt if state == NOT_CREATED else job.attempt + 1  # a job never made: no attempt
@@ -2037,7 +2031,7 @@ class BatchJobs(Generic[Item]):
                     reason = f"batch job {job.name} ended {state.removeprefix('JOB_STATE_')} (attempt {job.attempt})"
                     for item in items.values():
                         await self.kind.fail(item, reason, job)
-                self.book.collected.append(job)  # its file goes at the end of the run
+                self.ledger.collected.append(job)  # its file goes at the end of the run
                 if self.shutdown.requested:
                     return
             if await self.shutdown.waited(self.poll_interval_s if self.waiting else 0.05):
@@ -2050,7 +2044,7 @@ class BatchJobs(Generic[Item]):
         batch_job = await look_at_job(self.retrier, self.client, job.name, self.shutdown)
         if not isinstance(batch_job, types.BatchJob):
             return batch_job
-        self.book.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
+        self.ledger.states[job.name] = state = batch_job.state.value if batch_job.state else "JOB_STATE_UNSPECIFIED"
         return batch_job if state in JOB_ENDED else None
 
     async def settle(self, job: Job) -> str | None:
@@ -2066,15 +2060,15 @@ class BatchJobs(Generic[Item]):
             return None  # looked for again next time, or the run stops
         if found is None:
             return NOT_CREATED
-        named = self.book.job(str(found.name), self.book.path_of(job), job.attempt, job.display_name)
-        await self.book.record(named, replacing=job)
+        named = self.ledger.job(str(found.name), self.ledger.path_of(job), job.attempt, job.display_name)
+        await self.ledger.record(named, replacing=job)
         self.waiting[self.waiting.index(job)] = named
         return None
 
     async def read_items(self, job: Job) -> dict[str, Item]:
         """A job's items by id, but those already done."""
         items: dict[str, Item] = {}
-        async with open_file(self.book.path_of(job), "rb") as f:
+        async with open_file(self.ledger.path_of(job), "rb") as f:
             async for line in read_lines(f.read):
                 item_id, item = self.kind.item_of(STRICT_DECODER.decode(line.decode()))
                 if item_id not in self.done:
@@ -2083,7 +2077,7 @@ class BatchJobs(Generic[Item]):
 
     async def collect(self, job: Job, batch_job: types.BatchJob, items: dict[str, Item]) -> bool | str:
         """The job's outcomes delivered: True; or why not (see download_results)."""
-        path = self.book.path_of(job).with_suffix(".results.jsonl")
+        path = self.ledger.path_of(job).with_suffix(".results.jsonl")
         downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
         if downloaded is not True:
             return downloaded

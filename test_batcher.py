@@ -1050,7 +1050,7 @@ class CorpusTest(CorpusTestCase):
                 if i % 2:
                     stage = batcher.read_corpus(batcher.Run(batcher.Config()), self.corpus, queue, queue)
                 else:
-                    stage = batcher.resume_output(self.output, batcher.Config())
+                    stage = batcher.open_ledger(self.output, batcher.Config())
                 task = asyncio.ensure_future(stage)
                 for _ in range(rng.randrange(3)):  # 0 to 2 loop turns: at the open, or just after
                     await asyncio.sleep(0)
@@ -1732,15 +1732,15 @@ class BatchSeamTest(CorpusTestCase):
 
     async def test_a_kill_between_create_and_its_record_adopts_the_job_and_pays_once(self) -> None:
         texts = self.write_corpus(4)
-        record = batcher.JobBook.record
+        record = batcher.Ledger.record
 
-        async def killed_once_created(book: batcher.JobBook, job: batcher.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(book: batcher.Ledger, job: batcher.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
                 raise Killed
             await record(book, job, replacing=replacing)
 
         with batch_server() as (url, stub):
-            with mock.patch.object(batcher.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+            with mock.patch.object(batcher.Ledger, "record", killed_once_created), self.assertRaises(KILLED):
                 await self.run_batch(url)
             [pending] = self.manifest()["jobs"]
             self.assertEqual((pending["name"], stub.created()), ("", 1))  # made at Google, not named here

@@ -1650,15 +1650,15 @@ class BatchApiTest(PipelineTestCase):
 
     async def test_offline_a_kill_between_create_and_its_record_is_adopted_from_the_simulated_list(self) -> None:
         prompts = write_inputs(self.inputs, 1, 3)
-        record = pipeline.JobBook.record
+        record = pipeline.Ledger.record
 
-        async def killed_once_created(book: pipeline.JobBook, job: pipeline.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(book: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:
                 raise Killed
             await record(book, job, replacing=replacing)
 
         with mock.patch.object(pipeline, "SIMULATED_JOB_S", 0.0):
-            with mock.patch.object(pipeline.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+            with mock.patch.object(pipeline.Ledger, "record", killed_once_created), self.assertRaises(KILLED):
                 await self.run_pipeline(pipeline.SimulatedClient(), poll_interval_s=0.01)
             status, summary = await self.run_pipeline(pipeline.SimulatedClient(), poll_interval_s=0.01)
         self.assertEqual(status, 0, summary)
@@ -1667,7 +1667,7 @@ class BatchApiTest(PipelineTestCase):
 
     async def test_off_a_terminal_the_progress_line_shows_the_jobs_by_state_and_the_time_elapsed(self) -> None:
         write_inputs(self.inputs, 1, 2)
-        jobs = pipeline.JobBook(self.outputs, {})
+        jobs = pipeline.Ledger(self.outputs)
         jobs.states = {
             "batches/1": "JOB_STATE_RUNNING",
             "batches/2": "JOB_STATE_RUNNING",
@@ -1708,16 +1708,16 @@ class BatchApiTest(PipelineTestCase):
 
     async def test_a_kill_between_create_and_its_record_leaves_a_job_batch_cancel_finds_and_cancels(self) -> None:
         write_inputs(self.inputs, 1, 2)
-        record = pipeline.JobBook.record
+        record = pipeline.Ledger.record
 
-        async def killed_once_created(book: pipeline.JobBook, job: pipeline.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(book: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
                 raise Killed
             await record(book, job, replacing=replacing)
 
         with batch_server() as (url, stub):
             stub.polls_to_end = 10**9
-            with mock.patch.object(pipeline.JobBook, "record", killed_once_created), self.assertRaises(KILLED):
+            with mock.patch.object(pipeline.Ledger, "record", killed_once_created), self.assertRaises(KILLED):
                 await self.run_batch(url)
             [pending] = pipeline.read_manifest(self.outputs)["jobs"]  # type: ignore[index]
             self.assertEqual((pending["name"], stub.created()), ("", 1))
