@@ -532,7 +532,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         else:
             path = None if config.input == STDIN else config.input
             source = read_corpus(run, path, input_queue, output_queue)
-        stages, tally = [source], Tally[Input](lambda item: len(item.text))
+        stages, tally = [source], Tally[Input](lambda item: len(item.text) / 4)
         if dry:  # a tally in place of stages 2 and 3: nothing is called
             stages.append(tally.run(input_queue, output_queue))
         elif config.batch_api:  # the Batch API batches and embeds: one stage in place of two
@@ -565,7 +565,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         if dry:
             calls = math.ceil(tally.items / config.batch_size)
             print(estimate("text", sent=tally.items, skipped=stats.skipped, calls=calls,
-                           input_tokens=tally.characters / 4, output_tokens=None, config=config,
+                           input_tokens=tally.tokens, output_tokens=None, config=config,
                            half_price="with the Batch API"))  # fmt: skip
             return 0
         if config.batch_api and not file_errors:  # the records of collected jobs are written
@@ -1607,15 +1607,15 @@ class Cost:
 
 
 class Tally(Generic[Item]):
-    """--dry-run's stage in place of the calls: counts the items it takes, and their characters
-    (size(item)), until the sentinel; then ends each queue in `ends` with one."""
+    """--dry-run's stage in place of the calls: counts the items it takes, and their input tokens
+    (estimated: tokens_of(item)), until the sentinel; then ends each queue in `ends` with one."""
 
-    def __init__(self, size: Callable[[Item], int]) -> None:
-        self.size, self.items, self.characters = size, 0, 0
+    def __init__(self, tokens_of: Callable[[Item], float]) -> None:
+        self.tokens_of, self.items, self.tokens = tokens_of, 0, 0.0
 
     async def run(self, queue: asyncio.Queue[Item | None], *ends: asyncio.Queue[Any]) -> None:
         while (item := await queue.get()) is not None:
-            self.items, self.characters = self.items + 1, self.characters + self.size(item)
+            self.items, self.tokens = self.items + 1, self.tokens + self.tokens_of(item)
         for end in ends:
             await end.put(None)
 

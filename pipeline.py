@@ -265,7 +265,7 @@ async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateConte
     # so far; before any, --max-output-tokens or a guess).
     expected = (stats.output_tokens + stats.thinking_tokens) / stats.answers if stats.answers else None
     expected = config.max_output_tokens or OUTPUT_TOKENS_GUESS if expected is None else expected
-    input_tokens = (len(text) + len(config.system_instruction or "")) / 4
+    input_tokens = config.input_tokens(text)
     estimate, cost_usd = input_tokens + expected, stats.cost.of(input_tokens, expected)
     attempts = 0
 
@@ -728,19 +728,19 @@ class JobFiles:
     input ({"key": id, "request": ...} per line: requests_path, to upload). Both are appended to
     through aiofiles every WRITE_EVERY prompts, so a job of any size holds that many in memory."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], tokens_each: tuple[float, float]) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], config: Config) -> None:
         self.path, self.requests_path = path, path.with_suffix(".requests.jsonl")
         self.count = self.size = 0  # prompts, and bytes of requests (about)
-        self.input_tokens = self.output_tokens = 0.0  # estimated: see generate_one
-        self._settings, self._tokens_each = settings, tokens_each  # the system instruction's, the answer's
+        self.input_tokens = self.output_tokens = 0.0  # estimated: see Config.input_tokens
+        self._settings, self._config = settings, config
         self._held: list[Prompt] = []
 
     async def add(self, prompt: Prompt) -> None:
         self._held.append(prompt)
         self.count += 1
         self.size += len(prompt[1]) + 200  # the request's JSON around the prompt: about 200 bytes
-        self.input_tokens += len(prompt[1]) / 4 + self._tokens_each[0]
-        self.output_tokens += self._tokens_each[1]
+        self.input_tokens += self._config.input_tokens(prompt[1])
+        self.output_tokens += self._config.max_output_tokens or OUTPUT_TOKENS_GUESS
         if len(self._held) == WRITE_EVERY:
             await self.flush()
 
@@ -802,8 +802,7 @@ class GenerateJobs:
         self.settings = batch_request(run.config)
 
     def files(self, path: Path) -> JobFiles:
-        system_tokens = len(self.config.system_instruction or "") / 4
-        return JobFiles(path, self.settings, (system_tokens, self.config.max_output_tokens or OUTPUT_TOKENS_GUESS))
+        return JobFiles(path, self.settings, self.config)
 
     async def create(self, file_name: str, display_name: str) -> types.BatchJob:
         created: types.BatchJob = await self.client.aio.batches.create(
@@ -832,10 +831,10 @@ async def dry_run(run: Run, files: list[Path]) -> int:
     """--dry-run: the readers, exactly as a run has them (what is done, failed or waiting in a
     recorded job is skipped), into a Tally in place of the model and the writers; then prints
     what the run would send and cost (see estimate). Nothing is called or written."""
-    config, system = run.config, len(run.config.system_instruction or "")
+    config = run.config
     input_queue: asyncio.Queue[Prompt | None] = asyncio.Queue(maxsize=config.queue_size)
     error_queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=config.queue_size)
-    tally: Tally[Prompt] = Tally(lambda prompt: len(prompt[1]) + system)
+    tally: Tally[Prompt] = Tally(lambda prompt: config.input_tokens(prompt[1]))
 
     async def bad_lines() -> None:  # a line that cannot be a prompt fails without a call: not counted
         while await error_queue.get() is not None:
@@ -847,7 +846,7 @@ async def dry_run(run: Run, files: list[Path]) -> int:
         tg.create_task(bad_lines())
     bound = None if config.max_output_tokens is None else config.max_output_tokens * tally.items
     print(estimate("prompt", sent=tally.items, skipped=run.stats.skipped, calls=tally.items,
-                   input_tokens=tally.characters / 4, output_tokens=bound, config=config,
+                   input_tokens=tally.tokens, output_tokens=bound, config=config,
                    half_price="with Flex or the Batch API"))  # fmt: skip
     return 0
 
@@ -1531,15 +1530,15 @@ class Cost:
 
 
 class Tally(Generic[Item]):
-    """--dry-run's stage in place of the calls: counts the items it takes, and their characters
-    (size(item)), until the sentinel; then ends each queue in `ends` with one."""
+    """--dry-run's stage in place of the calls: counts the items it takes, and their input tokens
+    (estimated: tokens_of(item)), until the sentinel; then ends each queue in `ends` with one."""
 
-    def __init__(self, size: Callable[[Item], int]) -> None:
-        self.size, self.items, self.characters = size, 0, 0
+    def __init__(self, tokens_of: Callable[[Item], float]) -> None:
+        self.tokens_of, self.items, self.tokens = tokens_of, 0, 0.0
 
     async def run(self, queue: asyncio.Queue[Item | None], *ends: asyncio.Queue[Any]) -> None:
         while (item := await queue.get()) is not None:
-            self.items, self.characters = self.items + 1, self.characters + self.size(item)
+            self.items, self.tokens = self.items + 1, self.tokens + self.tokens_of(item)
         for end in ends:
             await end.put(None)
 
@@ -2587,6 +2586,11 @@ class Config:
         }  # fmt: skip
         settings = {name: value for name, value in settings.items() if value is not None}
         return types.GenerateContentConfig(**settings) if settings else None
+
+    def input_tokens(self, prompt: str) -> float:
+        """A call's input tokens, estimated before it is made (for --tpm, --max-cost, --dry-run and
+        a Batch API job's budget): the characters of the prompt and the system instruction / 4."""
+        return (len(prompt) + len(self.system_instruction or "")) / 4
 
     def recorded(self) -> dict[str, Any]:
         """The settings that shape the records, kept in the manifest: a resumed run must use the
