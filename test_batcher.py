@@ -1734,10 +1734,10 @@ class BatchSeamTest(CorpusTestCase):
         texts = self.write_corpus(4)
         record = batcher.Ledger.record
 
-        async def killed_once_created(book: batcher.Ledger, job: batcher.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(ledger: batcher.Ledger, job: batcher.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
                 raise Killed
-            await record(book, job, replacing=replacing)
+            await record(ledger, job, replacing=replacing)
 
         with batch_server() as (url, stub):
             with mock.patch.object(batcher.Ledger, "record", killed_once_created), self.assertRaises(KILLED):

@@ -1652,10 +1652,10 @@ class BatchApiTest(PipelineTestCase):
         prompts = write_inputs(self.inputs, 1, 3)
         record = pipeline.Ledger.record
 
-        async def killed_once_created(book: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(ledger: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:
                 raise Killed
-            await record(book, job, replacing=replacing)
+            await record(ledger, job, replacing=replacing)
 
         with mock.patch.object(pipeline, "SIMULATED_JOB_S", 0.0):
             with mock.patch.object(pipeline.Ledger, "record", killed_once_created), self.assertRaises(KILLED):
@@ -1710,10 +1710,10 @@ class BatchApiTest(PipelineTestCase):
         write_inputs(self.inputs, 1, 2)
         record = pipeline.Ledger.record
 
-        async def killed_once_created(book: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
+        async def killed_once_created(ledger: pipeline.Ledger, job: pipeline.Job, *, replacing: Any = None) -> None:
             if job.name and replacing is not None and not replacing.name:  # create returned: kill -9 now
                 raise Killed
-            await record(book, job, replacing=replacing)
+            await record(ledger, job, replacing=replacing)
 
         with batch_server() as (url, stub):
             stub.polls_to_end = 10**9
