@@ -401,6 +401,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         ledger = await asyncio.to_thread(open_ledger, config)
         run = Run(config, client, stats=stats, shutdown=shutdown, ledger=ledger)
         if config.batch_cancel:
+            await asyncio.to_thread(ledger.commit)
             return await cancel_jobs(run)
         if ledger.live and not config.batch_api:
             raise UsageError(

@@ -1699,11 +1699,13 @@ class BatchApiTest(PipelineTestCase):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(interrupt())
                 self.assertEqual((await self.run_batch(url, shutdown=shutdown))[0], 143)
+            (self.outputs / "batch" / "job_00042.jsonl").write_text("{}\n")  # an orphan (kill -9 before its record)
             self.assertEqual((await self.run_batch(url, batch_cancel=True))[0], 0)
             self.assertTrue(
                 any(m == "POST" and re.fullmatch(r"/v1(beta)?/batches/1:cancel", p) for m, p in stub.requests)
             )
         self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["jobs"], [])
+        self.assertFalse((self.outputs / "batch").exists())  # its files and the orphan gone with it
         self.assertEqual((await self.run_pipeline(SpyClient(), batch_api=False))[0], 0)  # the prompts, done now
 
     async def test_a_kill_between_create_and_its_record_leaves_a_job_batch_cancel_finds_and_cancels(self) -> None:
