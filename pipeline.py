@@ -1077,6 +1077,8 @@ def open_ledger(config: Config) -> Ledger:
     Ledger.commit."""
     manifest = read_manifest(config.outputs)
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
+    if config.batch_cancel and manifest is not None:
+        settings = recorded  # a cancel makes no record: the records' settings stay, whatever the flags
     ledger = Ledger(config.outputs, (manifest or {"written_by": "pipeline.py"}) | {"settings": settings})
     ledger.live = [Job(**job) for job in ledger.manifest.get("jobs", [])]
     scan_outputs(ledger, strict=manifest is None)  # no manifest: every line must be ours

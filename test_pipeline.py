@@ -1686,7 +1686,7 @@ class BatchApiTest(PipelineTestCase):
             err.getvalue(), r"^progress: batch jobs: 1 pending, 2 running; \d+s elapsed; 5 done, 1 failed\n$"
         )
 
-    async def test_batch_cancel_cancels_the_recorded_jobs_and_forgets_them(self) -> None:
+    async def test_batch_cancel_cancels_the_recorded_jobs_whatever_the_flags_and_forgets_them(self) -> None:
         write_inputs(self.inputs, 1, 2)
         with batch_server() as (url, stub):
             stub.polls_to_end = 10**9
@@ -1700,7 +1700,10 @@ class BatchApiTest(PipelineTestCase):
                 tg.create_task(interrupt())
                 self.assertEqual((await self.run_batch(url, shutdown=shutdown))[0], 143)
             (self.outputs / "batch" / "job_00042.jsonl").write_text("{}\n")  # an orphan (kill -9 before its record)
-            self.assertEqual((await self.run_batch(url, batch_cancel=True))[0], 0)
+            settings = json.loads((self.outputs / "manifest.json").read_text())["settings"]
+            status, _ = await self.run_batch(url, batch_cancel=True, model="another-model", temperature=1.0)
+            self.assertEqual(status, 0, self.stderr)  # the flags of the run it cancels are not needed
+            self.assertEqual(json.loads((self.outputs / "manifest.json").read_text())["settings"], settings)
             self.assertTrue(
                 any(m == "POST" and re.fullmatch(r"/v1(beta)?/batches/1:cancel", p) for m, p in stub.requests)
             )
