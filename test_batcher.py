@@ -1863,6 +1863,7 @@ class CostTest(CorpusTestCase):
     async def test_a_batch_api_job_past_the_budget_is_not_submitted(self) -> None:
         self.write_texts(12)  # jobs of 4 texts: $0.04 each at $100 per 1M tokens, half price: $0.02
         with batch_server() as (url, stub), contextlib.redirect_stderr(err := io.StringIO()):
+            stub.polls_to_end = 10**9  # no job ends, so none is paid for before the third is refused
             status, out = await self.run_batch(url, price=(100.0,), max_cost_usd=0.05)
             self.assertEqual(status, 2, out)
             self.assertIn("$0.04 held by calls or jobs in flight, $0.01 left", err.getvalue())

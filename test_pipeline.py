@@ -1822,8 +1822,18 @@ class CostTest(PipelineTestCase):
         with batch_server() as (url, stub):  # (its results bill 10 input tokens, twice the estimate)
             client = real_batch_client(url)
             self.addAsyncCleanup(client.aio.aclose)
-            status, summary = await self.run_pipeline(client, price=(1000.0, 1.0), max_cost_usd=0.025, batch_api=True,
-                                                      poll_interval_s=0.01, batch_job_size=4)  # fmt: skip
+            stub.polls_to_end = 10**9  # no job ends before both are submitted: none is paid for yet
+
+            async def end_jobs_once_both_are_created() -> None:
+                await asyncio.to_thread(stub.wait_until, lambda: stub.created() == 2)
+                stub.polls_to_end = 0
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(end_jobs_once_both_are_created())
+                status, summary = await self.run_pipeline(
+                    client, price=(1000.0, 1.0), max_cost_usd=0.025, batch_api=True, poll_interval_s=0.01,
+                    batch_job_size=4,
+                )  # fmt: skip
             self.assertEqual(stub.created(), 2)
         self.assertEqual(status, 0, self.stderr)  # looking at a job and downloading it cost nothing
         self.assertIn("cost: $0.04 of a budget of $0.03", summary)  # (the estimates fell short: see README)
