@@ -23,9 +23,9 @@ Application code that wants one embedding per await uses BatchedEmbedder instead
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
 API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Ledger: its manifest, records and
-jobs; the input formats); the runtime shared byte for byte with pipeline.py (errors, Retrier, Gate and Cost,
-Shutdown, files, the client, the Batch API stage BatchJobs, --dry-run's Tally, the flags); the
-offline simulation; the command line (Config: one field per flag).
+jobs; the input formats); the runtime shared byte for byte with pipeline.py (errors, Retrier,
+Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs, --dry-run's Tally,
+the flags); the offline simulation; the command line (Config: one field per flag).
 """
 
 from __future__ import annotations
@@ -1285,8 +1285,8 @@ def read_jobs(ledger: Ledger, *, tidy: bool) -> None:
             for row in map(json.loads, f):
                 ledger.queued[row["id"]] = Input(row["id"], row["text"], row["title"])
     named = {ledger.path_of(job).name.split(".")[0] for job in ledger.live}
-    for orphan in (p for p in ledger.folder.glob("job_*") if p.name.split(".")[0] not in named):
-        if tidy:
+    if tidy:
+        for orphan in (p for p in ledger.folder.glob("job_*") if p.name.split(".")[0] not in named):
             orphan.unlink()
     numbers = [int(m.group(1)) for p in ledger.folder.glob("job_*") if (m := JOB_RE.match(p.name))]
     ledger.job_numbers = itertools.count(max(numbers, default=0) + 1)

@@ -1039,7 +1039,7 @@ class Ledger:
         self.live = [job for job in self.live if job not in self.collected]
         await self._write()
         for job in self.collected:
-            (self.output_dir / job.prompts).unlink(missing_ok=True)
+            self.path_of(job).unlink(missing_ok=True)
         self.collected = []
         if not self.live:  # nothing waits any more: no empty folder left behind
             with contextlib.suppress(OSError):
