@@ -24,8 +24,9 @@ Application code that wants one embedding per await uses BatchedEmbedder instead
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
 API's EmbedJobs, BatchedEmbedder); safe re-runs (the output's Ledger: its manifest, records and
 jobs; the input formats); the runtime shared byte for byte with pipeline.py (errors, Retrier,
-Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs, --dry-run's Tally,
-the flags); the offline simulation; the command line (Config: one field per flag).
+Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs and --batch-cancel,
+--dry-run's Tally, the flags); the offline simulation; the command line (Config: one field per
+flag).
 """
 
 from __future__ import annotations
@@ -517,12 +518,14 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
                 lock_output(output, config.output)  # before reading it: another run may be writing
                 ledger = run.ledger = await open_ledger(config.output, config, dry_run=dry)
                 output = None if dry else output  # written to only by a real run
+            if config.batch_cancel:
+                return await cancel_jobs(run)
             if ledger.done:
                 log.warning("resuming: %d texts already in %s", len(ledger.done), config.output)
             if ledger.live and not config.batch_api:
                 raise UsageError(
                     f"{plural(len(ledger.live), 'Batch API job')} of an earlier --batch-api run may still embed "
-                    f"texts for {config.output}: run with --batch-api to collect them"
+                    f"texts for {config.output}: run with --batch-api to collect them, or --batch-cancel"
                 )
         if config.input is None:  # the document's demo
             source = enqueue_inputs(
@@ -661,6 +664,8 @@ def check_paths(config: Config) -> None:
     source, output = config.input, config.output
     if config.batch_api and (source is None or output is None):
         raise UsageError("--batch-api embeds a corpus: give --input and --output")
+    if config.batch_cancel and (output is None or not output.exists()):
+        raise UsageError(f"--batch-cancel cancels the jobs of an existing --output file, got {output or 'none'}")
     if source is not None and source != STDIN:
         if not source.exists():
             raise UsageError(f"input file not found: {source}")
@@ -1254,6 +1259,8 @@ async def open_ledger(path: Path, config: Config, *, dry_run: bool = False) -> L
     recording, say)."""
     manifest = await asyncio.to_thread(read_manifest, path)
     recorded, settings = (manifest or {}).get("settings", {}), config.recorded()
+    if config.batch_cancel and manifest is not None:
+        settings = recorded  # a cancel makes no record: the records' settings stay, whatever the flags
     written = (manifest or {"written_by": "batcher.py"}) | {"settings": settings}
     ledger = Ledger(path, written, manifest_created=manifest is None and not dry_run)
     ledger.live = [Job(**job) for job in written.get("jobs", [])]
@@ -1796,9 +1803,8 @@ def signals_handled(shutdown: Shutdown) -> Iterator[None]:
 
 
 def end_of_run(
-    summary: str, *, shutdown: Shutdown, file_errors: list[BaseException], live_jobs: int, failed: bool,
-    live_hint: str = "",
-) -> int:  # fmt: skip
+    summary: str, *, shutdown: Shutdown, file_errors: list[BaseException], live_jobs: int, failed: bool
+) -> int:
     """The one place a run ends: prints its summary, then a line for each reason it stopped (on
     stderr), and returns the exit status: 1 a disk or file error (what was written stays valid),
     2 an error about every request, 128 + the signal when interrupted, else 1 if an item failed."""
@@ -1812,7 +1818,7 @@ def end_of_run(
         return 2
     if live_jobs:
         print(f"{PROG}.py: {plural(live_jobs, 'Batch API job')} still running at Google: run the same command again "
-              f"to collect them{live_hint}", file=sys.stderr)  # fmt: skip
+              "to collect them (or --batch-cancel to stop them)", file=sys.stderr)  # fmt: skip
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if failed else 0
@@ -2240,6 +2246,34 @@ async def download_results(
         return False
 
 
+async def cancel_jobs(run: Run) -> int:
+    """--batch-cancel: cancels every job the ledger records (through the retrier, as every call) and
+    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1."""
+    client, retrier, ledger = run.client, run.retrier, run.ledger
+    for job in list(ledger.live):
+        try:
+            found = None if job.name else await find_job(retrier, client, job.display_name)  # recorded before create
+            if not (name := job.name or (str(found.name) if found else "")):
+                print(f"{job.display_name}: never created; forgotten")
+            else:
+                await retrier.call(functools.partial(client.aio.batches.cancel, name=name))
+                print(f"cancelled {name}")
+        except Stopped:
+            break
+        except Exception as exc:
+            shown_name = job.name or job.display_name
+            # A fault, or the key refused: the job may run on, and forgetting it would pay its items twice.
+            if is_transient(exc) or is_auth_error(exc) or (isinstance(exc, errors.APIError) and exc.code in (401, 403)):
+                print(f"{shown_name}: {describe(exc)}; still recorded: run with --batch-cancel again")
+                continue
+            if not isinstance(exc, errors.APIError):
+                raise
+            print(f"{shown_name}: {describe(exc)}; forgotten")  # gone, or ended already: forgotten all the same
+        ledger.collected.append(job)
+    await ledger.drop_collected()
+    return 1 if ledger.live else 0
+
+
 def api_version() -> str:
     """The Developer API's version: v1beta, unless GOOGLE_GENAI_API_VERSION says otherwise ("beta"
     is the SDK's name for v1beta). google-genai 3 sends v1 by default, where the -latest aliases,
@@ -2493,6 +2527,9 @@ class SimulatedBatchAPI:
         dest = types.BatchJobDestination(file_name=f"files/{file_name}.results")
         return types.BatchJob(name=name, state=types.JobState.JOB_STATE_SUCCEEDED, dest=dest)
 
+    async def cancel(self, *, name: str) -> None:
+        pass  # the job is forgotten by the run that cancels it: no one looks at it again
+
     async def download(self, *, file: str, destination: Any) -> None:
         """Writes the results a chunk at a time, as the SDK does: the simulated vector of each text."""
         lines = []
@@ -2569,6 +2606,7 @@ class Config:
     model: str = flag("gemini-embedding-001", "embedding model", parse=model_name, metavar="NAME")
     batch_api: bool = flag(False, "with --input/--output: through Google's Batch API, half price, within 24 h; "
                            "a re-run resumes")  # fmt: skip
+    batch_cancel: bool = flag(False, "cancel the Batch API jobs recorded for --output, and forget them")
     batch_job_size: int = flag(JOB_TEXTS, f"texts per Batch API job (and at most {JOB_BYTES >> 20} MiB of requests; "
                                "Google takes 2 GB)", parse=COUNT, metavar="N")  # fmt: skip
     poll_interval_s: float = flag(POLL_INTERVAL_S, f"between looks at Batch API jobs (offline, the default is "
@@ -2597,6 +2635,8 @@ class Config:
             raise ValueError("--dry-run estimates a corpus: give --input (the demo is free)")
         if self.max_cost_usd is not None and self.price is None:
             raise ValueError("--max-cost needs --price: the cost is counted at that price")
+        if self.batch_cancel and self.dry_run:
+            raise ValueError("--dry-run and --batch-cancel cannot be used together: a dry run cancels nothing")
         self.embedding  # noqa: B018 (checks the model name and task type)
 
     @property

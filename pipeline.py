@@ -24,10 +24,10 @@ already written and carries on where it stopped. outputs/manifest.json records t
 shaped the records; a re-run with other settings, or other prompts under done ids, is refused.
 
 The file, in order: the document's stages and main(), which wires them; the modes (the Batch
-API's GenerateJobs, --dry-run, --batch-cancel, the word-count pool); safe re-runs (the folder's
-Ledger: its manifest, records and jobs; the input formats); the runtime shared byte for byte
-with batcher.py (errors, Retrier, Gate and Cost, Shutdown, files, the client, the Batch API
-stage BatchJobs, the flags); the offline simulation; the command line (Config: a field a flag).
+API's GenerateJobs, --dry-run, the word-count pool); safe re-runs (the folder's Ledger: its
+manifest, records and jobs; the input formats); the runtime shared byte for byte with batcher.py
+(errors, Retrier, Gate and Cost, Shutdown, files, the client, the Batch API stage BatchJobs and
+--batch-cancel, the flags); the offline simulation; the command line (Config: a field a flag).
 """
 
 from __future__ import annotations
@@ -457,7 +457,6 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
     return end_of_run(
         stats.summary(errors_held, stopped=shutdown.requested or bool(file_errors)), shutdown=shutdown,
         file_errors=file_errors, live_jobs=len(ledger.live), failed=bool(errors_held),
-        live_hint=" (or --batch-cancel to stop them)",
     )  # fmt: skip
 
 
@@ -850,32 +849,6 @@ async def dry_run(run: Run, files: list[Path]) -> int:
                    input_tokens=tally.tokens, output_tokens=bound, config=config,
                    half_price="with Flex or the Batch API"))  # fmt: skip
     return 0
-
-
-async def cancel_jobs(run: Run) -> int:
-    """--batch-cancel: cancels every recorded job (through the retrier, as every call) and forgets
-    it; its prompts go in the next run. A job that cannot be reached now stays recorded (exit 1)."""
-    client, retrier, jobs = run.client, run.retrier, run.ledger
-    for job in list(jobs.live):
-        try:
-            found = None if job.name else await find_job(retrier, client, job.display_name)  # recorded before create
-            if not (name := job.name or (str(found.name) if found else "")):
-                print(f"{job.display_name}: never created; forgotten")
-            else:
-                await retrier.call(functools.partial(client.aio.batches.cancel, name=name))
-                print(f"cancelled {name}")
-        except Stopped:
-            break
-        except Exception as exc:
-            if is_transient(exc):  # it may run on: forgetting it would lose what it costs
-                print(f"{job.name}: {describe(exc)}; still recorded: run with --batch-cancel again")
-                continue
-            if not isinstance(exc, errors.APIError):
-                raise
-            print(f"{job.name}: {describe(exc)}; forgotten")  # ended already, say: forgotten all the same
-        jobs.collected.append(job)
-    await jobs.drop_collected()
-    return 1 if jobs.live else 0
 
 
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # what the parent handles, and its pool processes ignore
@@ -1722,9 +1695,8 @@ def signals_handled(shutdown: Shutdown) -> Iterator[None]:
 
 
 def end_of_run(
-    summary: str, *, shutdown: Shutdown, file_errors: list[BaseException], live_jobs: int, failed: bool,
-    live_hint: str = "",
-) -> int:  # fmt: skip
+    summary: str, *, shutdown: Shutdown, file_errors: list[BaseException], live_jobs: int, failed: bool
+) -> int:
     """The one place a run ends: prints its summary, then a line for each reason it stopped (on
     stderr), and returns the exit status: 1 a disk or file error (what was written stays valid),
     2 an error about every request, 128 + the signal when interrupted, else 1 if an item failed."""
@@ -1738,7 +1710,7 @@ def end_of_run(
         return 2
     if live_jobs:
         print(f"{PROG}.py: {plural(live_jobs, 'Batch API job')} still running at Google: run the same command again "
-              f"to collect them{live_hint}", file=sys.stderr)  # fmt: skip
+              "to collect them (or --batch-cancel to stop them)", file=sys.stderr)  # fmt: skip
     if shutdown.signal is not None:
         return 128 + shutdown.signal
     return 1 if failed else 0
@@ -2164,6 +2136,34 @@ async def download_results(
             raise
         shutdown.fail(f"cannot download the results of batch job {job.name} ({describe(exc)}); it stays recorded")
         return False
+
+
+async def cancel_jobs(run: Run) -> int:
+    """--batch-cancel: cancels every job the ledger records (through the retrier, as every call) and
+    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1."""
+    client, retrier, ledger = run.client, run.retrier, run.ledger
+    for job in list(ledger.live):
+        try:
+            found = None if job.name else await find_job(retrier, client, job.display_name)  # recorded before create
+            if not (name := job.name or (str(found.name) if found else "")):
+                print(f"{job.display_name}: never created; forgotten")
+            else:
+                await retrier.call(functools.partial(client.aio.batches.cancel, name=name))
+                print(f"cancelled {name}")
+        except Stopped:
+            break
+        except Exception as exc:
+            shown_name = job.name or job.display_name
+            # A fault, or the key refused: the job may run on, and forgetting it would pay its items twice.
+            if is_transient(exc) or is_auth_error(exc) or (isinstance(exc, errors.APIError) and exc.code in (401, 403)):
+                print(f"{shown_name}: {describe(exc)}; still recorded: run with --batch-cancel again")
+                continue
+            if not isinstance(exc, errors.APIError):
+                raise
+            print(f"{shown_name}: {describe(exc)}; forgotten")  # gone, or ended already: forgotten all the same
+        ledger.collected.append(job)
+    await ledger.drop_collected()
+    return 1 if ledger.live else 0
 
 
 def api_version() -> str:

@@ -1383,7 +1383,7 @@ class BatchStub:
         self.results: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows
         self.port = 0
         # Faults: statuses to answer, in turn, per call ("create" makes the job first: a late answer).
-        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": []}
+        self.faults: dict[str, list[int]] = {"get": [], "create": [], "download": [], "cancel": []}
         self.hold_uploads = threading.Event()  # set: an upload start hangs until released
         self.released = threading.Event()
 
@@ -1456,6 +1456,11 @@ class BatchStub:
                 if job["state"] == "BATCH_STATE_SUCCEEDED":
                     self.files[f"files/results-{number}"] = self.answer(self.files[job["file"]])
             return 200, {}, json.dumps(self.operation(m.group(2))).encode()
+        if method == "POST" and (m := re.fullmatch(r"/v1(beta)?/(batches/\d+):cancel", path)):
+            if (fault := self.fault("cancel")) is not None:
+                return fault
+            self.jobs[m.group(2)]["state"] = "BATCH_STATE_CANCELLED"
+            return 200, {}, b"{}"
         if method == "GET" and (m := re.fullmatch(r"/v1(beta)?/files/([^/:]+):download\?alt=media", path)):
             if (fault := self.fault("download")) is not None:
                 return fault
@@ -1706,6 +1711,60 @@ class BatchSeamTest(CorpusTestCase):
             with self.assertRaisesRegex(batcher.UsageError, "the input of corpus.txt:2 changed"):
                 await self.run_batch(url)
             self.assertEqual(stub.created(), created)  # no new job for either
+
+    async def test_batch_cancel_cancels_the_recorded_jobs_whatever_the_flags_and_forgets_them(self) -> None:
+        texts = self.write_corpus(6)
+        with batch_server() as (url, stub):
+            await self.leave_a_live_job(url, stub)
+            (self.batch_folder() / "job_00042.jsonl").write_text("{}\n")  # an orphan (kill -9 before its record)
+            settings = self.manifest()["settings"]
+            status, out = await self.run_batch(url, batch_cancel=True, batch_api=False, input=None, dimensions=5)
+            self.assertEqual(status, 0, out)  # the flags of the run it cancels are not needed
+            self.assertIn("cancelled batches/1", out)
+            self.assertEqual(stub.jobs["batches/1"]["state"], "BATCH_STATE_CANCELLED")
+        self.assertEqual(self.manifest(), self.manifest() | {"settings": settings, "jobs": []})
+        self.assertFalse(self.batch_folder().exists())  # its files and the orphan gone with it
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)  # the texts, embedded now
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_batch_cancel_works_offline_on_the_simulated_batch_api(self) -> None:
+        texts, shutdown, record = self.write_corpus(4), batcher.Shutdown(), batcher.Ledger.record
+
+        async def record_then_stop(ledger: batcher.Ledger, job: batcher.Job, *, replacing: Any = None) -> None:
+            await record(ledger, job, replacing=replacing)
+            if job.name:  # created: Ctrl-C now leaves it live
+                shutdown.request(signal.SIGINT)
+
+        offline: dict[str, Any] = {
+            "input": self.corpus,
+            "output": self.output,
+            "batch_api": True,
+            "poll_interval_s": 60,
+        }
+        with mock.patch.object(batcher.Ledger, "record", record_then_stop):
+            status = await batcher.main(batcher.Config(**offline), batcher.SimulatedClient(), shutdown=shutdown)
+        self.assertEqual((status, len(self.manifest()["jobs"])), (130, 1))
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            cancel = batcher.Config(output=self.output, batch_cancel=True)
+            status = await batcher.main(cancel, batcher.SimulatedClient(), shutdown=batcher.Shutdown())
+        self.assertEqual((status, self.manifest()["jobs"]), (0, []), out.getvalue())
+        self.assertEqual((await self.run_main(SpyClient()))[0], 0)
+        self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
+
+    async def test_batch_cancel_keeps_a_job_whose_cancel_the_key_refused_or_a_fault_cut_off(self) -> None:
+        self.write_corpus(4)
+        with batch_server() as (url, stub):
+            await self.leave_a_live_job(url, stub)
+            stub.faults["cancel"] = [403, 503, 503, 503]  # then max_attempts 3 of 503s
+            for _ in range(2):
+                status, out = await self.run_batch(url, batch_cancel=True)
+                self.assertEqual(status, 1, out)
+                self.assertRegex(
+                    out, r"batches/1: (403 PERMISSION_DENIED|503 UNAVAILABLE): cancel fault; still recorded"
+                )
+                self.assertEqual([job["name"] for job in self.manifest()["jobs"]], ["batches/1"])
+            self.assertEqual((await self.run_batch(url, batch_cancel=True))[0], 0)
+            self.assertEqual(self.manifest()["jobs"], [])
 
     async def test_a_403_on_get_stops_the_run_and_keeps_the_job_for_the_next_run(self) -> None:
         texts = self.write_corpus(4)
@@ -2275,7 +2334,12 @@ class CorpusCommandLineTest(unittest.TestCase):
             (["--price", "abc"], "argument --price: expected a number, got 'abc'"),
             (["--price", "1,2"], "--price takes one number for embeddings: dollars per 1M input tokens (no output)"),
             (["--max-cost", "5"], "--max-cost needs --price: the cost is counted at that price"),
-        ]
+            (["--batch-cancel"], "--batch-cancel cancels the jobs of an existing --output file, got none"),
+            (["--batch-cancel", "--output", "new.jsonl"],
+             "--batch-cancel cancels the jobs of an existing --output file, got new.jsonl"),
+            (["--batch-cancel", "--output", "corpus.txt", "--input", "corpus.txt", "--dry-run"],
+             "--dry-run and --batch-cancel cannot be used together: a dry run cancels nothing"),
+        ]  # fmt: skip
         for args, message in cases:  # in this process: a child per case would cost a second each
             out, err = io.StringIO(), io.StringIO()
             with contextlib.chdir(self.tmp), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
