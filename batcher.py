@@ -535,7 +535,7 @@ async def main(config: Config, client: Client, *, shutdown: Shutdown) -> int:
         else:
             path = None if config.input == STDIN else config.input
             source = read_corpus(run, path, input_queue, output_queue)
-        stages, tally = [source], Tally[Input](lambda item: len(item.text) / 4)
+        stages, tally = [source], Tally[Input](lambda item: estimated_tokens([item.text]))
         if dry:  # a tally in place of stages 2 and 3: nothing is called
             stages.append(tally.run(input_queue, output_queue))
         elif config.batch_api:  # the Batch API batches and embeds: one stage in place of two
@@ -696,9 +696,10 @@ async def show_progress(stats: RunStats, *, tty: bool) -> None:
             print(file=sys.stderr)
 
 
-def estimated_tokens(texts: list[str]) -> int:
-    """A call's tokens for --tpm: characters / 4 (the Developer API reports no usage for embeddings)."""
-    return math.ceil(sum(map(len, texts)) / 4)
+def estimated_tokens(texts: list[str]) -> float:
+    """The input tokens of texts, for --tpm, --price and --dry-run alike: characters / 4 (the
+    Developer API reports no usage for embeddings)."""
+    return sum(map(len, texts)) / 4
 
 
 def unit_vector(values: list[float]) -> list[float]:
@@ -852,7 +853,7 @@ class JobFiles:
         self._held.append(item)
         self.count += 1
         self.size += len(item.text) + 200
-        self.input_tokens += len(item.text) / 4
+        self.input_tokens += estimated_tokens([item.text])
         if len(self._held) == WRITE_EVERY:
             await self.flush()
 

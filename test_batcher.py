@@ -1919,6 +1919,18 @@ class CostTest(CorpusTestCase):
         self.assertEqual(status, 0, out)
         self.assertEqual(sorted(r["text"] for r in self.written()), sorted(texts))
 
+    async def test_a_dry_runs_dollars_are_what_an_interactive_and_a_batch_api_run_pay(self) -> None:
+        self.corpus.write_text("".join(f"{i:04d}" + "x" * 397 + "\n" for i in range(8)))  # 100.25 tokens each
+        price, dry = (10_000.0,), "  cost: $8.02 interactive, $4.01 with the Batch API (half price)"  # 802 tokens
+        self.assertIn(dry, (await self.run_main(SpyClient(), dry_run=True, price=price))[1])
+        self.assertIn("  cost: $8.02 at --price 10000\n", (await self.run_main(SpyClient(), price=price))[1])
+        self.output.unlink()
+        batcher.manifest_path(self.output).unlink()
+        with batch_server() as (url, _):
+            status, out = await self.run_batch(url, price=price)
+        self.assertEqual(status, 0, out)
+        self.assertIn("  cost: $4.01 at --price 10000 (Batch API: half the given price)\n", out)
+
     async def test_a_batch_api_job_past_the_budget_is_not_submitted(self) -> None:
         self.write_texts(12)  # jobs of 4 texts: $0.04 each at $100 per 1M tokens, half price: $0.02
         with batch_server() as (url, stub), contextlib.redirect_stderr(err := io.StringIO()):
