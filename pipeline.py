@@ -1544,10 +1544,12 @@ def estimate(
 
 
 def dollars(usd: float) -> str:
-    """$12.34; below a cent, two significant digits ($0.0042, $0.000051)."""
-    if usd >= 0.01 or usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
-        return f"${max(usd, 0.0):,.2f}"
-    return f"${usd:.{1 - math.floor(math.log10(usd))}f}"
+    """$12.34; below a cent, two significant digits ($0.0042, $0.000051; 0.00999... is $0.01)."""
+    if usd < 5e-7:  # (what is left of a budget may be a float's rounding error)
+        return "$0.00"
+    if (rounded := float(f"{usd:.2g}")) >= 0.01:
+        return f"${usd:,.2f}"
+    return f"${rounded:.{1 - math.floor(math.log10(rounded))}f}"
 
 
 class Retrier:

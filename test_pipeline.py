@@ -1781,6 +1781,10 @@ class JsonlInputTest(PipelineTestCase):
 class CostTest(PipelineTestCase):
     """--price and --max-cost, with the stub's usage metadata as the exact token counts."""
 
+    def test_dollars_show_cents_and_below_a_cent_two_significant_digits(self) -> None:
+        shown = [pipeline.dollars(usd) for usd in (1234.5, 0.1 + 0.2, 0.01 - 1e-15, 0.0042, 0.000051, 0.001, -1e-12)]
+        self.assertEqual(shown, ["$1,234.50", "$0.30", "$0.01", "$0.0042", "$0.000051", "$0.0010", "$0.00"])
+
     async def test_the_summary_names_the_cost_to_the_cent_interactive_flex_and_batch_api(self) -> None:
         write_inputs(self.inputs, 1, 10)  # 10 answers of 100,000 input, 20,000 output, 30,000 thinking tokens
         big = lambda body, n: answer("ok", input_tokens=100_000, output_tokens=20_000, thinking=30_000)  # noqa: E731
