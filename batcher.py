@@ -2251,7 +2251,8 @@ async def download_results(
 
 async def cancel_jobs(run: Run) -> int:
     """--batch-cancel: cancels every job the ledger records (through the retrier, as every call) and
-    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1."""
+    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1
+    (Ctrl-C: 130)."""
     client, retrier, ledger = run.client, run.retrier, run.ledger
     for job in list(ledger.live):
         try:
@@ -2274,7 +2275,7 @@ async def cancel_jobs(run: Run) -> int:
             print(f"{shown_name}: {describe(exc)}; forgotten")  # gone, or ended already: forgotten all the same
         ledger.collected.append(job)
     await ledger.drop_collected()
-    return 1 if ledger.live else 0
+    return 128 + run.shutdown.signal if run.shutdown.signal is not None else 1 if ledger.live else 0
 
 
 def api_version() -> str:

@@ -433,7 +433,7 @@ class TimedEmbedder(batcher.SimulatedClient):
 
     def __init__(self, latency_s: float) -> None:
         super().__init__(latency_s=latency_s)
-        self.calls: list[tuple[float, int]] = []
+        self.calls: list[tuple[float, float]] = []
 
     async def embed_content(self, **kwargs: Any) -> Any:
         texts = [batcher.text_of(content) for content in kwargs["contents"]]

@@ -1763,6 +1763,10 @@ class BatchSeamTest(CorpusTestCase):
                     out, r"batches/1: (403 PERMISSION_DENIED|503 UNAVAILABLE): cancel fault; still recorded"
                 )
                 self.assertEqual([job["name"] for job in self.manifest()["jobs"]], ["batches/1"])
+            shutdown = batcher.Shutdown()
+            shutdown.request(signal.SIGINT)  # Ctrl-C before the cancel: nothing is sent, the job stays
+            self.assertEqual((await self.run_batch(url, shutdown, batch_cancel=True))[0], 130)
+            self.assertEqual([job["name"] for job in self.manifest()["jobs"]], ["batches/1"])
             self.assertEqual((await self.run_batch(url, batch_cancel=True))[0], 0)
             self.assertEqual(self.manifest()["jobs"], [])
 
