@@ -2266,7 +2266,8 @@ async def cancel_jobs(run: Run) -> int:
             break
         except Exception as exc:
             shown_name = job.name or job.display_name
-            # A fault, or the key refused: the job may run on, and forgetting it would pay its items twice.
+            # A fault, or the key refused: the job may run on, so it stays recorded (forgotten, its items
+            # would go in the next run while it still runs, and be paid for twice).
             if is_transient(exc) or is_auth_error(exc) or (isinstance(exc, errors.APIError) and exc.code in (401, 403)):
                 print(f"{shown_name}: {describe(exc)}; still recorded: run with --batch-cancel again")
                 continue
@@ -2275,7 +2276,9 @@ async def cancel_jobs(run: Run) -> int:
             print(f"{shown_name}: {describe(exc)}; forgotten")  # gone, or ended already: forgotten all the same
         ledger.collected.append(job)
     await ledger.drop_collected()
-    return 128 + run.shutdown.signal if run.shutdown.signal is not None else 1 if ledger.live else 0
+    if run.shutdown.signal is not None:
+        return 128 + run.shutdown.signal
+    return 1 if ledger.live else 0
 
 
 def api_version() -> str:
