@@ -2142,8 +2142,7 @@ async def download_results(
 
 async def cancel_jobs(run: Run) -> int:
     """--batch-cancel: cancels every job the ledger records (through the retrier, as every call) and
-    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1
-    (Ctrl-C: 130)."""
+    forgets it; its items go in the next run. A job that cannot be reached now stays recorded: exit 1."""
     client, retrier, ledger = run.client, run.retrier, run.ledger
     for job in list(ledger.live):
         try:
@@ -2166,10 +2165,10 @@ async def cancel_jobs(run: Run) -> int:
                 raise
             print(f"{shown_name}: {describe(exc)}; forgotten")  # gone, or ended already: forgotten all the same
         ledger.collected.append(job)
+    ended = len(ledger.collected)
     await ledger.drop_collected()
-    if run.shutdown.signal is not None:
-        return 128 + run.shutdown.signal
-    return 1 if ledger.live else 0
+    summary = f"Summary: {plural(ended, 'Batch API job')} cancelled or forgotten, {len(ledger.live)} still recorded"
+    return end_of_run(summary, shutdown=run.shutdown, file_errors=[], live_jobs=0, failed=bool(ledger.live))
 
 
 def api_version() -> str:

@@ -1717,10 +1717,11 @@ class BatchSeamTest(CorpusTestCase):
         with batch_server() as (url, stub):
             await self.leave_a_live_job(url, stub)
             (self.batch_folder() / "job_00042.jsonl").write_text("{}\n")  # an orphan (kill -9 before its record)
-            settings = self.manifest()["settings"]
+            settings, recorded = self.manifest()["settings"], len(self.manifest()["jobs"])  # 1 or 2, as Ctrl-C fell
             status, out = await self.run_batch(url, batch_cancel=True, batch_api=False, input=None, dimensions=5)
             self.assertEqual(status, 0, out)  # the flags of the run it cancels are not needed
-            self.assertIn("cancelled batches/1", out)
+            jobs = batcher.plural(recorded, "Batch API job")
+            self.assertTrue(out.endswith(f"Summary: {jobs} cancelled or forgotten, 0 still recorded\n"), out)
             self.assertEqual(stub.jobs["batches/1"]["state"], "BATCH_STATE_CANCELLED")
         self.assertEqual(self.manifest(), self.manifest() | {"settings": settings, "jobs": []})
         self.assertFalse(self.batch_folder().exists())  # its files and the orphan gone with it
