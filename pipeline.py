@@ -1834,18 +1834,25 @@ STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN, Infini
 
 def make_client(
     *, offline: bool, fake_latency_s: float, fake_failure_rate: float = 0.0,
-    request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20,
+    request_timeout_s: float = REQUEST_TIMEOUT_S, connections: int = 20, batch_api: bool = False,
 ) -> Client:  # fmt: skip
     """genai.Client() when a key is set (it honours GOOGLE_GEMINI_BASE_URL) or Vertex AI is
     (GOOGLE_GENAI_USE_VERTEXAI=true: the SDK reads the project, location and credentials from the
     environment), else a simulation. The SDK's own retries are off (they ignore the server's retry
     delay; ours don't), and its timeout (none by default) is set, so a hung connection is closed,
     not just abandoned, and its keep-alive pool holds `connections` (the calls in flight; see
-    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials)."""
+    keep_alive). Raises UsageError when the SDK cannot make a client (no credentials), or for
+    batch_api (--batch-api, --batch-cancel) on Vertex AI, which has no Files API to take a job's file."""
     has_key = bool(os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"))
     vertex = any(os.environ.get(name, "").lower() in ("true", "1") for name in VERTEX_AI_SWITCHES)
     if offline or not (has_key or vertex):
         return SimulatedClient(latency_s=fake_latency_s, failure_rate=fake_failure_rate)
+    if vertex and batch_api:
+        raise UsageError(
+            "--batch-api and --batch-cancel use the Gemini Developer API's Batch API; Vertex AI batch jobs read "
+            "Cloud Storage or BigQuery instead: set GEMINI_API_KEY without GOOGLE_GENAI_USE_VERTEXAI, or leave "
+            "out --batch-api"
+        )
     timeout_ms = math.ceil(request_timeout_s * 1000)
     options = types.HttpOptions(
         retry_options=types.HttpRetryOptions(attempts=1),
@@ -2629,7 +2636,7 @@ def run_cli(argv: list[str] | None = None) -> int:
             client = make_client(
                 offline=config.offline, fake_latency_s=config.fake_latency_s,
                 fake_failure_rate=config.fake_failure_rate, request_timeout_s=config.attempt_timeout_s,
-                connections=config.workers,
+                connections=config.workers, batch_api=config.batch_api or config.batch_cancel,
             )  # fmt: skip
             if config.poll_interval_s == POLL_INTERVAL_S and isinstance(client, SimulatedClient):
                 config = dataclasses.replace(config, poll_interval_s=SIMULATED_POLL_INTERVAL_S)

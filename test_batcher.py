@@ -2399,6 +2399,17 @@ class CorpusCommandLineTest(unittest.TestCase):
             self.assertTrue(line.startswith("batcher.py: error: "), line)
             self.assertNotIn("Failed:", out.getvalue())
 
+    def test_batch_api_on_vertex_ai_gets_one_line_and_exit_2_before_any_file(self) -> None:
+        self.write_corpus(3)
+        vertex = {"GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_API_KEY": "express-mode-key", "GEMINI_API_KEY": ""}
+        for flag in ("--batch-api", "--batch-cancel"):
+            err = io.StringIO()
+            with mock.patch.dict(os.environ, vertex), contextlib.chdir(self.tmp), contextlib.redirect_stderr(err):
+                self.assertEqual(batcher.run_cli(["--input", "corpus.txt", "--output", "out.jsonl", flag]), 2)
+            self.assertRegex(err.getvalue(), r"^batcher\.py: error: --batch-api and --batch-cancel use the Gemini "
+                             r"Developer API's Batch API; Vertex AI .*\n$")  # fmt: skip
+        self.assertEqual(sorted(path.name for path in self.tmp.iterdir()), ["corpus.txt"])
+
     def run_in_process(self, *args: str) -> tuple[int, str, str]:
         """run_cli in this process, in the temp folder: the status, stdout and stderr."""
         out, err = io.StringIO(), io.StringIO()

@@ -2321,6 +2321,17 @@ class CommandLineTest(unittest.TestCase):
             self.assertTrue(line.startswith("pipeline.py: error: "), line)
         self.assertEqual(records(self.tmp / "outputs", "errors.jsonl"), [])
 
+    def test_batch_api_on_vertex_ai_gets_one_line_and_exit_2_before_any_file(self) -> None:
+        write_inputs(self.tmp / "inputs", 1, 3)
+        vertex = {"GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_API_KEY": "express-mode-key", "GEMINI_API_KEY": ""}
+        for flag in ("--batch-api", "--batch-cancel"):
+            err = io.StringIO()
+            with mock.patch.dict(os.environ, vertex), contextlib.chdir(self.tmp), contextlib.redirect_stderr(err):
+                self.assertEqual(pipeline.run_cli([flag]), 2)
+            self.assertRegex(err.getvalue(), r"^pipeline\.py: error: --batch-api and --batch-cancel use the Gemini "
+                             r"Developer API's Batch API; Vertex AI .*\n$")  # fmt: skip
+        self.assertFalse((self.tmp / "outputs").exists())
+
     def test_a_folder_named_like_a_shard_gets_one_line_and_exit_2(self) -> None:
         write_inputs(self.tmp / "inputs", 1, 3)
         (self.tmp / "outputs" / "shard_00000.jsonl").mkdir(parents=True)
