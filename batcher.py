@@ -70,6 +70,8 @@ PROG = "batcher"  # in messages; the shared runtime (below) names the script by 
 log = logging.getLogger(PROG)
 
 MAX_BATCH_SIZE = 100  # the API rejects more than 100 texts in one call
+FULL_SIZE = 3072  # gemini-embedding-001's vectors, unless asked for fewer (--dimensions)
+DEMO_DIMENSIONS = 3  # the document's demo prints each vector: it asks for 3 values
 QUEUE_SIZE = 256  # bound of the item queues: backpressure instead of unbounded memory
 # One batch waiting is enough to keep the calls busy: the next forms while it waits. A deeper
 # queue holds batches frozen at their size while the items behind them wait (p99 at 500/s,
@@ -2486,7 +2488,7 @@ class SimulatedClient:
         await asyncio.sleep(self.latency_s)
         if self.failure_rate and random.random() < self.failure_rate:
             raise errors.ServerError(503, {"error": {"code": 503, "message": "simulated", "status": "UNAVAILABLE"}})
-        dimensions = (config.output_dimensionality if config else None) or 3
+        dimensions = (config.output_dimensionality if config else None) or FULL_SIZE
         vectors = [fake_vector(text_of(content), dimensions) for content in contents]
         return types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=vector) for vector in vectors])
 
@@ -2549,7 +2551,9 @@ class SimulatedBatchAPI:
         for line in (self._store / file.removeprefix("files/").removesuffix(".results")).open():
             row = json.loads(line)
             request = row["request"]
-            vector = fake_vector(request["content"]["parts"][0]["text"], request.get("outputDimensionality") or 3)
+            vector = fake_vector(
+                request["content"]["parts"][0]["text"], request.get("outputDimensionality") or FULL_SIZE
+            )
             lines.append(json.dumps({"key": row["key"], "response": {"embedding": {"values": vector}}}) + "\n")
             if len(lines) == WRITE_EVERY:
                 await destination.write("".join(lines).encode())
@@ -2612,7 +2616,9 @@ class Config:
                              metavar="N")  # fmt: skip
     tpm: float | None = flag(None, "cap on tokens per minute (characters / 4), call starts spaced",
                              parse=POSITIVE, metavar="N")  # fmt: skip
-    dimensions: int = flag(3, "output_dimensionality", parse=COUNT, metavar="N")
+    dimensions: int | None = flag(None, f"output_dimensionality; none: the model's full size ({FULL_SIZE} for "
+                                  f"gemini-embedding-001), or {DEMO_DIMENSIONS} in the demo", parse=COUNT,
+                                  metavar="N")  # fmt: skip
     task_type: str | None = flag(None, f"what the vectors are for: {', '.join(TASK_NAMES)}", parse=task_type,
                                  metavar="TASK")  # fmt: skip
     normalize: bool = flag(True, "keep the API's vectors, not unit length")  # --no-normalize; see unit_vector
@@ -2654,7 +2660,9 @@ class Config:
 
     @property
     def embedding(self) -> EmbedSettings:
-        return EmbedSettings(self.model, self.dimensions, self.normalize, self.task_type)
+        """What shapes the vectors. The demo prints them, so it asks for DEMO_DIMENSIONS unless told."""
+        demo = DEMO_DIMENSIONS if self.input is None else None
+        return EmbedSettings(self.model, self.dimensions or demo, self.normalize, self.task_type)
 
     @property
     def jsonl(self) -> bool:

@@ -220,8 +220,8 @@ async def run_chain(
             tg.create_task(poisson_inputs(inputs, n, rate, stats, random.Random(42)))
         tg.create_task(stage.batch(inputs, batches))
         embedder = batcher.embed_content(
-            client, batches, outputs, settings=batcher.EmbedSettings(), concurrency=concurrency, retrier=retrier,
-            shutdown=batcher.Shutdown(),
+            client, batches, outputs, settings=batcher.EmbedSettings(dimensions=3), concurrency=concurrency,
+            retrier=retrier, shutdown=batcher.Shutdown(),
         )  # fmt: skip
         tg.create_task(embedder)
         tg.create_task(batcher.log_outputs(outputs, stats=stats, quiet=True))
@@ -448,7 +448,7 @@ async def bench_batcher_tpm(tmp: Path, n: int, tpm: float) -> str:
     corpus = tmp / f"tpm-corpus-{n}.txt"
     corpus.write_text("".join(f"{i} " + "word " * rng.randint(8, 240) + "\n" for i in range(n)))
     config = batcher.Config(input=corpus, output=tmp / f"tpm-{n}.jsonl", batch_size=10, concurrency=8, tpm=tpm,
-                            quiet=True)  # fmt: skip
+                            dimensions=3, quiet=True)  # fmt: skip
     client = TimedEmbedder(latency_s=0.05)
     started = time.monotonic()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

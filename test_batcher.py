@@ -1705,7 +1705,7 @@ class BatchSeamTest(CorpusTestCase):
             await self.leave_a_live_job(url, stub)
             self.assertEqual(self.written(), [])
             created = stub.created()
-            with self.assertRaisesRegex(batcher.UsageError, "--dimensions was 3 .* now 5"):
+            with self.assertRaisesRegex(batcher.UsageError, r"--dimensions was \(none\) .* now 5"):
                 await self.run_batch(url, dimensions=5)
             self.corpus.write_text(self.corpus.read_text().replace("text number 1", "text number one"))
             with self.assertRaisesRegex(batcher.UsageError, "the input of corpus.txt:2 changed"):
@@ -1975,7 +1975,7 @@ class DryRunTest(CorpusTestCase):
         self.assertEqual(sorted(path.name for path in self.tmp.iterdir()), [self.corpus.name])
         self.assertEqual((await self.run_main(SpyClient()))[0], 0)
         before = {path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}
-        with self.assertRaisesRegex(batcher.UsageError, "--dimensions was 3 for the records"):
+        with self.assertRaisesRegex(batcher.UsageError, r"--dimensions was \(none\) for the records"):
             await self.run_main(SpyClient(), dry_run=True, dimensions=5)
         self.assertEqual({path.name: path.read_bytes() for path in self.tmp.iterdir() if path.is_file()}, before)
 
@@ -2153,7 +2153,7 @@ class ResumeSafetyTest(CorpusTestCase):
             f.write(json.dumps({"id": "corpus.txt:3000", "text": "old text", "embedding": [0.0]}) + "\n")
         before, client = self.snapshot(), SpyClient()
         with self.assertRaisesRegex(batcher.UsageError, "corpus.txt:3000 changed"):
-            await self.run_main(client, batch_size=100)
+            await self.run_main(client, batch_size=100, dimensions=3)  # as the demo's manifest says
         self.assertGreater(len(client.calls), 0)  # the change was found after some calls ...
         self.assertEqual(self.snapshot(), before)  # ... and what they wrote is gone again
 
@@ -2223,9 +2223,16 @@ class CommandLineTest(unittest.TestCase):
     def test_defaults_reproduce_the_document_run(self) -> None:
         args = batcher.parse_args([])
         self.assertEqual((args.num_inputs, args.batch_size, args.timeout_s, args.input_delay_s), (100, 8, 1.0, 0.3))
-        self.assertEqual(
-            (args.concurrency, args.max_attempts, args.dimensions, args.model), (4, 5, 3, "gemini-embedding-001")
-        )
+        embedding = batcher.config_from(batcher.Config, args).embedding
+        self.assertEqual((args.concurrency, args.max_attempts), (4, 5))
+        self.assertEqual((embedding.dimensions, embedding.model), (3, "gemini-embedding-001"))
+
+    def test_a_corpus_gets_the_models_full_size_unless_dimensions_says_otherwise(self) -> None:
+        corpus = batcher.config_from(batcher.Config, batcher.parse_args(["--input", "corpus.txt"]))
+        self.assertIsNone(corpus.embedding.dimensions)  # not the demo's 3: a search index needs the real size
+        self.assertIsNone(corpus.embedding.config(None).output_dimensionality)
+        given = batcher.parse_args(["--input", "corpus.txt", "--dimensions", "768"])
+        self.assertEqual(batcher.config_from(batcher.Config, given).embedding.dimensions, 768)
 
     def test_offline_run_prints_every_item_and_a_summary(self) -> None:
         result = self.run_script("--num-inputs", "30", "--input-delay", "0", "--fake-latency", "0.01", "--seed", "1")
@@ -2471,6 +2478,7 @@ class CorpusCommandLineTest(unittest.TestCase):
         rng = random.Random(4)
         for _ in range(2):
             args = ["--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0.01", "--quiet"]
+            args += ["--dimensions", "3"]  # small records: the simulated model's full size is 3072
             proc = Forked(
                 self.command(*args, "--batch-size", "7"),
                 cwd=self.tmp,
@@ -2486,13 +2494,14 @@ class CorpusCommandLineTest(unittest.TestCase):
             proc.kill()
             proc.wait()
         self.assertLess(len(self.output.read_bytes().splitlines()), 5000)  # killed part way
-        status, _, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl", "--quiet")
+        status, _, err = self.run_in_process(*args)
         self.assertEqual(status, 0, err)  # and not refused: kill -9 left no lock behind
         self.assert_each_line_once(5000)
 
     def test_sigterm_drains_prints_the_summary_exits_143_and_a_resume_finishes_exactly_once(self) -> None:
         self.write_corpus(5000)
         args = ["--input", "corpus.txt", "--output", "out.jsonl", "--fake-latency", "0.05", "--quiet"]
+        args += ["--dimensions", "3"]  # small records: the simulated model's full size is 3072
         proc = Forked(
             self.command(*args), cwd=self.tmp, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -2503,7 +2512,7 @@ class CorpusCommandLineTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 143, err)
         self.assertIn("interrupted (SIGTERM)", err)
         self.assertIn("Summary:", out)
-        status, _, err = self.run_in_process("--input", "corpus.txt", "--output", "out.jsonl", "--quiet")
+        status, _, err = self.run_in_process(*args)
         self.assertEqual(status, 0, err)
         self.assert_each_line_once(5000)
 
