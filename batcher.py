@@ -2175,11 +2175,18 @@ class BatchJobs(Generic[Item]):
         downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
         if downloaded is not True:
             return downloaded
+        cost, job_file = self.retrier.cost, self.ledger.path_of(job).name  # its estimate: self.estimates[job_file]
         async with open_file(path, "rb") as f:
             async for line in read_lines(f.read):
                 row = STRICT_DECODER.decode(line.decode())
                 if (item := items.pop(row.get("key"), None)) is not None:  # else not ours, or seen already
+                    spent_usd = cost.spent_usd
                     await self.kind.deliver(item, row, job)
+                    # What its result cost is spent now, so the job's hold shrinks by as much: a budget
+                    # never counts the job's dollars twice.
+                    if (paid := min(self.estimates.get(job_file, 0.0), cost.spent_usd - spent_usd)) > 0:
+                        self.estimates[job_file] -= paid
+                        cost.release(paid)
         for item in items.values():
             await self.kind.fail(item, f"no result for this {self.kind.noun} in batch job {job.name}", job)
         await asyncio.to_thread(path.unlink)

@@ -1936,6 +1936,19 @@ class CostTest(CorpusTestCase):
         self.assertEqual(status, 0, out)
         self.assertIn("  cost: $4.01 at --price 10000 (Batch API: half the given price)\n", out)
 
+    async def test_a_batch_api_jobs_results_are_paid_out_of_its_hold_never_counted_twice(self) -> None:
+        self.write_texts(4)  # one job: $0.02 at $100 per 1M tokens, half price; $0.005 a result
+        deliver, counted = batcher.EmbedJobs.deliver, list[float]()
+
+        async def deliver_and_count(kind: batcher.EmbedJobs, item: Any, row: Any, job: Any) -> None:
+            counted.append(round(kind.cost.spent_usd + kind.cost.held_usd, 9))  # what a budget sees between results
+            await deliver(kind, item, row, job)
+
+        with batch_server() as (url, _), mock.patch.object(batcher.EmbedJobs, "deliver", deliver_and_count):
+            status, out = await self.run_batch(url, price=(100.0,))
+        self.assertEqual(status, 0, out)
+        self.assertEqual(counted, [0.02] * 4)  # spent + held: the job's dollars once, as its results are paid
+
     async def test_a_batch_api_job_past_the_budget_is_not_submitted(self) -> None:
         self.write_texts(12)  # jobs of 4 texts: $0.04 each at $100 per 1M tokens, half price: $0.02
         with batch_server() as (url, stub), contextlib.redirect_stderr(err := io.StringIO()):
