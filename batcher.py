@@ -672,7 +672,8 @@ def check_paths(config: Config) -> None:
         if not source.exists():
             raise UsageError(f"input file not found: {source}")
         if not source.is_file():
-            raise UsageError(f"input is not a file: {source}")
+            pipe = "" if source.is_dir() else " (to read a pipe, give --input - and pipe it in)"
+            raise UsageError(f"input is not a file: {source}{pipe}")
     if output is not None:
         if not output.parent.is_dir():
             raise UsageError(f"output folder not found: {output.parent}")

@@ -2359,9 +2359,11 @@ class CorpusCommandLineTest(unittest.TestCase):
     def test_bad_input_gets_one_line_and_exit_2(self) -> None:
         self.write_corpus(3)
         (self.tmp / "folder").mkdir()
+        os.mkfifo(self.tmp / "fifo")
         cases = [
             (["--input", "missing.txt"], "input file not found: missing.txt"),
             (["--input", "folder"], "input is not a file: folder"),
+            (["--input", "fifo"], "input is not a file: fifo (to read a pipe, give --input - and pipe it in)"),
             (["--input", "corpus.txt", "--output", "nowhere/out.jsonl"], "output folder not found: nowhere"),
             (["--input", "corpus.txt", "--output", "folder"], "output is a folder, not a file: folder"),
             (["--input", "corpus.txt", "--output", "corpus.txt"], "output is the input file: corpus.txt"),
