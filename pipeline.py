@@ -107,6 +107,7 @@ class Result:
     usage: dict[str, int] | None = None
     finish_reason: str | None = None  # set when the answer stopped for another reason than STOP
     word_count: int | None = None
+    model_version: str | None = None  # the model that answered: an alias (gemini-flash-latest) moves
     refused: bool = False  # failed with a permanent API error (not written: see FailingAlike)
 
     def json_line(self) -> str:
@@ -115,7 +116,7 @@ class Result:
             record |= {"error": self.error, "attempts": self.attempts}
         else:
             record["response"] = self.response
-            for name in ("usage", "finish_reason", "word_count"):
+            for name in ("usage", "finish_reason", "word_count", "model_version"):
                 if (value := getattr(self, name)) is not None:
                     record[name] = value
         if self.metadata:
@@ -285,7 +286,8 @@ async def generate_one(run: Run, prompt: Prompt, generation: types.GenerateConte
             usage = count_usage(response, stats)
             used = sum(usage.values()) if usage else 0
             answer, reason = read_answer(response, json_output=config.json_schema is not None)
-            return Result(prompt_id, text, metadata, answer, attempts=attempts, usage=usage, finish_reason=reason)
+            return Result(prompt_id, text, metadata, answer, attempts=attempts, usage=usage, finish_reason=reason,
+                          model_version=response.model_version)  # fmt: skip
         finally:
             retrier.gate.settle(estimate, used)  # the tokens it used, not the guess: the next call may start
 
@@ -783,7 +785,8 @@ def batch_result(row: dict[str, Any], prompt: Prompt, attempt: int, stats: Stats
                                    json_output=json_output)  # fmt: skip
     except (ItemFailed, MalformedReply) as exc:
         return Result(prompt_id, text, metadata, error=describe(exc), attempts=attempt, usage=usage)
-    return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason)
+    return Result(prompt_id, text, metadata, answer, attempts=attempt, usage=usage, finish_reason=reason,
+                  model_version=response.get("modelVersion"))  # fmt: skip
 
 
 class GenerateJobs:
@@ -2363,6 +2366,7 @@ def leaf_exceptions(exc: BaseException) -> list[BaseException]:
 # === The offline simulation ===
 SIMULATED_POLL_INTERVAL_S = 0.5
 SIMULATED_JOB_S = 2.0  # how long a simulated job takes
+SIMULATED_MODEL = "simulated"  # the model_version of its answers: a record says it came from the simulation
 
 
 class SimulatedClient:
@@ -2390,7 +2394,9 @@ class SimulatedClient:
         usage = {"prompt_token_count": -(-len(contents + system) // 4), "candidates_token_count": -(-len(text) // 4)}
         # Validated from a dict, as the SDK does with the API's JSON (twice as fast as nested constructors).
         candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finish_reason": "STOP"}
-        return types.GenerateContentResponse.model_validate({"candidates": [candidate], "usage_metadata": usage})
+        return types.GenerateContentResponse.model_validate(
+            {"candidates": [candidate], "usage_metadata": usage, "model_version": SIMULATED_MODEL}
+        )
 
     def answer(self, contents: str, schema: Any, json_output: bool) -> str:
         match = re.fullmatch(r"What is two times (-?\d+)\?", contents)
@@ -2473,7 +2479,7 @@ class SimulatedBatchAPI:
             system = request.get("systemInstruction", {}).get("parts", [{}])[0].get("text", "")
             usage = {"promptTokenCount": -(-len(contents + system) // 4), "candidatesTokenCount": -(-len(text) // 4)}
             candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
-            response = {"candidates": [candidate], "usageMetadata": usage}
+            response = {"candidates": [candidate], "usageMetadata": usage, "modelVersion": SIMULATED_MODEL}
             lines.append(json.dumps({"key": row["key"], "response": response}) + "\n")
             if len(lines) == WRITE_EVERY:
                 await destination.write("".join(lines).encode())

@@ -250,10 +250,11 @@ class EndToEndTest(PipelineTestCase):
         got = records(self.outputs)
         self.assertEqual(sorted(r["prompt"] for r in got), sorted(prompts))
         for r in got:
-            self.assertEqual(set(r), {"id", "prompt", "response", "usage"})
+            self.assertEqual(set(r), {"id", "prompt", "response", "usage", "model_version"})
             self.assertEqual(int(r["response"]), 2 * int(r["prompt"].split()[-1][:-1]))
         usage = {"input_tokens": 6, "output_tokens": 1}  # the simulated model's characters / 4, rounded up
-        self.assertIn({"id": "shard_4.txt:2", "prompt": "What is two times 13?", "response": "26", "usage": usage}, got)
+        record = {"id": "shard_4.txt:2", "prompt": "What is two times 13?", "response": "26", "usage": usage}
+        self.assertIn(record | {"model_version": "simulated"}, got)
         self.assertIn("30 prompts read, 0 skipped (already done), 30 succeeded, 0 failed, 0 retries", summary)
 
     async def test_blank_lines_are_skipped_and_line_numbers_kept(self) -> None:
@@ -903,6 +904,12 @@ class RealClientTest(PipelineTestCase):
         self.assertEqual(len(paths), 7)
         self.assertRegex(paths[0], r"^/v1(beta)?/models/gemini-flash-latest:generateContent$")
 
+    async def test_each_record_names_the_model_that_answered(self) -> None:
+        write_inputs(self.inputs, 1, 3)  # the default --model is an alias, gemini-flash-latest: it moves
+        with scripted_client(lambda body, n: answer("ok")) as (client, _):
+            self.assertEqual((await self.run_pipeline(client))[0], 0)
+        self.assertEqual([r["model_version"] for r in records(self.outputs)], [STUB_MODEL] * 3)
+
 
 class FaultyStubHandler(BaseHTTPRequestHandler):
     """generateContent on a bad day, by prompt: "hang" is never answered; "html" gets a proxy's
@@ -1128,12 +1135,15 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+STUB_MODEL = "gemini-3-flash-preview"  # what the API names as the model that answered (an alias resolved)
+
+
 def answer(text: str, input_tokens: int = 10, output_tokens: int = 5, thinking: int = 0) -> tuple[int, dict[str, Any]]:
     usage = {"promptTokenCount": input_tokens, "candidatesTokenCount": output_tokens}
     if thinking:
         usage["thoughtsTokenCount"] = thinking
     candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
-    return 200, {"candidates": [candidate], "usageMetadata": usage}
+    return 200, {"candidates": [candidate], "usageMetadata": usage, "modelVersion": STUB_MODEL}
 
 
 def prompt_of(body: dict[str, Any]) -> str:
@@ -1369,6 +1379,7 @@ class BatchApiTest(PipelineTestCase):
         self.assertEqual(status, 0, self.stderr)
         self.assertEqual(sorted(r["response"] for r in records(self.outputs)), sorted("ok: " + p for p in prompts))
         self.assertTrue(all(r["usage"] == {"input_tokens": 10, "output_tokens": 5} for r in records(self.outputs)))
+        self.assertEqual({r["model_version"] for r in records(self.outputs)}, {STUB_MODEL})  # the model that answered
         self.assertEqual(stub.created(), 3)
         self.assertRegex(stub.jobs["batches/1"]["display_name"], r"^pipeline\.py outputs job_00001 \d+$")
         uploaded = [json.loads(line) for data in stub.files.values() if b'"request"' in data
