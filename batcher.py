@@ -2172,11 +2172,12 @@ class BatchJobs(Generic[Item]):
 
     async def collect(self, job: Job, batch_job: types.BatchJob, items: dict[str, Item]) -> bool | str:
         """The job's outcomes delivered: True; or why not (see download_results)."""
-        path = self.ledger.path_of(job).with_suffix(".results.jsonl")
+        job_path = self.ledger.path_of(job)
+        path = job_path.with_suffix(".results.jsonl")
         downloaded = await download_results(self.retrier, self.client, batch_job, path, self.shutdown)
         if downloaded is not True:
             return downloaded
-        cost, job_file = self.retrier.cost, self.ledger.path_of(job).name  # its estimate: self.estimates[job_file]
+        cost, job_file = self.retrier.cost, job_path.name  # its estimate: self.estimates[job_file]
         async with open_file(path, "rb") as f:
             async for line in read_lines(f.read):
                 row = STRICT_DECODER.decode(line.decode())
